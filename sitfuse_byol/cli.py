@@ -1,0 +1,149 @@
+"""The ``sitfuse`` command line.
+
+Every user-caused failure ends as one line, ``error: <what> (<where>)``, and exit
+code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sitfuse_byol.config import Config, load_config
+from sitfuse_byol.errors import SitfuseError
+
+EXIT_OK, EXIT_FAILED_SCENES, EXIT_USAGE = 0, 1, 2
+log = logging.getLogger("sitfuse_byol")
+
+
+def _quiet_library_warnings() -> None:
+    # affine 3 makes every rioxarray call warn; it says nothing to our users.
+    warnings.filterwarnings("ignore", category=PendingDeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="xarray")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", type=Path, required=True, help="YAML config file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config key (value parsed as YAML); repeatable",
+    )
+    parser.add_argument("--scenes", help="override data.scenes (a path, list file or glob)")
+    parser.add_argument("--out", help="override output.dir")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load the config named by ``-c`` with ``--set``, ``--scenes`` and ``--out`` applied."""
+    overrides = list(args.overrides)
+    if getattr(args, "scenes", None):
+        overrides.append(f"data.scenes={json.dumps(args.scenes)}")
+    if getattr(args, "out", None):
+        overrides.append(f"output.dir={json.dumps(str(Path(args.out).resolve()))}")
+    return load_config(args.config, overrides=overrides)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from sitfuse_byol.read import open_scene
+    from sitfuse_byol.read.inspect import INSPECT_JSON_KEYS, describe_scene, format_description
+    from sitfuse_byol.read.scene_list import parse_scene_entry
+
+    spec = parse_scene_entry(args.scene, base=Path.cwd(), where=args.scene)
+    bands = [int(b) if b.isdigit() else b for b in args.bands.split(",")] if args.bands else None
+    scene = open_scene(spec, bands=bands, nodata=args.nodata)
+    if scene.grid.crs is None:
+        print(
+            f"warning: scene has no CRS; its outputs will not be georeferenced ({scene.source})",
+            file=sys.stderr,
+        )
+    info = describe_scene(scene)
+    if args.json:
+        print(json.dumps({k: info[k] for k in INSPECT_JSON_KEYS}))
+    else:
+        print(format_description(info))
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from sitfuse_byol.normalize import compute_stats
+    from sitfuse_byol.read import open_scenes_from_config, resolve_scene_list
+
+    config = config_from_args(args)
+    refs = resolve_scene_list(config["data"]["scenes"], base=config.base)
+    scenes = open_scenes_from_config(refs, data=config["data"], patch_size=config["tiling"]["patch_size"])
+    stats = compute_stats(scenes)
+    out = config.output_dir / "stats.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stats.save(out)
+    print(f"{'band':<10} {'count':>12} {'mean':>12} {'std':>12} {'p2':>10} {'p98':>10}")
+    for i, name in enumerate(stats.band_names):
+        print(
+            f"{name:<10} {stats.count[i]:>12d} {stats.mean[i]:>12.4g} {stats.std[i]:>12.4g} "
+            f"{stats.p2[i]:>10.4g} {stats.p98[i]:>10.4g}"
+        )
+    print(f"statistics of {len(scenes)} scene(s) written to {out}")
+    return EXIT_OK
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    print(config.to_yaml(), end="")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sitfuse",
+        description="Unsupervised, scene-consistent segmentation of multispectral imagery.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="describe a scene without loading it")
+    inspect.add_argument("scene", help="a raster path, a Zarr store, or a multi-file scene YAML")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.add_argument("--bands", help="comma-separated band indices (from 1) or names")
+    inspect.add_argument("--nodata", type=float, help="override the file's nodata")
+    inspect.set_defaults(func=cmd_inspect)
+
+    stats = commands.add_parser("stats", help="per-band statistics over all scenes")
+    _add_config_args(stats)
+    stats.set_defaults(func=cmd_stats)
+
+    config = commands.add_parser("config", help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_commands.add_parser("show", help="print the resolved config")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sitfuse`` script; returns the exit code."""
+    _quiet_library_warnings()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except SitfuseError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

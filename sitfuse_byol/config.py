@@ -1,0 +1,329 @@
+"""YAML configuration: one schema with defaults, strict validation, overrides.
+
+Every key a user may write is declared in :data:`SCHEMA`. Loading fills in defaults,
+refuses unknown keys (with a did-you-mean) and wrong types or values with one line:
+``config: train.epochs: must be a positive integer (got 'ten')``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sitfuse_byol.errors import ConfigError
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key.
+
+    Attributes:
+        kind: ``int``, ``float``, ``bool``, ``str``, ``list``, ``mapping``, ``any`` or
+            ``scenes`` (a list or a string).
+        default: The default value, or :data:`REQUIRED`.
+        doc: One line for the config reference.
+        nullable: Whether ``null`` is accepted.
+        choices: Allowed values.
+        minimum: Inclusive lower bound for numbers.
+        maximum: Inclusive upper bound for numbers.
+        exclusive_minimum: Whether ``minimum`` itself is refused.
+        check: Extra validation returning an error message or ``None``.
+    """
+
+    kind: str
+    default: Any
+    doc: str
+    nullable: bool = False
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    check: Callable[[Any], str | None] | None = None
+
+
+def _pair(value: Any) -> str | None:
+    if not (isinstance(value, list) and len(value) == 2):
+        return "must be a list [min, max]"
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        return "must hold two numbers"
+    return None if value[0] <= value[1] else "min must not exceed max"
+
+
+def _bands(value: Any) -> str | None:
+    if not isinstance(value, list) or not value:
+        return "must be a non-empty list of band indices (from 1) or names"
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int | str):
+            return f"must hold band indices (from 1) or names (got {v!r})"
+    return None
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "data": {
+        "scenes": Key("scenes", REQUIRED, "Scene list: a list of paths or multi-file scenes, a text file, a YAML file or a glob."),
+        "bands": Key("list", None, "Bands to use: 1-based indices or names; all when null.", nullable=True, check=_bands),
+        "nodata": Key("float", None, "Nodata value; overrides the files' own.", nullable=True),
+        "valid_range": Key("list", None, "Inclusive [min, max] of valid values.", nullable=True, check=_pair),
+        "variable": Key("str", None, "Zarr/NetCDF variable to read; guessed when null.", nullable=True),
+        "chunk_size": Key("int", 1024, "Preferred Dask chunk edge in pixels (aligned to blocks and patches).", minimum=16),
+    },
+    "tiling": {
+        "patch_size": Key("int", 16, "Training patch edge in pixels.", minimum=4),
+        "min_valid_fraction": Key("float", 0.9, "Patches with fewer valid pixels are skipped.", minimum=0.0, maximum=1.0, exclusive_minimum=True),
+        "shuffle_buffer": Key("int", 8192, "Patches held for shuffling; bounds sampler memory with prefetch.", minimum=1),
+        "prefetch_chunks": Key("int", 4, "Chunks read ahead in background threads.", minimum=1),
+    },
+    "train": {
+        "encoder": Key("str", "small_cnn", "Encoder name from the registry (see `sitfuse_byol.train.encoders`)."),
+        "encoder_args": Key("mapping", {}, "Extra keyword arguments for the encoder."),
+        "norm": Key("str", "auto", "Normalisation layers: auto (GroupNorm+WS below batch 64), batch or group.", choices=("auto", "batch", "group")),
+        "epochs": Key("int", 10, "Training epochs.", minimum=1),
+        "steps_per_epoch": Key("int", 100, "Optimizer steps per epoch.", minimum=1),
+        "batch_size": Key("int", 64, "Patches per step (per device); at least 2.", minimum=2),
+        "optimizer": Key("str", "adamw", "adamw or lars.", choices=("adamw", "lars")),
+        "lr": Key("float", 1e-3, "Peak learning rate.", minimum=0.0, exclusive_minimum=True),
+        "weight_decay": Key("float", 1e-4, "Weight decay (bias and norm parameters excluded).", minimum=0.0),
+        "warmup_steps": Key("int", 50, "Linear warm-up steps before the cosine decay.", minimum=0),
+        "grad_clip": Key("float", 3.0, "Gradient norm clip; null disables.", nullable=True, minimum=0.0, exclusive_minimum=True),
+        "tau_base": Key("float", 0.99, "Base EMA rate of the target; rises to 1 on a cosine.", minimum=0.0, maximum=1.0),
+        "projector_hidden": Key("int", 1024, "Hidden width of projector and predictor (paper: 4096).", minimum=8),
+        "projection_dim": Key("int", 128, "Projection size (paper: 256).", minimum=2),
+        "seed": Key("int", 0, "Seed for sampling, augmentation and initialisation.", minimum=0),
+        "device": Key("str", "auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda")),
+        "compile": Key("bool", False, "Use torch.compile."),
+        "augment": Key("mapping", {}, "Augmentation settings (see README)."),
+    },
+    "embed": {
+        "stride": Key("int", 1, "Embed every n-th pixel; the output transform is scaled to match.", minimum=1),
+        "block_size": Key("int", 512, "Inference block edge in pixels (plus halo).", minimum=16),
+        "save": Key("bool", True, "Write embeddings to Zarr; false streams them into clustering."),
+    },
+    "cluster": {
+        "n_clusters": Key("int", 16, "Number of clusters (coarse clusters when hierarchical).", minimum=2, maximum=65534),
+        "method": Key("str", "kmeans", "kmeans (streaming MiniBatchKMeans) or iic (deep-clustering head).", choices=("kmeans", "iic")),
+        "samples_per_scene": Key("int", 20000, "Embeddings sampled from each scene to fit the model.", minimum=1),
+        "hierarchical": Key("bool", False, "Also split every cluster into n_fine sub-clusters."),
+        "n_fine": Key("int", 4, "Sub-clusters per cluster when hierarchical.", minimum=2),
+        "seed": Key("int", 0, "Seed for sampling and initialisation.", minimum=0),
+    },
+    "output": {
+        "dir": Key("str", "outputs", "Output folder (relative to the config file)."),
+        "polygons": Key("bool", False, "Also write sieved polygons as GeoPackage."),
+        "min_polygon_px": Key("int", 16, "Sieve size in pixels for polygons.", minimum=1),
+        "zarr": Key("bool", False, "Also write labels as Zarr."),
+        "quicklook": Key("bool", True, "Write a PNG quicklook beside each label raster."),
+        "rgb_bands": Key("list", None, "Three bands for quicklooks; guessed when null.", nullable=True, check=_bands),
+        "class_names": Key("list", None, "Names for cluster labels; 'cluster N' when null.", nullable=True),
+    },
+    "dask": {
+        "workers": Key("int", None, "LocalCluster workers; null sizes to the machine.", nullable=True, minimum=1),
+        "threads_per_worker": Key("int", None, "Threads per worker (also torch threads).", nullable=True, minimum=1),
+        "scheduler": Key("str", None, "Address of an existing scheduler, tcp://HOST:PORT.", nullable=True),
+        "gpus_per_worker": Key("int", 0, "GPUs each worker advertises as a resource.", minimum=0),
+        "retries": Key("int", 2, "Retries of a failed per-scene task.", minimum=0),
+    },
+}
+
+_DESCRIBE = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "list": "a list",
+    "mapping": "a mapping",
+    "scenes": "a list of scenes or a path/glob",
+}
+
+
+def _check_value(dotted: str, key: Key, value: Any) -> Any:
+    """Validate one value; returns it (ints widened to float for float keys)."""
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError(f"config: {dotted}: {message} (got {value!r})")
+
+    if value is None:
+        if key.nullable:
+            return None
+        raise fail(f"must be {_describe(key)}, not null")
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "list": isinstance(value, list),
+        "mapping": isinstance(value, Mapping),
+        "scenes": isinstance(value, list | str) and bool(value),
+        "any": True,
+    }[key.kind]
+    if not ok:
+        raise fail(f"must be {_describe(key)}")
+    if key.kind == "float":
+        value = float(value)
+    if key.choices is not None and value not in key.choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in key.choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise fail(f"must be one of {', '.join(map(str, key.choices))}{hint}")
+    if key.minimum is not None and (
+        value < key.minimum or (key.exclusive_minimum and value == key.minimum)
+    ):
+        raise fail(f"must be {_describe(key)}")
+    if key.maximum is not None and value > key.maximum:
+        raise fail(f"must be at most {key.maximum}")
+    if key.check is not None:
+        problem = key.check(value)
+        if problem:
+            raise fail(problem)
+    return value
+
+
+def _describe(key: Key) -> str:
+    if key.kind == "int" and key.minimum == 1:
+        return "a positive integer"
+    if key.kind == "int" and key.minimum == 0:
+        return "a non-negative integer"
+    if key.kind in ("int", "float") and key.minimum is not None:
+        op = ">" if key.exclusive_minimum else ">="
+        return f"{_DESCRIBE[key.kind]} {op} {key.minimum:g}"
+    return _DESCRIBE.get(key.kind, key.kind)
+
+
+def _unknown(dotted: str, name: str, known: Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"config: {dotted}: unknown key{hint}")
+
+
+def validate(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Validate a raw config mapping and fill in defaults."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("config: the top level must be a mapping of sections")
+    resolved: dict[str, dict[str, Any]] = {}
+    for section in raw:
+        if section not in SCHEMA:
+            raise _unknown(str(section), str(section), SCHEMA)
+    for section, keys in SCHEMA.items():
+        given = raw.get(section) or {}
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"config: {section}: must be a mapping (got {given!r})")
+        for name in given:
+            if name not in keys:
+                raise _unknown(f"{section}.{name}", str(name), keys)
+        resolved[section] = {}
+        for name, key in keys.items():
+            dotted = f"{section}.{name}"
+            if name in given:
+                resolved[section][name] = _check_value(dotted, key, given[name])
+            elif key.default is REQUIRED:
+                raise ConfigError(f"config: {dotted}: required key is missing")
+            else:
+                resolved[section][name] = copy.deepcopy(key.default)
+    return resolved
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``key.path=value`` to a raw config; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"config: --set {assignment!r}: expected key.path=value")
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"config: --set {dotted!r}: expected section.key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: --set {dotted}: value is not valid YAML ({text!r})") from err
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config: {parts[0]}: must be a mapping")
+    section[parts[1]] = value
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration.
+
+    Attributes:
+        values: Sections of resolved keys, defaults filled in.
+        base: Folder relative paths are taken from (the config file's folder).
+        source: The config file, or ``None``.
+    """
+
+    values: dict[str, dict[str, Any]]
+    base: Path
+    source: Path | None = None
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.values[section]
+
+    @property
+    def output_dir(self) -> Path:
+        out = Path(self.values["output"]["dir"]).expanduser()
+        return out if out.is_absolute() else self.base / out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.values, sort_keys=False)
+
+    def digest(self, *sections: str) -> str:
+        """A short hash of the named sections (all when none), for change detection."""
+        chosen = {s: self.values[s] for s in (sections or tuple(self.values))}
+        text = json.dumps(chosen, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    overrides: Iterable[str] = (),
+    raw: Mapping[str, Any] | None = None,
+    base: Path | None = None,
+) -> Config:
+    """Load, override and validate a config.
+
+    Args:
+        path: A YAML file; relative paths inside it are taken from its folder.
+        overrides: ``key.path=value`` assignments (``--set``), applied in order.
+        raw: A mapping to use instead of a file.
+        base: Folder for relative paths when ``raw`` is given (default: current folder).
+    """
+    if path is not None:
+        if not path.exists():
+            raise ConfigError("config file not found", where=str(path))
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config: invalid YAML{line}", where=str(path)) from err
+        data = copy.deepcopy(loaded) if loaded is not None else {}
+        base = path.resolve().parent
+    else:
+        data = copy.deepcopy(dict(raw or {}))
+        base = (base or Path.cwd()).resolve()
+    if not isinstance(data, dict):
+        raise ConfigError("config: the top level must be a mapping of sections", where=str(path))
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return Config(values=validate(data), base=base, source=path)
+
+
+def reference_markdown() -> str:
+    """The config reference as a Markdown table, generated from :data:`SCHEMA`."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for section, keys in SCHEMA.items():
+        for name, key in keys.items():
+            default = "required" if key.default is REQUIRED else json.dumps(key.default)
+            kind = key.kind + (" or null" if key.nullable else "")
+            if key.choices:
+                kind = " \\| ".join(map(str, key.choices))
+            lines.append(f"| `{section}.{name}` | {kind} | `{default}` | {key.doc} |")
+    return "\n".join(lines)

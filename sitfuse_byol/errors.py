@@ -1,0 +1,36 @@
+"""The project's exception hierarchy.
+
+Every error a user can cause derives from :class:`SitfuseError`. The CLI turns
+one into a single line, ``error: <what> (<where>)``, and exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class SitfuseError(Exception):
+    """Base class for errors caused by input, configuration or models.
+
+    Args:
+        what: What went wrong, in words a user understands.
+        where: The file, scene, config key or other place it went wrong.
+    """
+
+    def __init__(self, what: str, *, where: str | None = None) -> None:
+        super().__init__(what)
+        self.what = what
+        self.where = where
+
+    def __str__(self) -> str:
+        return f"{self.what} ({self.where})" if self.where else self.what
+
+
+class InputError(SitfuseError):
+    """A scene, band, scene list or label file cannot be used."""
+
+
+class ConfigError(SitfuseError):
+    """A configuration key, type or value is wrong."""
+
+
+class ModelError(SitfuseError):
+    """A checkpoint or clustering model does not fit the data or each other."""

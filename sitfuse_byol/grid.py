@@ -1,0 +1,87 @@
+"""A value object for a raster grid: shape, affine transform and CRS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from affine import Affine
+from rasterio.crs import CRS
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The pixel grid of a scene.
+
+    Attributes:
+        height: Number of rows.
+        width: Number of columns.
+        transform: Affine transform from pixel (col, row) to map (x, y).
+        crs: Coordinate reference system, or ``None`` for an ungeoreferenced scene.
+    """
+
+    height: int
+    width: int
+    transform: Affine
+    crs: CRS | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    @property
+    def res(self) -> tuple[float, float]:
+        """Pixel size (x, y), both positive."""
+        return (abs(self.transform.a), abs(self.transform.e))
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in CRS units."""
+        x0, y0 = self.transform * (0, 0)
+        x1, y1 = self.transform * (self.width, self.height)
+        return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+    @property
+    def crs_string(self) -> str | None:
+        """``"EPSG:n"`` where the CRS has an EPSG code, WKT otherwise, ``None`` without CRS."""
+        if self.crs is None:
+            return None
+        epsg = self.crs.to_epsg()
+        return f"EPSG:{epsg}" if epsg is not None else self.crs.to_wkt()
+
+    def window(self, *, row_off: int, col_off: int, height: int, width: int) -> Grid:
+        """The grid of a window of this grid."""
+        return Grid(
+            height=height,
+            width=width,
+            transform=self.transform * Affine.translation(col_off, row_off),
+            crs=self.crs,
+        )
+
+    def coarsened(self, *, stride: int) -> Grid:
+        """The grid that samples every ``stride``-th pixel, covering the same extent."""
+        if stride == 1:
+            return self
+        return Grid(
+            height=-(-self.height // stride),
+            width=-(-self.width // stride),
+            transform=self.transform * Affine.scale(stride, stride),
+            crs=self.crs,
+        )
+
+    def same_as(self, other: Grid, *, tolerance: float = 1e-9) -> bool:
+        """Whether two grids are the same (shape, CRS, transform within ``tolerance``)."""
+        return (
+            self.shape == other.shape
+            and self.crs == other.crs
+            and self.transform.almost_equals(other.transform, precision=tolerance)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "crs": self.crs_string,
+            "transform": list(self.transform)[:6],
+            "res": list(self.res),
+            "bounds": list(self.bounds),
+        }

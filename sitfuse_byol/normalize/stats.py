@@ -1,0 +1,231 @@
+"""Per-band statistics over the valid pixels of every scene, computed with Dask.
+
+Two passes over the data, each a set of small per-chunk partial results:
+
+1. count, mean, M2 (sum of squared deviations), min and max per band, merged with
+   Chan's parallel formula, which stays accurate where a naive sum of squares would not;
+2. a fixed-size histogram per band between the global min and max, from which the
+   percentiles are read. For integer data with a range under ``MAX_BINS`` the bins are
+   one value wide, so the percentiles equal ``numpy.percentile`` exactly; for float
+   data they are within one bin width of it.
+
+Only one scene's task graph exists at a time and every partial result is a few
+kilobytes, so memory does not grow with the number of scenes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import dask
+import numpy as np
+
+from sitfuse_byol.errors import InputError
+from sitfuse_byol.read import Scene, reading
+
+MAX_BINS = 65536
+PERCENTILES = (2.0, 98.0)
+
+
+@dataclass(frozen=True)
+class BandStats:
+    """Statistics of each band over all valid pixels.
+
+    All sequences hold one value per band, in ``band_names`` order.
+    """
+
+    band_names: tuple[str, ...]
+    count: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    p2: tuple[float, ...]
+    p98: tuple[float, ...]
+    min: tuple[float, ...]
+    max: tuple[float, ...]
+    scenes: tuple[str, ...] = ()
+
+    @property
+    def n_bands(self) -> int:
+        return len(self.band_names)
+
+    def normalize(self, block: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Z-score a ``(band, y, x)`` block to float32; invalid pixels become 0 (the mean).
+
+        Zero is the neutral value for the encoder, and the valid mask keeps those pixels
+        out of pooled features and of clustering.
+        """
+        mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
+        scale = np.asarray([1.0 / s if s > 0 else 1.0 for s in self.std], dtype=np.float32)
+        out = (block.astype(np.float32) - mean) * scale[:, None, None]
+        out[:, ~valid] = 0.0
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def save(self, path: Path) -> None:
+        from sitfuse_byol.export.atomic import atomic_write_text
+
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BandStats:
+        return cls(**{k: tuple(v) for k, v in data.items()})
+
+    @classmethod
+    def load(cls, path: Path) -> BandStats:
+        if not path.exists():
+            raise InputError("statistics not found; run `sitfuse stats` first", where=str(path))
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def _moments(block: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``(band, 5)`` rows of count, mean, M2, min, max over the valid pixels of a block."""
+    out = np.zeros((block.shape[0], 5))
+    n = int(valid.sum())
+    out[:, 3], out[:, 4] = np.inf, -np.inf
+    if n == 0:
+        return out
+    values = block[:, valid].astype(np.float64)
+    mean = values.mean(axis=1)
+    out[:, 0] = n
+    out[:, 1] = mean
+    out[:, 2] = ((values - mean[:, None]) ** 2).sum(axis=1)
+    out[:, 3] = values.min(axis=1)
+    out[:, 4] = values.max(axis=1)
+    return out
+
+
+def _merge_moments(parts: Iterable[np.ndarray]) -> np.ndarray:
+    total: np.ndarray | None = None
+    for part in parts:
+        if total is None:
+            total = part.copy()
+            continue
+        n_a, n_b = total[:, 0], part[:, 0]
+        n = n_a + n_b
+        with np.errstate(invalid="ignore", divide="ignore"):
+            delta = part[:, 1] - total[:, 1]
+            mean = np.where(n > 0, total[:, 1] + delta * n_b / n, 0.0)
+            m2 = total[:, 2] + part[:, 2] + np.where(n > 0, delta**2 * n_a * n_b / n, 0.0)
+        total = np.stack(
+            [n, mean, m2, np.minimum(total[:, 3], part[:, 3]), np.maximum(total[:, 4], part[:, 4])],
+            axis=1,
+        )
+    assert total is not None
+    return total
+
+
+def _histogram(
+    block: np.ndarray, valid: np.ndarray, *, lows: np.ndarray, widths: np.ndarray, bins: np.ndarray
+) -> np.ndarray:
+    """``(band, MAX_BINS)`` counts; bin ``i`` of band ``b`` starts at ``lows[b] + i*widths[b]``."""
+    out = np.zeros((block.shape[0], MAX_BINS), dtype=np.int64)
+    for b in range(block.shape[0]):
+        values = block[b][valid].astype(np.float64)
+        index = np.floor((values - lows[b]) / widths[b]).astype(np.int64)
+        np.clip(index, 0, bins[b] - 1, out=index)
+        out[b] = np.bincount(index, minlength=MAX_BINS)[:MAX_BINS]
+    return out
+
+
+def _blocks(scene: Scene) -> list[tuple]:
+    data_blocks = scene.data.to_delayed()
+    valid_blocks = scene.valid.to_delayed()
+    return [
+        (data_blocks[0, i, j], valid_blocks[i, j])
+        for i in range(valid_blocks.shape[0])
+        for j in range(valid_blocks.shape[1])
+    ]
+
+
+def _percentile_from_histogram(
+    counts: np.ndarray, q: float, *, low: float, width: float, integer: bool
+) -> float:
+    """``numpy.percentile`` (linear) from a histogram: exact when bins are single values."""
+    n = int(counts.sum())
+    rank = q / 100.0 * (n - 1)
+    cumulative = np.cumsum(counts)
+
+    def value_at(k: int) -> float:
+        i = int(np.searchsorted(cumulative, k + 1))
+        if integer:
+            return low + i * width
+        # Spread the bin's values evenly over it.
+        before = cumulative[i - 1] if i > 0 else 0
+        return low + (i + (k - before + 0.5) / counts[i]) * width
+
+    lo, hi = int(np.floor(rank)), int(np.ceil(rank))
+    return value_at(lo) + (rank - lo) * (value_at(hi) - value_at(lo))
+
+
+def compute_stats(scenes: Sequence[Scene]) -> BandStats:
+    """Count, mean, std, 2nd and 98th percentile of each band over all valid pixels.
+
+    Raises:
+        InputError: Scenes disagree on the band count, or no scene has a valid pixel.
+    """
+    if not scenes:
+        raise InputError("no scenes to compute statistics on")
+    first = scenes[0]
+    for scene in scenes[1:]:
+        if scene.n_bands != first.n_bands:
+            raise InputError(
+                f"scene has {scene.n_bands} bands but {first.id} has {first.n_bands}",
+                where=scene.source,
+            )
+    parts = []
+    for scene in scenes:
+        tasks = [dask.delayed(_moments)(d, v) for d, v in _blocks(scene)]
+        with reading(scene.source):
+            parts.extend(dask.compute(*tasks))
+    moments = _merge_moments(parts)
+    count = moments[:, 0]
+    if not count.any():
+        raise InputError("no valid pixel in any scene", where=", ".join(s.id for s in scenes))
+
+    integer = np.issubdtype(first.dtype, np.integer)
+    lows, highs = moments[:, 3], moments[:, 4]
+    span = np.where(np.isfinite(highs - lows), highs - lows, 0.0)
+    if integer and (span < MAX_BINS).all():
+        widths = np.ones_like(span)
+        bins = (span + 1).astype(np.int64)
+    else:
+        integer = False
+        widths = np.where(span > 0, span / MAX_BINS, 1.0)
+        bins = np.full(span.shape, MAX_BINS, dtype=np.int64)
+    lows = np.where(np.isfinite(lows), lows, 0.0)
+    histogram = np.zeros((first.n_bands, MAX_BINS), dtype=np.int64)
+    for scene in scenes:
+        tasks = [
+            dask.delayed(_histogram)(d, v, lows=lows, widths=widths, bins=bins)
+            for d, v in _blocks(scene)
+        ]
+        with reading(scene.source):
+            for part in dask.compute(*tasks):
+                histogram += part
+
+    def percentile(q: float) -> tuple[float, ...]:
+        return tuple(
+            _percentile_from_histogram(histogram[b], q, low=lows[b], width=widths[b], integer=integer)
+            if count[b] > 0
+            else float("nan")
+            for b in range(first.n_bands)
+        )
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.sqrt(np.where(count > 0, moments[:, 2] / count, np.nan))
+    return BandStats(
+        band_names=first.band_names,
+        count=tuple(int(c) for c in count),
+        mean=tuple(float(m) for m in moments[:, 1]),
+        std=tuple(float(s) for s in std),
+        p2=percentile(PERCENTILES[0]),
+        p98=percentile(PERCENTILES[1]),
+        min=tuple(float(v) for v in moments[:, 3]),
+        max=tuple(float(v) for v in moments[:, 4]),
+        scenes=tuple(s.id for s in scenes),
+    )

@@ -1,0 +1,108 @@
+"""Lazy reading of multi-band GeoTIFFs (and any single file GDAL opens as a raster)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import rasterio
+import rioxarray
+from rasterio.errors import RasterioError
+
+from sitfuse_byol.errors import InputError
+from sitfuse_byol.grid import Grid
+from sitfuse_byol.read.chunking import DEFAULT_CHUNK_TARGET, aligned_chunks
+from sitfuse_byol.read.scene import Scene, build_scene
+
+
+def open_dataset(path: Path) -> rasterio.DatasetReader:
+    """Open a raster with rasterio, turning failures into one-line :class:`InputError`s."""
+    if not path.exists():
+        raise InputError("file not found", where=str(path))
+    try:
+        return rasterio.open(path)
+    except RasterioError as err:
+        reason = str(err).splitlines()[0]
+        if "not recognized" in reason:
+            reason = "not a raster GDAL can read"
+        raise InputError(f"cannot open raster: {reason}", where=str(path)) from err
+
+
+def check_not_truncated(src: rasterio.DatasetReader, *, where: str) -> None:
+    """Fail early on a TIFF cut short, instead of deep inside a Dask computation.
+
+    The TIFF directory records where every block lives; if the last block of any band
+    ends past the end of the file, the file was cut off (an interrupted copy or download).
+    """
+    if src.driver != "GTiff":
+        return
+    size = Path(src.name).stat().st_size
+    block_h, block_w = src.block_shapes[0]
+    last = f"{-(-src.width // block_w) - 1}_{-(-src.height // block_h) - 1}"
+    for bidx in range(1, src.count + 1):
+        offset = src.get_tag_item(f"BLOCK_OFFSET_{last}", "TIFF", bidx=bidx)
+        length = src.get_tag_item(f"BLOCK_SIZE_{last}", "TIFF", bidx=bidx)
+        if offset and length and int(offset) + int(length) > size:
+            raise InputError(
+                f"file is truncated: {size} bytes, but its blocks run to {int(offset) + int(length)}",
+                where=where,
+            )
+
+
+def band_names_of(src: rasterio.DatasetReader) -> list[str]:
+    """Band descriptions where the file has them, ``B1``, ``B2``... otherwise."""
+    return [desc or f"B{i}" for i, desc in enumerate(src.descriptions, start=1)]
+
+
+def open_geotiff(
+    path: Path,
+    *,
+    bands: Sequence[int | str] | None = None,
+    nodata: float | None = None,
+    valid_range: Sequence[float] | None = None,
+    patch_size: int = 32,
+    chunk_target: int = DEFAULT_CHUNK_TARGET,
+    scene_id: str | None = None,
+) -> Scene:
+    """Open a (multi-band) GeoTIFF as a lazy :class:`Scene` without reading pixels.
+
+    Args:
+        path: The file.
+        bands: 1-based indices or names to keep; all bands when ``None``.
+        nodata: Overrides the file's nodata value.
+        valid_range: Inclusive ``[min, max]`` of valid values.
+        patch_size: Chunks are made a multiple of it.
+        chunk_target: Preferred chunk edge in pixels.
+        scene_id: Defaults to the file stem.
+    """
+    where = str(path)
+    with open_dataset(path) as src:
+        check_not_truncated(src, where=where)
+        grid = Grid(height=src.height, width=src.width, transform=src.transform, crs=src.crs)
+        names = band_names_of(src)
+        file_nodata = src.nodata
+        chunks = aligned_chunks(
+            shape=grid.shape, block=src.block_shapes[0], patch=patch_size, target=chunk_target
+        )
+    with warnings.catch_warnings():
+        # An ungeoreferenced file is allowed; inspect warns about it once, explicitly.
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        array = rioxarray.open_rasterio(
+            path,
+            chunks={"band": -1, "y": chunks[0], "x": chunks[1]},
+            lock=False,
+            mask_and_scale=False,
+            cache=False,
+        )
+    return build_scene(
+        id=scene_id or path.stem,
+        data=array.data,
+        grid=grid,
+        band_names=names,
+        file_nodata=file_nodata,
+        nodata=nodata,
+        valid_range=valid_range,
+        bands=bands,
+        source=where,
+    )

@@ -1,0 +1,65 @@
+"""A one-screen description of a scene, for ``sitfuse inspect``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sitfuse_byol.read.scene import Scene, reading
+
+
+def describe_scene(scene: Scene) -> dict[str, Any]:
+    """The facts ``sitfuse inspect`` prints; computes the valid fraction with Dask."""
+    with reading(scene.source):
+        valid_fraction = float(scene.valid.mean().compute()) if scene.valid.size else 0.0
+    nodata = scene.nodata
+    return {
+        "id": scene.id,
+        "bands": list(scene.band_names),
+        "dtype": str(scene.dtype),
+        "shape": [int(v) for v in scene.data.shape],
+        "chunks": [scene.n_bands, *scene.chunks],
+        "crs": scene.grid.crs_string,
+        "transform": [float(v) for v in list(scene.grid.transform)[:6]],
+        "res": [float(v) for v in scene.grid.res],
+        "bounds": [float(v) for v in scene.grid.bounds],
+        "nodata": None if nodata is None or np.isnan(nodata) else nodata,
+        "valid_fraction": valid_fraction,
+    }
+
+
+INSPECT_JSON_KEYS = (
+    "id",
+    "bands",
+    "dtype",
+    "shape",
+    "crs",
+    "transform",
+    "res",
+    "bounds",
+    "nodata",
+    "valid_fraction",
+)
+
+
+def format_description(info: dict[str, Any]) -> str:
+    """Aligned ``key: value`` lines for people."""
+    crs = info["crs"]
+    if crs and len(crs) > 60:
+        crs = crs[:57] + "..."
+    rows = [
+        ("id", info["id"]),
+        ("bands", f"{len(info['bands'])}: {', '.join(info['bands'])}"),
+        ("dtype", info["dtype"]),
+        ("shape", " x ".join(map(str, info["shape"])) + "  (band, y, x)"),
+        ("chunks", " x ".join(map(str, info["chunks"]))),
+        ("crs", crs if crs else "none (not georeferenced)"),
+        ("transform", ", ".join(f"{v:g}" for v in info["transform"])),
+        ("resolution", f"{info['res'][0]:g} x {info['res'][1]:g}"),
+        ("bounds", ", ".join(f"{v:.6g}" for v in info["bounds"])),
+        ("nodata", "none" if info["nodata"] is None else f"{info['nodata']:g}"),
+        ("valid", f"{info['valid_fraction']:.2%}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

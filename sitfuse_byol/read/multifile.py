@@ -1,0 +1,199 @@
+"""Scenes made of single-band files, stacked lazily onto the grid of a reference band.
+
+Bands at the reference grid are read as they are. Any other band is read through a
+GDAL warped VRT onto the reference grid, so resampling happens block by block as Dask
+reads, never on a whole scene in memory. The method depends on direction:
+
+* **coarsening** (the band is finer than the reference, e.g. 10 m onto 20 m): ``average``,
+  the area-weighted mean of the fine pixels, nodata excluded;
+* **refining** (the band is coarser, e.g. 60 m onto 10 m): ``bilinear`` by default,
+  configurable (``nearest``, ``cubic``...).
+
+Files in another CRS are refused unless ``reproject: true`` is set for the scene.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import rasterio
+import rioxarray
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+
+from sitfuse_byol.errors import InputError
+from sitfuse_byol.grid import Grid
+from sitfuse_byol.read.chunking import DEFAULT_CHUNK_TARGET, aligned_chunks
+from sitfuse_byol.read.geotiff import check_not_truncated, open_dataset
+from sitfuse_byol.read.scene import Scene, build_scene
+
+RESAMPLING_NAMES = {r.name for r in Resampling}
+
+
+@dataclass(frozen=True)
+class MultiFileSpec:
+    """A scene of single-band files, as written in a scene list or scene YAML.
+
+    Attributes:
+        id: Scene id.
+        files: One file per band.
+        names: Band names; file stems by default.
+        reference: 0-based position of the band whose grid the others are resampled onto;
+            ``None`` picks the first band of finest resolution.
+        refine: Resampling used when a band is coarser than the reference.
+        coarsen: Resampling used when a band is finer than the reference.
+        reproject: Allow bands in another CRS to be warped onto the reference grid.
+    """
+
+    id: str
+    files: tuple[Path, ...]
+    names: tuple[str, ...] = ()
+    reference: int | None = None
+    refine: str = "bilinear"
+    coarsen: str = "average"
+    reproject: bool = False
+
+    @classmethod
+    def from_mapping(cls, entry: Mapping, *, base: Path, where: str) -> MultiFileSpec:
+        """Parse ``{id: NAME, bands: [file, ...], ...}``; relative paths are taken from ``base``."""
+        known = {"id", "bands", "names", "reference", "resampling", "reproject"}
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise InputError(f"unknown key {unknown[0]!r} in multi-file scene", where=where)
+        if not isinstance(entry.get("id"), str) or not entry["id"]:
+            raise InputError("multi-file scene needs a string 'id'", where=where)
+        files = entry.get("bands")
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+            raise InputError("multi-file scene needs 'bands': a list of files", where=where)
+        names = entry.get("names") or [Path(f).stem for f in files]
+        if len(names) != len(files):
+            raise InputError(f"{len(names)} names for {len(files)} band files", where=where)
+        resampling = entry.get("resampling") or {}
+        refine = resampling.get("refine", "bilinear")
+        coarsen = resampling.get("coarsen", "average")
+        for method in (refine, coarsen):
+            if method not in RESAMPLING_NAMES:
+                raise InputError(f"unknown resampling {method!r}", where=where)
+        reference = entry.get("reference")
+        if isinstance(reference, str):
+            if reference not in names:
+                raise InputError(f"reference band {reference!r} is not a band name", where=where)
+            reference = list(names).index(reference)
+        return cls(
+            id=entry["id"],
+            files=tuple((base / f) for f in files),
+            names=tuple(str(n) for n in names),
+            reference=reference,
+            refine=refine,
+            coarsen=coarsen,
+            reproject=bool(entry.get("reproject", False)),
+        )
+
+
+def open_multifile(
+    spec: MultiFileSpec,
+    *,
+    bands: Sequence[int | str] | None = None,
+    nodata: float | None = None,
+    valid_range: Sequence[float] | None = None,
+    patch_size: int = 32,
+    chunk_target: int = DEFAULT_CHUNK_TARGET,
+) -> Scene:
+    """Open a multi-file scene as one lazy ``(band, y, x)`` :class:`Scene` on the reference grid."""
+    where = spec.id
+    profiles = []
+    for path in spec.files:
+        with open_dataset(path) as src:
+            check_not_truncated(src, where=str(path))
+            if src.count != 1:
+                raise InputError(f"expected a single-band file, found {src.count} bands", where=str(path))
+            profiles.append(
+                {
+                    "grid": Grid(height=src.height, width=src.width, transform=src.transform, crs=src.crs),
+                    "nodata": src.nodata,
+                    "block": src.block_shapes[0],
+                    "dtype": src.dtypes[0],
+                }
+            )
+    dtypes = {p["dtype"] for p in profiles}
+    if len(dtypes) > 1:
+        raise InputError(f"band files have different data types: {sorted(dtypes)}", where=where)
+    ref_pos = spec.reference
+    if ref_pos is None:
+        ref_pos = min(range(len(profiles)), key=lambda i: profiles[i]["grid"].res[0])
+    if not 0 <= ref_pos < len(profiles):
+        raise InputError(f"reference band {ref_pos} out of range", where=where)
+    ref = profiles[ref_pos]["grid"]
+    for path, profile in zip(spec.files, profiles, strict=True):
+        crs = profile["grid"].crs
+        if crs != ref.crs and not spec.reproject:
+            raise InputError(
+                f"band files have different CRSs ({_crs_name(crs)} and {_crs_name(ref.crs)}); "
+                "set reproject: true to warp them onto the reference grid",
+                where=str(path),
+            )
+    chunks = aligned_chunks(
+        shape=ref.shape, block=profiles[ref_pos]["block"], patch=patch_size, target=chunk_target
+    )
+    band_arrays = [
+        _band_array(path, profile, ref=ref, chunks=chunks, spec=spec, nodata=nodata)
+        for path, profile in zip(spec.files, profiles, strict=True)
+    ]
+    file_nodata = profiles[ref_pos]["nodata"]
+    return build_scene(
+        id=spec.id,
+        data=da.concatenate(band_arrays, axis=0).rechunk({0: -1}),
+        grid=ref,
+        band_names=spec.names,
+        file_nodata=file_nodata,
+        nodata=nodata,
+        valid_range=valid_range,
+        bands=bands,
+        source=where,
+    )
+
+
+def _crs_name(crs: rasterio.crs.CRS | None) -> str:
+    if crs is None:
+        return "no CRS"
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_string()
+
+
+def _band_array(
+    path: Path,
+    profile: dict,
+    *,
+    ref: Grid,
+    chunks: tuple[int, int],
+    spec: MultiFileSpec,
+    nodata: float | None,
+) -> da.Array:
+    dask_chunks = {"band": 1, "y": chunks[0], "x": chunks[1]}
+    grid: Grid = profile["grid"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        if grid.same_as(ref):
+            return rioxarray.open_rasterio(
+                path, chunks=dask_chunks, lock=False, mask_and_scale=False, cache=False
+            ).data
+        method = spec.coarsen if grid.res[0] < ref.res[0] else spec.refine
+        src_nodata = nodata if nodata is not None else profile["nodata"]
+        src = rasterio.open(path)
+        vrt = WarpedVRT(
+            src,
+            crs=ref.crs,
+            transform=ref.transform,
+            width=ref.width,
+            height=ref.height,
+            resampling=Resampling[method],
+            src_nodata=src_nodata,
+            nodata=src_nodata,
+        )
+        return rioxarray.open_rasterio(
+            vrt, chunks=dask_chunks, lock=False, mask_and_scale=False, cache=False
+        ).data

@@ -1,0 +1,129 @@
+"""The :class:`Scene`: a lazily read ``(band, y, x)`` array with its valid mask and grid."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+from rasterio.errors import RasterioError
+
+from sitfuse_byol.errors import InputError
+from sitfuse_byol.grid import Grid
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One scene, opened lazily.
+
+    Attributes:
+        id: Short name, used for output file names.
+        data: Dask array ``(band, y, x)`` in the file's dtype; no pixel is read until computed.
+        valid: Dask boolean array ``(y, x)``; a pixel is valid when every selected band is
+            finite, differs from ``nodata`` and lies within ``valid_range``.
+        grid: The scene's pixel grid.
+        band_names: One name for each band of ``data``.
+        nodata: The nodata value in effect, or ``None``.
+        source: Where the scene came from, for messages.
+    """
+
+    id: str
+    data: da.Array
+    valid: da.Array
+    grid: Grid
+    band_names: tuple[str, ...]
+    nodata: float | None
+    source: str
+
+    @property
+    def n_bands(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        """The (y, x) size of the first chunk; reads happen in these units."""
+        return (int(self.data.chunks[1][0]), int(self.data.chunks[2][0]))
+
+
+def valid_mask(
+    data: da.Array, *, nodata: float | None, valid_range: Sequence[float] | None
+) -> da.Array:
+    """Lazily build the ``(y, x)`` mask of pixels valid in every band."""
+
+    def block_valid(block: np.ndarray) -> np.ndarray:
+        return valid_block(block, nodata=nodata, valid_range=valid_range)
+
+    return data.map_blocks(block_valid, drop_axis=0, dtype=bool)
+
+
+def valid_block(
+    block: np.ndarray, *, nodata: float | None, valid_range: Sequence[float] | None
+) -> np.ndarray:
+    """The valid mask of an in-memory ``(band, y, x)`` block (see :class:`Scene`)."""
+    ok = np.ones(block.shape[1:], dtype=bool)
+    for band in block:
+        if np.issubdtype(band.dtype, np.floating):
+            ok &= np.isfinite(band)
+        if nodata is not None and not np.isnan(nodata):
+            ok &= band != nodata
+        if valid_range is not None:
+            ok &= (band >= valid_range[0]) & (band <= valid_range[1])
+    return ok
+
+
+@contextlib.contextmanager
+def reading(where: str) -> Iterator[None]:
+    """Turn I/O failures that surface while computing pixels into an :class:`InputError`.
+
+    Reads are lazy, so a truncated or corrupt file is often only noticed when its
+    pixels are computed, deep inside Dask; this names the scene it came from.
+    """
+    try:
+        yield
+    except InputError:
+        raise
+    except (RasterioError, OSError, ValueError, RuntimeError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"cannot read pixels: {detail}", where=where) from err
+
+
+def build_scene(
+    *,
+    id: str,
+    data: da.Array,
+    grid: Grid,
+    band_names: Sequence[str],
+    file_nodata: float | None,
+    nodata: float | None,
+    valid_range: Sequence[float] | None,
+    bands: Sequence[int | str] | None,
+    source: str,
+) -> Scene:
+    """Select bands, settle nodata and attach the lazy valid mask.
+
+    A configured ``nodata`` overrides the file's.
+    """
+    from sitfuse_byol.read.bands import select_bands
+
+    positions = select_bands(band_names, bands, where=source)
+    if positions != list(range(len(band_names))):
+        data = data[positions]
+    names = tuple(band_names[i] for i in positions)
+    if valid_range is not None and not valid_range[0] <= valid_range[1]:
+        raise InputError(f"valid_range {list(valid_range)} is empty", where=source)
+    nodata_used = nodata if nodata is not None else file_nodata
+    return Scene(
+        id=id,
+        data=data,
+        valid=valid_mask(data, nodata=nodata_used, valid_range=valid_range),
+        grid=grid,
+        band_names=names,
+        nodata=nodata_used,
+        source=source,
+    )

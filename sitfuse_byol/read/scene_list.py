@@ -1,0 +1,126 @@
+"""Scene lists: a YAML list, a text file (one scene per line), or a glob."""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from sitfuse_byol.errors import InputError
+from sitfuse_byol.read.multifile import MultiFileSpec
+
+SceneSpec = Path | MultiFileSpec
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+YAML_SUFFIXES = (".yaml", ".yml")
+GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class SceneRef:
+    """A scene named in a list, not yet opened.
+
+    Attributes:
+        spec: A raster path (GeoTIFF, Zarr, NetCDF) or a multi-file scene.
+        entry: Where the scene was named (``scenes.txt:3``), for messages.
+    """
+
+    spec: SceneSpec
+    entry: str
+
+    @property
+    def id(self) -> str:
+        """The scene id: file stem (store name for Zarr), or the multi-file scene's ``id``."""
+        return self.spec.id if isinstance(self.spec, MultiFileSpec) else self.spec.stem
+
+
+def parse_scene_entry(entry: object, *, base: Path, where: str) -> SceneSpec:
+    """One entry of a scene list: a path string or a multi-file mapping."""
+    if isinstance(entry, Mapping):
+        return MultiFileSpec.from_mapping(entry, base=base, where=where)
+    if isinstance(entry, str | Path) and str(entry).strip():
+        path = Path(entry).expanduser()
+        path = path if path.is_absolute() else base / path
+        if path.suffix in YAML_SUFFIXES:
+            return _load_scene_yaml(path, where=where)
+        return path
+    raise InputError(f"scene entry {entry!r} is neither a path nor a multi-file scene", where=where)
+
+
+def _load_scene_yaml(path: Path, *, where: str) -> MultiFileSpec:
+    if not path.exists():
+        raise InputError("file not found", where=f"{where}: {path}")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"invalid YAML: {str(err).splitlines()[0]}", where=str(path)) from err
+    if not isinstance(content, Mapping):
+        raise InputError("a scene YAML must hold a mapping {id, bands}", where=str(path))
+    return MultiFileSpec.from_mapping(content, base=path.parent, where=str(path))
+
+
+def resolve_scene_list(scenes: object, *, base: Path) -> list[SceneRef]:
+    """Expand a scene list into :class:`SceneRef` objects, in order, duplicates refused.
+
+    Args:
+        scenes: A list of entries, or one string: a glob, a text file of scenes, a
+            YAML file holding a list or one multi-file scene, or one raster path.
+        base: Folder that relative paths are taken from (the config file's folder).
+    """
+    refs: list[SceneRef] = []
+    if isinstance(scenes, str | Path):
+        text = str(scenes)
+        path = Path(text).expanduser()
+        path = path if path.is_absolute() else base / path
+        if GLOB_CHARS & set(text):
+            matches = sorted(glob.glob(str(path)))
+            if not matches:
+                raise InputError("glob matches no file", where=text)
+            refs = [SceneRef(spec=parse_scene_entry(m, base=base, where=m), entry=m) for m in matches]
+        elif path.suffix in LIST_SUFFIXES:
+            refs = _read_text_list(path)
+        elif path.suffix in YAML_SUFFIXES and path.exists():
+            content = yaml.safe_load(path.read_text())
+            if isinstance(content, list):
+                refs = _entries(content, base=path.parent, label=str(path))
+            else:
+                refs = [SceneRef(spec=parse_scene_entry(path, base=base, where=text), entry=text)]
+        else:
+            refs = [SceneRef(spec=parse_scene_entry(path, base=base, where=text), entry=text)]
+    elif isinstance(scenes, Sequence):
+        refs = _entries(scenes, base=base, label="data.scenes")
+    else:
+        raise InputError("scenes must be a list, a glob, or a file", where="data.scenes")
+    if not refs:
+        raise InputError("the scene list is empty", where=str(scenes))
+    seen: dict[str, str] = {}
+    for ref in refs:
+        if ref.id in seen:
+            raise InputError(
+                f"two scenes share the id {ref.id!r} ({seen[ref.id]}); outputs would collide",
+                where=ref.entry,
+            )
+        seen[ref.id] = ref.entry
+    return refs
+
+
+def _entries(entries: Sequence, *, base: Path, label: str) -> list[SceneRef]:
+    refs = []
+    for i, entry in enumerate(entries, start=1):
+        where = f"{label}[{i}]"
+        refs.append(SceneRef(spec=parse_scene_entry(entry, base=base, where=where), entry=where))
+    return refs
+
+
+def _read_text_list(path: Path) -> list[SceneRef]:
+    if not path.exists():
+        raise InputError("scene list not found", where=str(path))
+    refs = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            where = f"{path}:{number}"
+            refs.append(SceneRef(spec=parse_scene_entry(text, base=path.parent, where=where), entry=where))
+    return refs

@@ -1,0 +1,141 @@
+"""Lazy reading of Zarr stores and NetCDF files through xarray."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+from affine import Affine
+
+from sitfuse_byol.errors import InputError
+from sitfuse_byol.grid import Grid
+from sitfuse_byol.read.chunking import DEFAULT_CHUNK_TARGET, aligned_chunks
+from sitfuse_byol.read.scene import Scene, build_scene
+
+NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf")
+
+
+def _open_dataset(path: Path) -> xr.Dataset:
+    if not path.exists():
+        raise InputError("file not found", where=str(path))
+    kwargs: dict = {
+        "chunks": {},
+        # Without these a _FillValue silently turns integers into float64 with NaNs, and
+        # the grid mapping (CRS) is dropped.
+        "mask_and_scale": False,
+        "decode_coords": "all",
+    }
+    try:
+        if path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists():
+            return xr.open_zarr(path, consolidated=False, **kwargs)
+        for engine in ("h5netcdf", "scipy"):
+            try:
+                return xr.open_dataset(path, engine=engine, **kwargs)
+            except (OSError, ValueError, TypeError):
+                continue
+    except Exception as err:  # zarr and xarray raise many unrelated types for a bad store
+        raise InputError(f"cannot open dataset: {str(err).splitlines()[0]}", where=str(path)) from err
+    raise InputError("cannot open dataset: not a NetCDF file xarray can read", where=str(path))
+
+
+def _spatial_dims(array: xr.DataArray, *, where: str) -> tuple[str, str]:
+    for y, x in (("y", "x"), ("lat", "lon"), ("latitude", "longitude")):
+        if y in array.dims and x in array.dims:
+            return y, x
+    raise InputError(f"no spatial dimensions (y, x) among {list(array.dims)}", where=where)
+
+
+def _select_array(ds: xr.Dataset, variable: str | None, *, where: str) -> xr.DataArray:
+    """One ``(band, y, x)`` array: the named variable, the only 3-D one, or 2-D ones stacked."""
+    if variable is not None:
+        if variable not in ds.data_vars:
+            raise InputError(
+                f"no variable {variable!r}; variables are {', '.join(map(str, ds.data_vars))}",
+                where=where,
+            )
+        candidates = [ds[variable]]
+    else:
+        candidates = [v for v in ds.data_vars.values() if v.ndim in (2, 3)]
+    if not candidates:
+        raise InputError("no 2-D or 3-D data variable", where=where)
+    three_d = [v for v in candidates if v.ndim == 3]
+    if three_d:
+        if len(three_d) > 1:
+            names = ", ".join(str(v.name) for v in three_d)
+            raise InputError(f"several 3-D variables ({names}); set data.variable", where=where)
+        array = three_d[0]
+        y, x = _spatial_dims(array, where=where)
+        band_dim = next(d for d in array.dims if d not in (y, x))
+        return array.transpose(band_dim, y, x)
+    # Several 2-D variables on one grid are taken as bands, named after the variables.
+    y, x = _spatial_dims(candidates[0], where=where)
+    stacked = xr.concat(
+        [v.transpose(y, x) for v in candidates], dim="band", coords="minimal", compat="override"
+    )
+    return stacked.assign_coords(band=[str(v.name) for v in candidates])
+
+
+def _grid_of(array: xr.DataArray, *, where: str) -> Grid:
+    y, x = array.dims[1], array.dims[2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        crs = array.rio.crs
+        try:
+            transform = array.rio.set_spatial_dims(x_dim=x, y_dim=y).rio.transform(recalc=True)
+        except Exception:  # a 1-pixel axis or irregular coordinates
+            transform = Affine.identity()
+    return Grid(height=array.sizes[y], width=array.sizes[x], transform=transform, crs=crs)
+
+
+def open_xarray(
+    path: Path,
+    *,
+    variable: str | None = None,
+    bands: Sequence[int | str] | None = None,
+    nodata: float | None = None,
+    valid_range: Sequence[float] | None = None,
+    patch_size: int = 32,
+    chunk_target: int = DEFAULT_CHUNK_TARGET,
+    scene_id: str | None = None,
+) -> Scene:
+    """Open a Zarr store or NetCDF file as a lazy :class:`Scene`.
+
+    The variable is ``variable`` if given, else the only 3-D variable, else all 2-D
+    variables stacked as bands. Nodata comes from ``nodata``, else the variable's
+    ``_FillValue``/``nodata`` attribute. Band names come from the band coordinate.
+    """
+    where = str(path)
+    ds = _open_dataset(path)
+    array = _select_array(ds, variable, where=where)
+    grid = _grid_of(array, where=where)
+    if array.dims[0] in array.coords:
+        names = [str(v) for v in array.coords[array.dims[0]].values]
+    else:
+        names = [f"B{i}" for i in range(1, array.shape[0] + 1)]
+    file_nodata = None
+    for key in ("_FillValue", "nodata", "missing_value"):
+        value = array.attrs.get(key, array.encoding.get(key))
+        if value is not None:
+            file_nodata = float(np.asarray(value).ravel()[0])
+            break
+    stored = array.encoding.get("chunks") or array.encoding.get("preferred_chunks")
+    if isinstance(stored, dict):
+        stored = tuple(stored.get(d, array.sizes[d]) for d in array.dims)
+    block = (int(stored[1]), int(stored[2])) if stored else grid.shape
+    chunks = aligned_chunks(shape=grid.shape, block=block, patch=patch_size, target=chunk_target)
+    data = array.data.rechunk((-1, chunks[0], chunks[1]))
+    return build_scene(
+        id=scene_id or path.stem,
+        data=data,
+        grid=grid,
+        band_names=names,
+        file_nodata=file_nodata,
+        nodata=nodata,
+        valid_range=valid_range,
+        bands=bands,
+        source=where,
+    )

@@ -1,0 +1,64 @@
+"""Shared fixtures: paths to the real sample scenes and a writer for small real GeoTIFFs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "data_samples"
+UTM18N = "EPSG:32618"
+
+
+@pytest.fixture(scope="session")
+def landsat_path() -> Path:
+    return SAMPLES / "landsat7_olinda.tif"
+
+
+@pytest.fixture(scope="session")
+def sentinel2_yaml() -> Path:
+    return SAMPLES / "sentinel2_virginia.yaml"
+
+
+@pytest.fixture(scope="session")
+def sentinel2_zarr() -> Path:
+    return SAMPLES / "sentinel2_virginia.zarr"
+
+
+def write_tif(
+    path: Path,
+    data: np.ndarray,
+    *,
+    crs: str | None = UTM18N,
+    transform: Affine = Affine(10, 0, 400000, 0, -10, 4000000),
+    nodata: float | None = None,
+    descriptions: Sequence[str] | None = None,
+    blocksize: int | None = 64,
+) -> Path:
+    """Write a real (band, y, x) or (y, x) GeoTIFF with rasterio."""
+    if data.ndim == 2:
+        data = data[None]
+    profile = {
+        "driver": "GTiff",
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": data.shape[0],
+        "dtype": data.dtype,
+        "transform": transform,
+        "nodata": nodata,
+    }
+    if crs is not None:
+        profile["crs"] = crs
+    if blocksize:
+        profile.update(tiled=True, blockxsize=blocksize, blockysize=blocksize)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        if descriptions:
+            for i, name in enumerate(descriptions, start=1):
+                dst.set_band_description(i, name)
+    return path

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sitfuse_byol.errors import InputError
+from sitfuse_byol.read import open_scene, resolve_scene_list
+from sitfuse_byol.read.multifile import MultiFileSpec
+from tests.conftest import write_tif
+
+
+@pytest.fixture
+def three_tifs(tmp_path):
+    for name in ("a", "b", "c"):
+        write_tif(tmp_path / f"{name}.tif", np.ones((2, 16, 16), np.uint8))
+    return tmp_path
+
+
+def test_text_list_with_comments(three_tifs):
+    listing = three_tifs / "scenes.txt"
+    listing.write_text("# my scenes\na.tif\n\nc.tif  # the last one\n")
+    refs = resolve_scene_list("scenes.txt", base=three_tifs)
+    assert [r.id for r in refs] == ["a", "c"]
+    assert refs[1].entry.endswith("scenes.txt:4")
+
+
+def test_glob_and_yaml_list(three_tifs):
+    assert [r.id for r in resolve_scene_list("*.tif", base=three_tifs)] == ["a", "b", "c"]
+    (three_tifs / "list.yaml").write_text("- b.tif\n- {id: multi, bands: [a.tif, c.tif]}\n")
+    refs = resolve_scene_list("list.yaml", base=three_tifs)
+    assert refs[0].id == "b"
+    assert isinstance(refs[1].spec, MultiFileSpec) and refs[1].id == "multi"
+
+
+def test_bad_entry_is_named(three_tifs):
+    (three_tifs / "scenes.txt").write_text("a.tif\nmissing.tif\n")
+    refs = resolve_scene_list("scenes.txt", base=three_tifs)
+    open_scene(refs[0])
+    with pytest.raises(InputError) as err:
+        open_scene(refs[1])
+    assert "scenes.txt:2" in str(err.value) and "file not found" in str(err.value)
+
+
+def test_duplicate_ids_and_empty_glob(three_tifs):
+    with pytest.raises(InputError, match="share the id 'a'"):
+        resolve_scene_list(["a.tif", "a.tif"], base=three_tifs)
+    with pytest.raises(InputError, match="glob matches no file"):
+        resolve_scene_list("*.zarr", base=three_tifs)

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+
+from sitfuse_byol.errors import InputError
+from sitfuse_byol.read import open_scene
+
+
+def test_zarr_sample_keeps_crs_transform_and_dtype(sentinel2_zarr):
+    scene = open_scene(sentinel2_zarr)
+    with rasterio.open(sentinel2_zarr.parent / "sentinel2_virginia" / "B02.tif") as ref:
+        assert scene.grid.crs == ref.crs
+        assert scene.grid.transform.almost_equals(ref.transform)
+        b02 = ref.read(1)
+    assert scene.id == "sentinel2_virginia"
+    assert scene.dtype == np.uint16
+    assert scene.nodata == 0
+    assert scene.band_names[8] == "B8A"
+    np.testing.assert_array_equal(scene.data[1].compute(), b02)
+
+
+def test_netcdf_with_2d_variables_stacks_them_as_bands(tmp_path):
+    y = np.arange(30) * -20.0 + 5000
+    x = np.arange(40) * 20.0 + 1000
+    rng = np.random.default_rng(0)
+    ds = xr.Dataset(
+        {name: (("y", "x"), rng.random((30, 40)).astype(np.float32)) for name in ("red", "nir")},
+        coords={"y": y, "x": x},
+    )
+    ds = ds.rio.write_crs("EPSG:32633")
+    path = tmp_path / "scene.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    scene = open_scene(path, bands=["nir"])
+    assert scene.band_names == ("nir",)
+    assert scene.grid.crs.to_epsg() == 32633
+    assert scene.grid.transform.a == 20.0 and scene.grid.transform.e == -20.0
+    assert scene.grid.transform.c == 990.0  # pixel centre 1000 minus half a pixel
+    np.testing.assert_array_equal(scene.data[0].compute(), ds["nir"].values)
+
+
+def test_missing_store_and_unknown_variable(tmp_path, sentinel2_zarr):
+    with pytest.raises(InputError, match="file not found"):
+        open_scene(tmp_path / "none.zarr")
+    with pytest.raises(InputError, match="no variable 'radiance'"):
+        open_scene(sentinel2_zarr, variable="radiance")
