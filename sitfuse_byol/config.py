@@ -11,6 +11,7 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 from sitfuse_byol.errors import ConfigError
 
 REQUIRED = object()
+_YAML11_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 @dataclass(frozen=True)
@@ -75,13 +77,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "nodata": Key("float", None, "Nodata value; overrides the files' own.", nullable=True),
         "valid_range": Key("list", None, "Inclusive [min, max] of valid values.", nullable=True, check=_pair),
         "variable": Key("str", None, "Zarr/NetCDF variable to read; guessed when null.", nullable=True),
-        "chunk_size": Key("int", 1024, "Preferred Dask chunk edge in pixels (aligned to blocks and patches).", minimum=16),
+        "chunk_size": Key("int", 512, "Preferred Dask chunk edge in pixels (aligned to blocks and patches).", minimum=16),
     },
     "tiling": {
         "patch_size": Key("int", 16, "Training patch edge in pixels.", minimum=4),
         "min_valid_fraction": Key("float", 0.9, "Patches with fewer valid pixels are skipped.", minimum=0.0, maximum=1.0, exclusive_minimum=True),
         "shuffle_buffer": Key("int", 8192, "Patches held for shuffling; bounds sampler memory with prefetch.", minimum=1),
-        "prefetch_chunks": Key("int", 4, "Chunks read ahead in background threads.", minimum=1),
+        "prefetch_chunks": Key("int", 3, "Chunks read ahead in background threads.", minimum=1),
     },
     "train": {
         "encoder": Key("str", "small_cnn", "Encoder name from the registry (see `sitfuse_byol.train.encoders`)."),
@@ -151,6 +153,9 @@ def _check_value(dotted: str, key: Key, value: Any) -> Any:
     def fail(message: str) -> ConfigError:
         return ConfigError(f"config: {dotted}: {message} (got {value!r})")
 
+    if key.kind == "float" and isinstance(value, str) and _YAML11_EXPONENT.match(value):
+        # YAML 1.1 reads `5e-4` (no dot) as a string; people write it that way all the time.
+        value = float(value)
     if value is None:
         if key.nullable:
             return None

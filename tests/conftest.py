@@ -13,6 +13,7 @@ from affine import Affine
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data_samples"
 UTM18N = "EPSG:32618"
+TEN_METRE_GRID = Affine(10, 0, 400000, 0, -10, 4000000)
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +36,7 @@ def write_tif(
     data: np.ndarray,
     *,
     crs: str | None = UTM18N,
-    transform: Affine = Affine(10, 0, 400000, 0, -10, 4000000),
+    transform: Affine = TEN_METRE_GRID,
     nodata: float | None = None,
     descriptions: Sequence[str] | None = None,
     blocksize: int | None = 64,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-DEFAULT_CHUNK_TARGET = 1024
+DEFAULT_CHUNK_TARGET = 512
 
 
 def aligned_chunk(*, size: int, block: int, patch: int, target: int = DEFAULT_CHUNK_TARGET) -> int:

@@ -21,7 +21,10 @@ def open_dataset(path: Path) -> rasterio.DatasetReader:
     if not path.exists():
         raise InputError("file not found", where=str(path))
     try:
-        return rasterio.open(path)
+        with warnings.catch_warnings():
+            # A scene without georeferencing is allowed; callers warn about it themselves.
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            return rasterio.open(path)
     except RasterioError as err:
         reason = str(err).splitlines()[0]
         if "not recognized" in reason:

@@ -26,6 +26,7 @@ class Scene:
         grid: The scene's pixel grid.
         band_names: One name for each band of ``data``.
         nodata: The nodata value in effect, or ``None``.
+        valid_range: Inclusive ``(min, max)`` of valid values, or ``None``.
         source: Where the scene came from, for messages.
     """
 
@@ -35,6 +36,7 @@ class Scene:
     grid: Grid
     band_names: tuple[str, ...]
     nodata: float | None
+    valid_range: tuple[float, float] | None
     source: str
 
     @property
@@ -49,6 +51,10 @@ class Scene:
     def chunks(self) -> tuple[int, int]:
         """The (y, x) size of the first chunk; reads happen in these units."""
         return (int(self.data.chunks[1][0]), int(self.data.chunks[2][0]))
+
+    def valid_of(self, block: np.ndarray) -> np.ndarray:
+        """The valid mask of an in-memory ``(band, y, x)`` block of this scene."""
+        return valid_block(block, nodata=self.nodata, valid_range=self.valid_range)
 
 
 def valid_mask(
@@ -125,5 +131,6 @@ def build_scene(
         grid=grid,
         band_names=names,
         nodata=nodata_used,
+        valid_range=tuple(valid_range) if valid_range is not None else None,
         source=source,
     )

@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import dask
 import numpy as np
 import torch
 
@@ -59,15 +58,17 @@ class _Pool:
         return n
 
     def take(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Remove ``n`` random patches; the last ``n`` fill the holes they leave."""
+        """Remove ``n`` random patches; unpicked patches from the end fill the holes."""
         picked = rng.choice(self.size, size=n, replace=False)
         patches, valid = self.patches[picked], self.valid[picked]
-        tail = np.arange(self.size - n, self.size)
-        holes = np.setdiff1d(picked, tail, assume_unique=True)
-        movers = np.setdiff1d(tail, picked, assume_unique=True)
+        tail = self.size - n
+        picked_in_tail = np.zeros(n, dtype=bool)
+        picked_in_tail[picked[picked >= tail] - tail] = True
+        holes = picked[picked < tail]
+        movers = tail + np.flatnonzero(~picked_in_tail)
         self.patches[holes] = self.patches[movers]
         self.valid[holes] = self.valid[movers]
-        self.size -= n
+        self.size = tail
         return patches, valid
 
 
@@ -100,7 +101,7 @@ class PatchSampler:
         seed: int = 0,
         shuffle_buffer: int = 8192,
         patches_per_chunk: int | None = 1024,
-        prefetch_chunks: int = 4,
+        prefetch_chunks: int = 3,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -132,77 +133,100 @@ class PatchSampler:
                 where=", ".join(s.id for s in self.scenes),
             )
 
-    def _read_chunk(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _chunk_patches(self, k: int, seed: np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
+        """Read chunk ``k``, normalize it and cut the chosen patches; runs in a reader thread.
+
+        Each chunk gets its own seed, drawn in schedule order, so results do not depend
+        on which thread finishes first.
+        """
+        rng = np.random.default_rng(seed)
         scene_pos, block_y, block_x = (int(v) for v in self.index.chunks[k, [SCENE, BLOCK_Y, BLOCK_X]])
         scene = self.scenes[scene_pos]
         with reading(scene.source):
-            # One compute for both: the valid mask is derived from the same pixels, so the
-            # chunk is decoded once.
-            block, valid = dask.compute(
-                scene.data.blocks[:, block_y, block_x],
-                scene.valid.blocks[block_y, block_x],
-                scheduler="sync",
-            )
-        return self.stats.normalize(block, valid), valid
-
-    def _chunk_patches(
-        self, k: int, block: np.ndarray, valid: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
+            raw = scene.data.blocks[:, block_y, block_x].compute(scheduler="sync")
+        # The mask comes from the pixels in hand; computing scene.valid would decode again.
+        valid = scene.valid_of(raw)
+        block = self.stats.normalize(raw, valid)
         p = self.patch_size
         dy, dx, n_rows, n_cols = self.index.patch_grid(k, jitter=tuple(rng.integers(0, p, 2)))
-        channels = block.shape[0]
-        window = block[:, dy : dy + n_rows * p, dx : dx + n_cols * p]
-        patches = window.reshape(channels, n_rows, p, n_cols, p).transpose(1, 3, 0, 2, 4)
-        patches = patches.reshape(-1, channels, p, p)
-        masks = valid[dy : dy + n_rows * p, dx : dx + n_cols * p]
-        masks = masks.reshape(n_rows, p, n_cols, p).transpose(0, 2, 1, 3).reshape(-1, p, p)
-        keep = np.arange(len(patches)) % self.index.patch_stride == self.index.patch_phase
-        keep &= masks.mean(axis=(1, 2)) >= self.min_valid_fraction
+        # Views only: (C, rows, p, cols, p) and (rows, p, cols, p); nothing is copied until
+        # the chosen patches are gathered.
+        grid = block[:, dy : dy + n_rows * p, dx : dx + n_cols * p].reshape(
+            block.shape[0], n_rows, p, n_cols, p
+        )
+        mask_grid = valid[dy : dy + n_rows * p, dx : dx + n_cols * p].reshape(n_rows, p, n_cols, p)
+        fraction = mask_grid.mean(axis=(1, 3)).ravel()
+        keep = np.arange(fraction.size) % self.index.patch_stride == self.index.patch_phase
+        keep &= fraction >= self.min_valid_fraction
         chosen = np.flatnonzero(keep)
         if self.patches_per_chunk is not None and len(chosen) > self.patches_per_chunk:
             chosen = rng.choice(chosen, size=self.patches_per_chunk, replace=False)
         else:
             chosen = rng.permutation(chosen)
-        return patches[chosen], masks[chosen]
+        rows, cols = np.divmod(chosen, n_cols)
+        # Advanced indices around slices put the patch axis first: (n, C, p, p) and (n, p, p).
+        return grid[:, rows, :, cols, :], mask_grid[rows, :, cols, :]
 
-    def _chunk_stream(self, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Chunks in random order, read ahead by a small thread pool."""
-        order = rng.permutation(len(self.index.chunks))
-        with ThreadPoolExecutor(max_workers=min(2, self.prefetch_chunks)) as pool:
-            pending: deque[tuple[int, Future]] = deque()
-            position = 0
-            while position < len(order) or pending:
-                while position < len(order) and len(pending) < self.prefetch_chunks:
-                    k = int(order[position])
-                    pending.append((k, pool.submit(self._read_chunk, k)))
-                    position += 1
-                k, future = pending.popleft()
-                block, valid = future.result()
-                yield k, block, valid
+    def _pass_seed(self, epoch: int, n_pass: int) -> np.random.SeedSequence:
+        return np.random.SeedSequence([self.seed, epoch, n_pass, self.rank])
 
-    def epoch(self, epoch: int = 0) -> Iterator[PatchBatch]:
-        """The batches of one pass over the shard's chunks, in a random order set by (seed, epoch).
+    def _chunk_stream(
+        self, epoch: int, passes: int | None
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(pass, patches, masks)`` of each chunk over passes in seeded orders.
 
-        The last incomplete batch is dropped.
-
-        Raises:
-            InputError: No patch in the shard is valid enough.
+        Chunks are read and cut ahead in threads (GDAL and numpy release the GIL), and
+        read-ahead runs across pass boundaries, so even a one-chunk scene overlaps
+        reading with use.
         """
-        rng = np.random.default_rng([self.seed, epoch, self.rank])
-        pool = _Pool(
-            capacity=self.shuffle_buffer,
-            channels=self.stats.n_bands,
-            patch_size=self.patch_size,
-        )
-        seen = 0
-        for k, block, valid in self._chunk_stream(rng):
-            patches, masks = self._chunk_patches(k, block, valid, rng)
+
+        def schedule() -> Iterator[tuple[int, int, np.random.SeedSequence]]:
+            n_pass = 0
+            while passes is None or n_pass < passes:
+                order_seed, chunk_seeds = self._pass_seed(epoch, n_pass).spawn(2)
+                order = np.random.default_rng(order_seed).permutation(len(self.index.chunks))
+                for k, chunk_seed in zip(order, chunk_seeds.spawn(len(order)), strict=True):
+                    yield n_pass, int(k), chunk_seed
+                n_pass += 1
+
+        plan = schedule()
+        pool = ThreadPoolExecutor(max_workers=min(2, self.prefetch_chunks))
+        pending: deque[tuple[int, Future]] = deque()
+        try:
+            while True:
+                while len(pending) < self.prefetch_chunks:
+                    step = next(plan, None)
+                    if step is None:
+                        break
+                    n_pass, k, chunk_seed = step
+                    pending.append((n_pass, pool.submit(self._chunk_patches, k, chunk_seed)))
+                if not pending:
+                    return
+                n_pass, future = pending.popleft()
+                yield n_pass, *future.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _stream(self, epoch: int, passes: int | None) -> Iterator[PatchBatch]:
+        pool = _Pool(capacity=self.shuffle_buffer, channels=self.stats.n_bands, patch_size=self.patch_size)
+        current_pass, seen = -1, 0
+        batch_rng = np.random.default_rng(self._pass_seed(epoch, 0))
+        for n_pass, patches, masks in self._chunk_stream(epoch, passes):
+            if n_pass != current_pass:
+                if current_pass >= 0:
+                    yield from self._drain(pool, batch_rng, seen)
+                current_pass, seen = n_pass, 0
+                batch_rng = np.random.default_rng(self._pass_seed(epoch, n_pass))
             seen += len(patches)
             start = 0
             while start < len(patches):
                 start += pool.add(patches[start:], masks[start:])
                 while pool.size == pool.capacity:
-                    yield self._batch(pool, rng)
+                    yield self._batch(pool, batch_rng)
+        yield from self._drain(pool, batch_rng, seen)
+
+    def _drain(self, pool: _Pool, rng: np.random.Generator, seen: int) -> Iterator[PatchBatch]:
+        """The rest of a pass; its last incomplete batch is dropped."""
         if seen == 0:
             raise InputError(
                 f"no patch has at least {self.min_valid_fraction:.0%} valid pixels "
@@ -211,14 +235,23 @@ class PatchSampler:
             )
         while pool.size >= self.batch_size:
             yield self._batch(pool, rng)
+        pool.size = 0
 
-    def batches(self, *, start_epoch: int = 0) -> Iterator[tuple[int, PatchBatch]]:
-        """An endless stream of ``(epoch, batch)``, epoch after epoch."""
-        epoch = start_epoch
-        while True:
-            for batch in self.epoch(epoch):
-                yield epoch, batch
-            epoch += 1
+    def epoch(self, epoch: int = 0) -> Iterator[PatchBatch]:
+        """One pass over the shard's chunks, in a random order set by ``(seed, epoch)``.
+
+        Raises:
+            InputError: No patch in the shard is valid enough.
+        """
+        return self._stream(epoch, passes=1)
+
+    def batches(self, *, epoch: int = 0) -> Iterator[PatchBatch]:
+        """An endless stream for training epoch ``epoch``: passes 0, 1, 2... seeded by it.
+
+        A training epoch takes as many batches as it needs; because the stream depends
+        only on ``(seed, epoch, rank)``, resuming at an epoch boundary is exact.
+        """
+        return self._stream(epoch, passes=None)
 
     def _batch(self, pool: _Pool, rng: np.random.Generator) -> PatchBatch:
         patches, valid = pool.take(self.batch_size, rng)

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from sitfuse_byol.errors import InputError
+from sitfuse_byol.normalize import BandStats, compute_stats
+from sitfuse_byol.read import open_scene
+from sitfuse_byol.read.multifile import MultiFileSpec
+from tests.conftest import write_tif
+
+
+def numpy_stats(arrays, valids):
+    values = np.concatenate([a[:, v] for a, v in zip(arrays, valids, strict=True)], axis=1)
+    values = values.astype(np.float64)
+    return {
+        "count": values.shape[1],
+        "mean": values.mean(axis=1),
+        "std": values.std(axis=1),
+        "p2": np.percentile(values, 2, axis=1),
+        "p98": np.percentile(values, 98, axis=1),
+    }
+
+
+def test_stats_over_two_real_scenes_equal_numpy(landsat_path, sentinel2_yaml, tmp_path):
+    # The Landsat sample, read whole and as its lower half with a nodata value, makes
+    # two scenes with different valid masks and small chunks (many partial results).
+    first = open_scene(landsat_path, chunk_target=64, patch_size=16)
+    second = open_scene(landsat_path, nodata=60, chunk_target=128, patch_size=16, bands=None)
+    stats = compute_stats([first, second])
+    arrays = [first.data.compute(), second.data.compute()]
+    valids = [first.valid.compute(), second.valid.compute()]
+    assert valids[1].sum() < valids[0].sum()
+    expected = numpy_stats(arrays, valids)
+    assert stats.count == (expected["count"],) * 6
+    np.testing.assert_allclose(stats.mean, expected["mean"], rtol=1e-12)
+    np.testing.assert_allclose(stats.std, expected["std"], rtol=1e-10)
+    # Integer data: the histogram has one-value bins, so percentiles are exact.
+    np.testing.assert_array_equal(stats.p2, expected["p2"])
+    np.testing.assert_array_equal(stats.p98, expected["p98"])
+
+
+def test_stats_on_sentinel2_sample_equal_numpy(sentinel2_yaml):
+    spec = MultiFileSpec.from_mapping(
+        yaml.safe_load(sentinel2_yaml.read_text()), base=sentinel2_yaml.parent, where="s2"
+    )
+    scene = open_scene(spec, chunk_target=128, patch_size=16)
+    stats = compute_stats([scene])
+    expected = numpy_stats([scene.data.compute()], [scene.valid.compute()])
+    np.testing.assert_allclose(stats.mean, expected["mean"], rtol=1e-12)
+    np.testing.assert_allclose(stats.std, expected["std"], rtol=1e-10)
+    np.testing.assert_array_equal(stats.p2, expected["p2"])
+    np.testing.assert_array_equal(stats.p98, expected["p98"])
+
+
+def test_float_percentiles_within_one_bin(tmp_path):
+    rng = np.random.default_rng(1)
+    data = rng.normal(100, 20, size=(2, 200, 300)).astype(np.float32)
+    data[:, :10] = np.nan
+    scene = open_scene(write_tif(tmp_path / "f.tif", data), chunk_target=64, patch_size=16)
+    stats = compute_stats([scene])
+    expected = numpy_stats([data], [np.isfinite(data).all(axis=0)])
+    bin_width = (np.array(stats.max) - np.array(stats.min)) / 65536
+    assert np.all(np.abs(np.array(stats.p2) - expected["p2"]) <= bin_width)
+    assert np.all(np.abs(np.array(stats.p98) - expected["p98"]) <= bin_width)
+    np.testing.assert_allclose(stats.mean, expected["mean"], rtol=1e-6)
+
+
+def test_save_load_roundtrip_and_normalize(landsat_path, tmp_path):
+    scene = open_scene(landsat_path)
+    stats = compute_stats([scene])
+    stats.save(tmp_path / "stats.json")
+    loaded = BandStats.load(tmp_path / "stats.json")
+    assert loaded == stats
+    assert set(json.loads((tmp_path / "stats.json").read_text())) >= {"count", "mean", "std", "p2", "p98"}
+    block = scene.data.compute()
+    valid = np.ones(block.shape[1:], bool)
+    valid[0, 0] = False
+    z = stats.normalize(block, valid)
+    assert z.dtype == np.float32 and z[:, 0, 0].tolist() == [0.0] * 6
+    np.testing.assert_allclose(z[:, valid].mean(axis=1), 0, atol=1e-3)
+    np.testing.assert_allclose(z[:, valid].std(axis=1), 1, atol=1e-3)
+
+
+def test_mismatched_bands_and_all_nodata(landsat_path, tmp_path):
+    six = open_scene(landsat_path)
+    three = open_scene(landsat_path, bands=[1, 2, 3])
+    with pytest.raises(InputError, match="has 3 bands but landsat7_olinda has 6"):
+        compute_stats([six, three])
+    empty = write_tif(tmp_path / "empty.tif", np.zeros((2, 20, 20), np.uint8), nodata=0)
+    with pytest.raises(InputError, match="no valid pixel in any scene"):
+        compute_stats([open_scene(empty)])

@@ -1,0 +1,165 @@
+"""The command line: real files in, one-line errors and exit codes out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+import yaml
+
+from sitfuse_byol.cli import main
+from tests.conftest import write_tif
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_inspect_json_on_landsat(capsys, landsat_path):
+    code, out, _ = run_cli(capsys, "inspect", str(landsat_path), "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert list(info) == [
+        "id", "bands", "dtype", "shape", "crs", "transform", "res", "bounds", "nodata", "valid_fraction",
+    ]
+    with rasterio.open(landsat_path) as src:
+        assert info["transform"] == list(src.transform)[:6]
+        assert info["bounds"] == list(src.bounds)
+        assert info["shape"] == [src.count, src.height, src.width]
+    assert info["crs"] == "EPSG:31985"
+    assert info["valid_fraction"] == 1.0
+    assert info["nodata"] is None
+
+
+def test_inspect_multifile_yaml_and_zarr_agree(capsys, sentinel2_yaml, sentinel2_zarr):
+    _, out_yaml, _ = run_cli(capsys, "inspect", str(sentinel2_yaml), "--json")
+    _, out_zarr, _ = run_cli(capsys, "inspect", str(sentinel2_zarr), "--json")
+    a, b = json.loads(out_yaml), json.loads(out_zarr)
+    for key in ("id", "bands", "dtype", "shape", "crs", "transform", "res", "bounds", "nodata"):
+        assert a[key] == b[key], key
+    assert a["crs"] == "EPSG:32618" and a["shape"] == [13, 504, 504]
+
+
+def test_inspect_human_output_lists_chunks(capsys, landsat_path):
+    code, out, _ = run_cli(capsys, "inspect", str(landsat_path))
+    assert code == 0
+    assert "chunks" in out and "EPSG:31985" in out and "100.00%" in out
+
+
+def test_all_nodata_scene_reports_zero_valid_fraction(capsys, tmp_path):
+    path = write_tif(tmp_path / "empty.tif", np.zeros((2, 30, 30), np.uint16), nodata=0)
+    code, out, _ = run_cli(capsys, "inspect", str(path), "--json")
+    assert code == 0 and json.loads(out)["valid_fraction"] == 0.0
+
+
+def test_scene_without_crs_warns_but_works(capsys, tmp_path):
+    path = tmp_path / "plain.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8") as dst:
+        dst.write(np.ones((1, 8, 8), np.uint8))
+    code, out, err = run_cli(capsys, "inspect", str(path), "--json")
+    assert code == 0
+    assert json.loads(out)["crs"] is None
+    assert err.startswith("warning: scene has no CRS")
+
+
+def test_missing_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path / "missing.tif"))
+    assert_one_line_error(code, err, "file not found", "missing.tif")
+
+
+def test_truncated_geotiff(capsys, tmp_path, landsat_path):
+    data = landsat_path.read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(capsys, "inspect", str(cut))
+    assert_one_line_error(code, err, "cut.tif")
+    assert "truncated" in err or "cannot" in err
+
+
+def test_text_file_named_tif(capsys, tmp_path):
+    fake = tmp_path / "fake.tif"
+    fake.write_text("hello\n")
+    code, _, err = run_cli(capsys, "inspect", str(fake))
+    assert_one_line_error(code, err, "not a raster GDAL can read", "fake.tif")
+
+
+def test_band_index_out_of_range_and_unknown_name(capsys, landsat_path):
+    code, _, err = run_cli(capsys, "inspect", str(landsat_path), "--bands", "1,9")
+    assert_one_line_error(code, err, "band index 9 out of range 1..6", "landsat7_olinda.tif")
+    code, _, err = run_cli(capsys, "inspect", str(landsat_path), "--bands", "B4,NIR")
+    assert_one_line_error(code, err, "unknown band name 'NIR'")
+
+
+def test_multifile_scene_with_different_crs(capsys, tmp_path):
+    write_tif(tmp_path / "a.tif", np.ones((20, 20), np.uint16), crs="EPSG:32618")
+    write_tif(tmp_path / "b.tif", np.ones((20, 20), np.uint16), crs="EPSG:4326")
+    (tmp_path / "scene.yaml").write_text(yaml.safe_dump({"id": "mixed", "bands": ["a.tif", "b.tif"]}))
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path / "scene.yaml"))
+    assert_one_line_error(code, err, "different CRSs", "b.tif")
+
+
+def test_scene_list_with_one_bad_entry_names_it(capsys, tmp_path, landsat_path):
+    (tmp_path / "scenes.txt").write_text(f"{landsat_path}\n# comment\nnot_there.tif\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"scenes": "scenes.txt"}, "output": {"dir": "out"}}))
+    code, _, err = run_cli(capsys, "stats", "-c", str(config))
+    assert_one_line_error(code, err, "scenes.txt:3", "file not found")
+
+
+def test_stats_command_writes_stats_json(capsys, tmp_path, landsat_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"scenes": [str(landsat_path)]}, "output": {"dir": "out"}}))
+    code, out, _ = run_cli(capsys, "stats", "-c", str(config))
+    assert code == 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    with rasterio.open(landsat_path) as src:
+        pixels = src.read().reshape(6, -1).astype(float)
+    np.testing.assert_allclose(stats["mean"], pixels.mean(axis=1))
+    np.testing.assert_array_equal(stats["p98"], np.percentile(pixels, 98, axis=1))
+    assert "stats.json" in out
+
+
+def test_console_script_exit_code_and_debug_traceback(tmp_path):
+    missing = str(tmp_path / "x.tif")
+    plain = subprocess.run(
+        [sys.executable, "-m", "sitfuse_byol.cli", "inspect", missing], capture_output=True, text=True
+    )
+    assert plain.returncode == 2
+    assert plain.stderr.strip() == f"error: file not found ({missing})"
+    debug = subprocess.run(
+        [sys.executable, "-m", "sitfuse_byol.cli", "--debug", "inspect", missing],
+        capture_output=True,
+        text=True,
+    )
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=ten", "error: config: train.epochs: must be a positive integer (got 'ten')"),
+        ("train.epoch=3", "error: config: train.epoch: unknown key; did you mean 'epochs'?"),
+        ("tiling.patch_size=2", "error: config: tiling.patch_size: must be an integer >= 4 (got 2)"),
+    ],
+)
+def test_bad_config_values(capsys, tmp_path, override, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"scenes": ["a.tif"]}}))
+    code, _, err = run_cli(capsys, "config", "show", "-c", str(config), "--set", override)
+    assert code == 2
+    assert err.strip() == message

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sitfuse_byol.config import SCHEMA, load_config, reference_markdown
+from sitfuse_byol.errors import ConfigError
+
+
+def write(tmp_path, content):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_defaults_are_filled_and_paths_are_relative_to_the_config(tmp_path):
+    config = load_config(write(tmp_path, {"data": {"scenes": ["a.tif"]}, "output": {"dir": "out"}}))
+    assert config["train"]["epochs"] == SCHEMA["train"]["epochs"].default
+    assert config["tiling"]["patch_size"] == SCHEMA["tiling"]["patch_size"].default
+    assert config.output_dir == tmp_path.resolve() / "out"
+
+
+def test_overrides_are_typed_as_yaml(tmp_path):
+    path = write(tmp_path, {"data": {"scenes": ["a.tif"]}})
+    config = load_config(
+        path, overrides=["train.epochs=3", "data.bands=[1, B4]", "train.lr=5e-4", "data.nodata=null"]
+    )
+    assert config["train"]["epochs"] == 3
+    assert config["data"]["bands"] == [1, "B4"]
+    assert config["train"]["lr"] == pytest.approx(5e-4)
+    assert config["data"]["nodata"] is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"data": {}}, "config: data.scenes: required key is missing"),
+        ({"data": {"scenes": ["a"]}, "trian": {}}, "config: trian: unknown key; did you mean 'train'?"),
+        ({"data": {"scenes": ["a"]}, "train": {"batch_size": 1}}, "config: train.batch_size"),
+        ({"data": {"scenes": ["a"]}, "train": {"device": "gpu"}}, "must be one of auto, cpu, cuda"),
+        ({"data": {"scenes": ["a"]}, "train": {"compile": "yes"}}, "must be true or false"),
+        ({"data": {"scenes": ["a"], "valid_range": [5, 1]}}, "min must not exceed max"),
+        ({"data": {"scenes": ["a"], "bands": [0.5]}}, "band indices"),
+        ({"data": {"scenes": ["a"]}, "cluster": {"n_clusters": 1}}, "cluster.n_clusters"),
+    ],
+)
+def test_bad_configs_fail_with_the_key_named(tmp_path, content, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, content))
+    assert message in str(err.value)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML at line"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_digest_changes_with_values_and_reference_lists_every_key(tmp_path):
+    path = write(tmp_path, {"data": {"scenes": ["a.tif"]}})
+    a = load_config(path)
+    b = load_config(path, overrides=["train.epochs=2"])
+    assert a.digest("train") != b.digest("train")
+    assert a.digest("data") == b.digest("data")
+    table = reference_markdown()
+    for section, keys in SCHEMA.items():
+        for name in keys:
+            assert f"`{section}.{name}`" in table

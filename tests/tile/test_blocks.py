@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from sitfuse_byol.tile import apply_blocks
+
+
+def conv5x5(kernel):
+    """A function with a receptive field of radius 2 (zero padding at its own edges)."""
+
+    def run(block: np.ndarray) -> np.ndarray:
+        return np.stack([ndimage.convolve(b, kernel, mode="constant") for b in block])
+
+    return run
+
+
+@pytest.mark.parametrize("chunks", [(3, 32, 40), (3, 17, 100), (3, 100, 130)])
+def test_blocks_equal_whole_array_with_mirrored_edges(chunks):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 100, 130)).astype(np.float32)
+    func = conv5x5(rng.normal(size=(5, 5)).astype(np.float32))
+    tiled = apply_blocks(func, da.from_array(x, chunks=chunks), halo=2, out_channels=3).compute()
+    whole = func(np.pad(x, ((0, 0), (2, 2), (2, 2)), mode="symmetric"))[:, 2:-2, 2:-2]
+    np.testing.assert_array_equal(tiled, whole)
+
+
+def test_too_small_halo_leaves_seams():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 64, 64)).astype(np.float32)
+    func = conv5x5(np.ones((5, 5), np.float32))
+    tiled = apply_blocks(func, da.from_array(x, chunks=(1, 16, 16)), halo=1, out_channels=1).compute()
+    whole = func(np.pad(x, ((0, 0), (2, 2), (2, 2)), mode="symmetric"))[:, 2:-2, 2:-2]
+    assert not np.allclose(tiled, whole)
+
+
+def test_channel_count_can_change():
+    x = np.ones((4, 30, 30), np.float32)
+    out = apply_blocks(
+        lambda b: np.repeat(b.sum(0, keepdims=True), 7, axis=0),
+        da.from_array(x, chunks=(4, 10, 10)),
+        halo=3,
+        out_channels=7,
+    )
+    assert out.shape == (7, 30, 30)
+    np.testing.assert_array_equal(out.compute(), 4.0)
