@@ -93,6 +93,42 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+TRAIN_FIELDS = (
+    "loss {task.fields[loss]:.4f}  τ {task.fields[tau]:.4f}  lr {task.fields[lr]:.2e}  "
+    "{task.fields[patches_per_s]:.0f} patches/s  data wait {task.fields[data_wait]:.0%}"
+)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sitfuse_byol.progress import stage_progress
+    from sitfuse_byol.train.loop import train
+
+    config = config_from_args(args)
+    cfg = config["train"]
+    total = cfg["epochs"] * cfg["steps_per_epoch"]
+    with stage_progress("train", total=total, quiet=args.quiet, fields=TRAIN_FIELDS) as advance:
+
+        def on_step(values: dict) -> None:
+            advance(1, **{k: v for k, v in values.items() if k not in ("epoch", "step")})
+
+        result = train(
+            config,
+            device_name=args.device,
+            resume=args.resume,
+            compile_model=True if args.compile else None,
+            ddp=args.ddp,
+            progress=on_step,
+        )
+    if result.metrics:
+        last = result.metrics[-1]
+        print(
+            f"trained {len(result.metrics)} epoch(s): loss {last['loss']:.4f}, "
+            f"std·√d {last['std_sqrt_d']:.3f}, effective rank {last['effective_rank']:.1f}"
+        )
+    print(f"checkpoint: {result.checkpoint}")
+    return EXIT_OK
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     print(config.to_yaml(), end="")
@@ -117,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="per-band statistics over all scenes")
     _add_config_args(stats)
     stats.set_defaults(func=cmd_stats)
+
+    train = commands.add_parser("train", help="train the BYOL encoder")
+    _add_config_args(train)
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides train.device")
+    train.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt")
+    train.add_argument("--compile", action="store_true", help="use torch.compile")
+    train.add_argument("--ddp", action="store_true", help="DistributedDataParallel (under torchrun)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

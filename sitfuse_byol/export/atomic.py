@@ -70,6 +70,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
         FileNotFoundError: When the block finished without creating the path.
     """
     final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(final)
     try:
         yield tmp

@@ -210,7 +210,7 @@ def compute_stats(scenes: Sequence[Scene]) -> BandStats:
 
     def percentile(q: float) -> tuple[float, ...]:
         return tuple(
-            _percentile_from_histogram(histogram[b], q, low=lows[b], width=widths[b], integer=integer)
+            float(_percentile_from_histogram(histogram[b], q, low=lows[b], width=widths[b], integer=integer))
             if count[b] > 0
             else float("nan")
             for b in range(first.n_bands)

@@ -1,0 +1,44 @@
+"""Progress bars for the stages, on stderr, silenced by ``--quiet``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+@contextlib.contextmanager
+def stage_progress(description: str, *, total: int, quiet: bool, fields: str = "") -> Iterator[Any]:
+    """A progress bar whose ``update(advance=..., **fields)`` also fills ``fields`` (a format string).
+
+    Yields a callable ``advance(n=1, **values)``.
+    """
+    if quiet:
+        yield lambda n=1, **values: None
+        return
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
+    if fields:
+        columns.append(TextColumn(fields))
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, transient=not console.is_terminal) as progress:
+        task = progress.add_task(description, total=total, **_blank(fields))
+
+        def advance(n: int = 1, **values: Any) -> None:
+            progress.update(task, advance=n, **values)
+
+        yield advance
+
+
+def _blank(fields: str) -> dict[str, Any]:
+    """Initial values for the ``{task.fields[...]}`` placeholders of a column format."""
+    import re
+
+    return {name: 0.0 for name in re.findall(r"task\.fields\[(\w+)\]", fields)}

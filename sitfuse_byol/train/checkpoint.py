@@ -1,0 +1,112 @@
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), and the trained encoder.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads
+with ``torch.load(..., weights_only=True)`` and never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sitfuse_byol.errors import ModelError
+from sitfuse_byol.export.atomic import atomic_path
+from sitfuse_byol.normalize import BandStats
+from sitfuse_byol.train.encoders import Encoder, create_encoder
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({**state, "format_version": FORMAT_VERSION}, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint safely onto the CPU.
+
+    Raises:
+        ModelError: The file is missing, unreadable, or not one of ours.
+    """
+    if not path.exists():
+        raise ModelError("checkpoint not found; run `sitfuse train` first", where=str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt or foreign file
+        raise ModelError(f"cannot read checkpoint: {str(err).splitlines()[0]}", where=str(path)) from err
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise ModelError("not a sitfuse-byol checkpoint (or an incompatible version)", where=str(path))
+    return state
+
+
+def file_hash(path: Path) -> str:
+    """A short SHA-256 of a file, identifying a trained model."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TrainedEncoder:
+    """The online encoder of a checkpoint, ready for inference.
+
+    Attributes:
+        encoder: The encoder in eval mode, on the CPU.
+        stats: The normalization statistics it was trained with.
+        band_names: The bands it expects, in order.
+        checkpoint_hash: Identifies the checkpoint (clustering models record it).
+    """
+
+    encoder: Encoder
+    stats: BandStats
+    band_names: tuple[str, ...]
+    checkpoint_hash: str
+
+    def check_bands(self, n_bands: int, *, where: str) -> None:
+        """Refuse a scene whose band count differs from the training data's."""
+        if n_bands != len(self.band_names):
+            raise ModelError(
+                f"the model was trained on {len(self.band_names)} bands "
+                f"({', '.join(self.band_names)}) but this scene has {n_bands}",
+                where=where,
+            )
+
+
+def build_encoder(state: dict[str, Any]) -> Encoder:
+    """Rebuild the encoder a checkpoint was trained with (weights not loaded)."""
+    spec = state["encoder"]
+    return create_encoder(
+        spec["name"], in_channels=spec["in_channels"], norm=spec["norm"], **spec["kwargs"]
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _load_encoder_cached(path: str, mtime_ns: int) -> TrainedEncoder:
+    state = load_checkpoint(Path(path))
+    encoder = build_encoder(state)
+    prefix = "online.encoder."
+    weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    encoder.load_state_dict(weights)
+    encoder.eval().requires_grad_(False)
+    return TrainedEncoder(
+        encoder=encoder,
+        stats=BandStats.from_dict(state["stats"]),
+        band_names=tuple(state["band_names"]),
+        checkpoint_hash=file_hash(Path(path)),
+    )
+
+
+def load_encoder(path: Path) -> TrainedEncoder:
+    """The trained encoder of a checkpoint; loaded once per process (Dask workers reuse it)."""
+    if not path.exists():
+        raise ModelError("checkpoint not found; run `sitfuse train` first", where=str(path))
+    return _load_encoder_cached(str(path.resolve()), path.stat().st_mtime_ns)

@@ -1,0 +1,127 @@
+"""The training loop on the real Landsat sample: learning, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from sitfuse_byol.cli import main
+from sitfuse_byol.config import load_config
+from sitfuse_byol.errors import ModelError
+from sitfuse_byol.train.checkpoint import load_checkpoint, load_encoder
+from sitfuse_byol.train.loop import train
+from tests.conftest import write_tif
+
+TINY = {
+    "tiling": {"patch_size": 8, "shuffle_buffer": 256},
+    "train": {
+        "epochs": 2,
+        "steps_per_epoch": 3,
+        "batch_size": 8,
+        "encoder_args": {"width": 8, "depth": 2, "out_channels": 16},
+        "projector_hidden": 32,
+        "projection_dim": 16,
+        "warmup_steps": 1,
+        "seed": 5,
+    },
+}
+
+
+def tiny_config(tmp_path, scenes, out="out", **train):
+    raw = {
+        "data": {"scenes": [str(s) for s in scenes]},
+        "tiling": TINY["tiling"],
+        "train": {**TINY["train"], **train},
+        "output": {"dir": str(tmp_path / out)},
+    }
+    return load_config(raw=raw, base=tmp_path)
+
+
+def model_weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, landsat_path):
+    straight = train(tiny_config(tmp_path, [landsat_path], out="a"))
+    resumed_config = tiny_config(tmp_path, [landsat_path], out="b")
+    first = train(resumed_config, stop_after_epochs=1)
+    assert len(first.metrics) == 1
+    second = train(resumed_config, resume=True)
+    assert [r["epoch"] for r in second.metrics] == [0, 1]
+    a, b = model_weights(straight.checkpoint), model_weights(second.checkpoint)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # The target really differs from the online network (a shared module would make them equal).
+    assert not torch.equal(a["online.encoder.body.0.weight"], a["target.encoder.body.0.weight"])
+
+
+def test_checkpoint_contents_metrics_and_curves(tmp_path, landsat_path):
+    config = tiny_config(tmp_path, [landsat_path])
+    result = train(config)
+    state = torch.load(result.checkpoint, weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "step", "rng", "config", "stats", "band_names"):
+        assert key in state
+    assert state["step"] == 6 and state["epoch"] == 1
+    assert state["band_names"] == ["B1", "B2", "B3", "B4", "B5", "B7"]
+    assert (config.output_dir / "checkpoints" / "epoch_000.pt").exists()
+    rows = list(csv.DictReader((config.output_dir / "train" / "metrics.csv").read_text().splitlines()))
+    assert [int(float(r["epoch"])) for r in rows] == [0, 1]
+    assert float(rows[1]["tau"]) > float(rows[0]["tau"])
+    png = (config.output_dir / "train" / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    trained = load_encoder(result.checkpoint)
+    assert not trained.encoder.training
+    assert trained.stats.n_bands == 6
+
+
+@pytest.mark.slow
+def test_two_epochs_on_landsat_lower_the_loss_without_collapse(tmp_path, landsat_path):
+    config = tiny_config(
+        tmp_path, [landsat_path], epochs=2, steps_per_epoch=40, batch_size=32,
+        encoder_args={"width": 32, "depth": 3, "out_channels": 32}, lr=2e-3,
+    )
+    result = train(config)
+    first, last = result.metrics
+    assert last["loss"] < first["loss"]
+    assert last["std_sqrt_d"] > 0.1 and not result.collapsed
+
+
+def test_short_training_lowers_the_loss(tmp_path, landsat_path):
+    config = tiny_config(tmp_path, [landsat_path], epochs=2, steps_per_epoch=8, lr=3e-3)
+    result = train(config)
+    assert result.metrics[1]["loss"] < result.metrics[0]["loss"]
+    assert result.metrics[1]["std_sqrt_d"] > 0.1
+
+
+def test_checkpoint_refuses_scene_with_other_band_count(tmp_path, landsat_path):
+    result = train(tiny_config(tmp_path, [landsat_path], epochs=1, steps_per_epoch=1))
+    trained = load_encoder(result.checkpoint)
+    with pytest.raises(ModelError, match="trained on 6 bands .* but this scene has 13"):
+        trained.check_bands(13, where="sentinel2")
+
+
+def test_resume_with_other_bands_is_refused(tmp_path, landsat_path):
+    config = tiny_config(tmp_path, [landsat_path], epochs=1, steps_per_epoch=1)
+    train(config)
+    other = write_tif(tmp_path / "four.tif", np.random.default_rng(0).integers(1, 200, (4, 64, 64)).astype(np.uint8))
+    (config.output_dir / "stats.json").unlink()
+    with pytest.raises(ModelError, match="trained on bands B1, B2, B3, B4, B5, B7"):
+        train(tiny_config(tmp_path, [other], epochs=2, steps_per_epoch=1), resume=True)
+
+
+def test_train_command_and_batch_of_one(capsys, tmp_path, landsat_path):
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    raw = {"data": {"scenes": [str(landsat_path)]}, **TINY, "output": {"dir": "out"}}
+    raw["train"] = {**TINY["train"], "epochs": 1, "steps_per_epoch": 1}
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train", "-c", str(config), "--quiet"]) == 0
+    assert "checkpoint:" in capsys.readouterr().out
+    code = main(["train", "-c", str(config), "--quiet", "--set", "train.batch_size=1"])
+    assert code == 2
+    assert "train.batch_size" in capsys.readouterr().err
