@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sitfuse_byol.config import Config, load_config
-from sitfuse_byol.errors import SitfuseError
+from sitfuse_byol.errors import ConfigError, InputError, SitfuseError
 
 EXIT_OK, EXIT_FAILED_SCENES, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("sitfuse_byol")
@@ -129,6 +129,108 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cluster_options(args: argparse.Namespace, config: Config):
+    from sitfuse_byol.run.cluster_client import ClusterOptions
+
+    dask_cfg = config["dask"]
+    return ClusterOptions(
+        scheduler=getattr(args, "scheduler", None) or dask_cfg["scheduler"],
+        workers=getattr(args, "workers", None) or dask_cfg["workers"],
+        threads_per_worker=dask_cfg["threads_per_worker"],
+        gpus_per_worker=(
+            args.gpus_per_worker
+            if getattr(args, "gpus_per_worker", None) is not None
+            else dask_cfg["gpus_per_worker"]
+        ),
+        retries=dask_cfg["retries"],
+    )
+
+
+def _setup_run_logging(config: Config) -> None:
+    logs = config.output_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / "sitfuse.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def _run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
+    from sitfuse_byol.run.pipeline import RunOptions, run_pipeline
+
+    config = config_from_args(args)
+    _setup_run_logging(config)
+    options = RunOptions(
+        force=getattr(args, "force", False),
+        quiet=getattr(args, "quiet", False) or getattr(args, "json", False),
+        device=getattr(args, "device", None),
+        cluster=_cluster_options(args, config),
+        labels=Path(args.labels) if getattr(args, "labels", None) else None,
+        label_field=getattr(args, "field", "class"),
+        threshold=getattr(args, "threshold", 0.51),
+        stages=stages,
+    )
+    summary = run_pipeline(config, options)
+    if getattr(args, "json", False):
+        print(summary.to_json())
+    else:
+        print(summary.table())
+    return summary.exit_code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run_stages(args, ("stats", "train", "embed", "cluster", "export", "assign"))
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    # Asking for embeddings means keeping them, whatever embed.save says.
+    args.overrides.append("embed.save=true")
+    return _run_stages(args, ("embed",))
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    return _run_stages(args, ("cluster", "export"))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    return _run_stages(args, ("export",))
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    from sitfuse_byol.assign import run_assign
+    from sitfuse_byol.run.manifest import Manifest
+
+    config = config_from_args(args)
+    manifest = Manifest.load(config.output_dir / "run.json")
+    label_paths = [
+        Path(entry["outputs"]["labels"])
+        for entry in manifest.scenes.values()
+        if entry.get("status") == "done" and "labels" in entry.get("outputs", {})
+    ]
+    if not label_paths:
+        label_paths = sorted((config.output_dir / "labels").glob("*.tif"))
+        label_paths = [p for p in label_paths if not p.stem.endswith("_coarse")]
+    if not label_paths:
+        raise InputError("no label rasters yet; run `sitfuse run` first", where=str(config.output_dir))
+    if args.apply is None and args.labels is None:
+        raise ConfigError("give --labels POLYGONS to assign, or --apply MAPPING to re-apply a mapping")
+    result = run_assign(
+        label_paths=label_paths,
+        polygons_path=Path(args.labels) if args.labels else None,
+        field=args.field,
+        threshold=args.threshold,
+        out_dir=config.output_dir,
+        apply=Path(args.apply) if args.apply else None,
+    )
+    for note in result.notes:
+        print(f"note: {note}")
+    print(result.table)
+    print(f"mapping: {result.mapping_path}")
+    print(f"class rasters: {config.output_dir / 'classes'}")
+    return EXIT_OK
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     print(config.to_yaml(), end="")
@@ -162,6 +264,43 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ddp", action="store_true", help="DistributedDataParallel (under torchrun)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+    def add_run_args(sub: argparse.ArgumentParser) -> None:
+        _add_config_args(sub)
+        sub.add_argument("--force", action="store_true", help="redo scenes even when unchanged")
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        sub.add_argument("--json", action="store_true", help="print the summary as JSON")
+        sub.add_argument("--workers", type=int, help="LocalCluster workers (default: CPU count)")
+        sub.add_argument("--scheduler", help="use an existing Dask scheduler, tcp://HOST:PORT")
+        sub.add_argument("--gpus-per-worker", type=int, help="GPUs each worker has (GPU resource)")
+        sub.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides train.device")
+
+    run = commands.add_parser("run", help="the whole pipeline: stats, train, embed, cluster, export")
+    add_run_args(run)
+    run.add_argument("--labels", help="class polygons (GPKG/SHP/GeoJSON) to assign clusters to")
+    run.add_argument("--field", default="class", help="polygon attribute holding the class name")
+    run.add_argument("--threshold", type=float, default=0.51, help="share a class needs in a cluster")
+    run.set_defaults(func=cmd_run)
+
+    embed = commands.add_parser("embed", help="write dense embeddings of every scene (Zarr)")
+    add_run_args(embed)
+    embed.set_defaults(func=cmd_embed)
+
+    cluster = commands.add_parser("cluster", help="fit one clustering over all scenes and export labels")
+    add_run_args(cluster)
+    cluster.set_defaults(func=cmd_cluster)
+
+    export = commands.add_parser("export", help="re-export label rasters with the current model")
+    add_run_args(export)
+    export.set_defaults(func=cmd_export)
+
+    assign = commands.add_parser("assign", help="map clusters to classes from QGIS polygons")
+    _add_config_args(assign)
+    assign.add_argument("--labels", help="class polygons (GPKG/SHP/GeoJSON)")
+    assign.add_argument("--field", default="class", help="attribute holding the class name")
+    assign.add_argument("--threshold", type=float, default=0.51, help="share needed to map a cluster")
+    assign.add_argument("--apply", help="re-apply an edited mapping.yaml instead of counting")
+    assign.set_defaults(func=cmd_assign)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -108,6 +108,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "embed": {
         "stride": Key("int", 1, "Embed every n-th pixel; the output transform is scaled to match.", minimum=1),
         "block_size": Key("int", 512, "Inference block edge in pixels (plus halo).", minimum=16),
+        "window": Key("int", 0, "Average embeddings over an odd window (BYOL learns pooled patches); 0 disables.", minimum=0, check=lambda v: "must be odd or 0" if v and v % 2 == 0 else None),
         "save": Key("bool", True, "Write embeddings to Zarr; false streams them into clustering."),
     },
     "cluster": {
@@ -273,7 +274,7 @@ class Config:
     @property
     def output_dir(self) -> Path:
         out = Path(self.values["output"]["dir"]).expanduser()
-        return out if out.is_absolute() else self.base / out
+        return (out if out.is_absolute() else self.base / out).resolve()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.values, sort_keys=False)

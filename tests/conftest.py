@@ -63,3 +63,28 @@ def write_tif(
             for i, name in enumerate(descriptions, start=1):
                 dst.set_band_description(i, name)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, landsat_path) -> Path:
+    """A BYOL checkpoint trained for two steps on the Landsat sample (BatchNorm encoder)."""
+    from sitfuse_byol.config import load_config
+    from sitfuse_byol.train.loop import train
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    raw = {
+        "data": {"scenes": [str(landsat_path)]},
+        "tiling": {"patch_size": 8, "shuffle_buffer": 256},
+        "train": {
+            "epochs": 1,
+            "steps_per_epoch": 2,
+            "batch_size": 8,
+            "norm": "batch",
+            "encoder_args": {"width": 8, "depth": 3, "out_channels": 8},
+            "projector_hidden": 32,
+            "projection_dim": 16,
+            "seed": 1,
+        },
+        "output": {"dir": str(out)},
+    }
+    return train(load_config(raw=raw, base=out)).checkpoint

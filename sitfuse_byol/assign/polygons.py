@@ -163,8 +163,12 @@ def _polygons_in(geometry: shapely.Geometry | None) -> list[shapely.Polygon]:
 
 def _polygonal_part(geometry: shapely.Geometry | None) -> shapely.Geometry | None:
     """A feature's geometry as a Polygon or MultiPolygon; ``None`` if it holds no polygon."""
-    kind = None if geometry is None else shapely.get_type_id(geometry)
-    if kind in (shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON):
+    if geometry is None:
+        return None
+    if shapely.get_type_id(geometry) in (
+        shapely.GeometryType.POLYGON,
+        shapely.GeometryType.MULTIPOLYGON,
+    ):
         return None if geometry.is_empty else geometry
     polygons = _polygons_in(geometry)
     return shapely.MultiPolygon(polygons) if polygons else None

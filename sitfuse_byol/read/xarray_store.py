@@ -79,7 +79,7 @@ def _select_array(ds: xr.Dataset, variable: str | None, *, where: str) -> xr.Dat
     return stacked.assign_coords(band=[str(v.name) for v in candidates])
 
 
-def _grid_of(array: xr.DataArray, *, where: str) -> Grid:
+def grid_of(array: xr.DataArray, *, where: str) -> Grid:
     y, x = array.dims[1], array.dims[2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -111,7 +111,7 @@ def open_xarray(
     where = str(path)
     ds = _open_dataset(path)
     array = _select_array(ds, variable, where=where)
-    grid = _grid_of(array, where=where)
+    grid = grid_of(array, where=where)
     if array.dims[0] in array.coords:
         names = [str(v) for v in array.coords[array.dims[0]].values]
     else:

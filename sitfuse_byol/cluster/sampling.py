@@ -1,0 +1,65 @@
+"""Seeded samples of valid embeddings (and spatial neighbours) from a scene, block by block.
+
+Every valid pixel is kept with the same probability, chosen so a scene contributes
+about ``n`` samples; each block draws from its own seed, so the sample does not depend
+on how blocks are scheduled (threads, processes or cluster workers).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import dask
+import numpy as np
+
+from sitfuse_byol.embed import SceneEmbedding
+from sitfuse_byol.errors import InputError
+
+NEIGHBOUR_RADIUS = 2
+
+
+def _block_sample(
+    block: np.ndarray, valid: np.ndarray, *, probability: float, seed: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    rows, cols = np.nonzero(valid & (rng.random(valid.shape) < probability))
+    # Neighbours pair each sample with a nearby valid pixel: the positive pairs of IIC.
+    dy = rng.integers(-NEIGHBOUR_RADIUS, NEIGHBOUR_RADIUS + 1, rows.size)
+    dx = rng.integers(-NEIGHBOUR_RADIUS, NEIGHBOUR_RADIUS + 1, rows.size)
+    n_rows = np.clip(rows + dy, 0, valid.shape[0] - 1)
+    n_cols = np.clip(cols + dx, 0, valid.shape[1] - 1)
+    usable = valid[n_rows, n_cols]
+    n_rows, n_cols = np.where(usable, n_rows, rows), np.where(usable, n_cols, cols)
+    return block[:, rows, cols].T.copy(), block[:, n_rows, n_cols].T.copy()
+
+
+def sample_embeddings(
+    embedding: SceneEmbedding, *, n: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """About ``n`` valid embeddings of a scene and one valid neighbour of each.
+
+    Returns:
+        ``(samples, neighbours)``, both ``(m, D)`` float32.
+
+    Raises:
+        InputError: The scene has no valid pixel.
+    """
+    valid_count = int(embedding.valid.sum().compute())
+    if valid_count == 0:
+        raise InputError("no valid pixel to sample embeddings from", where=embedding.scene_id)
+    probability = min(1.0, n / valid_count)
+    scene_key = zlib.crc32(embedding.scene_id.encode())
+    data = embedding.data.rechunk({0: -1})
+    valid = embedding.valid.rechunk(data.chunks[1:])
+    data_blocks, valid_blocks = data.to_delayed(), valid.to_delayed()
+    tasks = [
+        dask.delayed(_block_sample)(
+            data_blocks[0, i, j], valid_blocks[i, j], probability=probability, seed=[seed, scene_key, i, j]
+        )
+        for i in range(valid_blocks.shape[0])
+        for j in range(valid_blocks.shape[1])
+    ]
+    parts = dask.compute(*tasks)
+    samples = np.concatenate([p[0] for p in parts]).astype(np.float32)
+    neighbours = np.concatenate([p[1] for p in parts]).astype(np.float32)
+    return samples, neighbours

@@ -1,0 +1,175 @@
+"""Dense per-pixel embeddings of a whole scene, seamless across blocks.
+
+The encoder is fully convolutional, so one forward pass over a block gives a feature
+for every pixel. Blocks carry a halo of at least the encoder's receptive-field radius
+(plus the smoothing window and upsampling margin) and are cropped after the pass, so
+the tiled result equals the result on the whole (mirror-padded) scene; see
+:mod:`sitfuse_byol.tile.blocks`.
+
+Per-pixel embeddings are optionally averaged over a ``window`` x ``window``
+neighbourhood: BYOL learns pooled patch embeddings, and this cheap average matches
+exact sliding-window patch embeddings within noise at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import torch
+import torch.nn.functional as F
+import xarray as xr
+
+from sitfuse_byol.errors import InputError
+from sitfuse_byol.export.atomic import atomic_path
+from sitfuse_byol.grid import Grid
+from sitfuse_byol.read import Scene
+from sitfuse_byol.tile import apply_blocks
+from sitfuse_byol.train.checkpoint import TrainedEncoder
+
+
+@dataclass(frozen=True)
+class SceneEmbedding:
+    """Lazy embeddings of one scene.
+
+    Attributes:
+        scene_id: The scene id.
+        data: ``(D, y, x)`` float32; NaN where the input pixel is invalid.
+        valid: ``(y, x)`` bool.
+        grid: The embedding grid (the scene grid, coarsened by the stride).
+    """
+
+    scene_id: str
+    data: da.Array
+    valid: da.Array
+    grid: Grid
+
+    @property
+    def dim(self) -> int:
+        return int(self.data.shape[0])
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def embedding_halo(trained: TrainedEncoder, *, window: int) -> int:
+    """Pixels of context a block needs for exact per-pixel embeddings."""
+    encoder = trained.encoder
+    # Bilinear upsampling of a strided feature map reaches one feature pixel further.
+    return _round_up(encoder.receptive_field + encoder.stride + window // 2, encoder.stride)
+
+
+def _forward(trained: TrainedEncoder, block: np.ndarray, *, window: int) -> np.ndarray:
+    encoder = trained.encoder
+    h, w = block.shape[1:]
+    with torch.inference_mode():
+        features = encoder(torch.from_numpy(np.ascontiguousarray(block))[None])
+        if encoder.stride > 1:
+            features = F.interpolate(features, size=(h, w), mode="bilinear", align_corners=False)
+        if window > 1:
+            features = F.avg_pool2d(
+                features, window, stride=1, padding=window // 2, count_include_pad=False
+            )[..., :h, :w]
+    return features[0].float().numpy()
+
+
+def embed_scene(
+    scene: Scene,
+    trained: TrainedEncoder,
+    *,
+    stride: int = 1,
+    window: int = 0,
+    block_size: int = 512,
+) -> SceneEmbedding:
+    """Lazily embed every ``stride``-th pixel of a scene.
+
+    Args:
+        scene: The scene; its band count must match the model's.
+        trained: The trained encoder and its normalization statistics.
+        stride: Keep every ``stride``-th row and column; the grid transform is scaled.
+        window: Average embeddings over this odd window (0 or 1: no averaging).
+        block_size: Block edge for inference, rounded to a multiple of ``stride``.
+
+    Raises:
+        ModelError: The scene's band count differs from the model's.
+    """
+    trained.check_bands(scene.n_bands, where=scene.source)
+    if window and window % 2 == 0:
+        raise InputError(f"embedding window must be odd, got {window}", where="embed.window")
+    stats = trained.stats
+    halo = _round_up(embedding_halo(trained, window=window), stride)
+    block = max(_round_up(block_size, math.lcm(stride, trained.encoder.stride)), halo)
+
+    def normalize(raw: np.ndarray) -> np.ndarray:
+        return stats.normalize(raw, scene.valid_of(raw))
+
+    normalized = scene.data.map_blocks(normalize, dtype=np.float32)
+    normalized = normalized.rechunk((-1, block, block))
+    dim = trained.encoder.out_channels
+    features = apply_blocks(
+        lambda b: _forward(trained, b, window=window),
+        normalized,
+        halo=halo,
+        out_channels=dim,
+    )
+    valid = scene.valid.rechunk((block, block))
+    if stride > 1:
+        features = features[:, ::stride, ::stride]
+        valid = valid[::stride, ::stride]
+    # Invalid input stays invalid: NaN embeddings, so nothing downstream mistakes them for data.
+    data = da.where(valid[None], features, np.float32(np.nan)).astype(np.float32)
+    return SceneEmbedding(
+        scene_id=scene.id,
+        data=data,
+        valid=valid,
+        grid=scene.grid.coarsened(stride=stride),
+    )
+
+
+def grid_coords(grid: Grid) -> dict[str, np.ndarray]:
+    t = grid.transform
+    return {
+        "y": t.f + t.e * (np.arange(grid.height) + 0.5),
+        "x": t.c + t.a * (np.arange(grid.width) + 0.5),
+    }
+
+
+def save_embedding(embedding: SceneEmbedding, path: Path) -> Path:
+    """Write embeddings to a Zarr v3 store (atomically), CRS and transform included."""
+    array = xr.DataArray(
+        embedding.data,
+        dims=("feature", "y", "x"),
+        coords={"feature": np.arange(embedding.dim), **grid_coords(embedding.grid)},
+        name="embedding",
+    )
+    if embedding.grid.crs is not None:
+        array = array.rio.write_crs(embedding.grid.crs)
+    array = array.rio.write_transform(embedding.grid.transform)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        array.to_dataset().to_zarr(tmp, zarr_format=3, consolidated=False, mode="w")
+    return path
+
+
+def open_embedding(path: Path) -> SceneEmbedding:
+    """Reopen embeddings written by :func:`save_embedding`, lazily."""
+    from sitfuse_byol.read.xarray_store import grid_of
+
+    if not path.exists():
+        raise InputError("embeddings not found; run `sitfuse embed` first", where=str(path))
+    ds = xr.open_zarr(path, consolidated=False, decode_coords="all", mask_and_scale=False)
+    array = ds["embedding"]
+    grid = grid_of(array, where=str(path))
+    data = array.data
+    return SceneEmbedding(
+        scene_id=path.stem,
+        data=data,
+        valid=da.isfinite(data[0]),
+        grid=grid,
+    )

@@ -1,0 +1,199 @@
+"""Everything a scene gets from the clustering: label rasters, confidence, sidecars, extras.
+
+Labels are predicted once into a temporary Zarr store beside the outputs (bounded
+memory, one pass over the embeddings), then written as COGs on the input's exact grid:
+with ``embed.stride`` > 1 each label covers a stride x stride cell (nearest), and
+nodata follows the input's valid mask pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+
+from sitfuse_byol.cluster.model import ClusterModel
+from sitfuse_byol.embed import SceneEmbedding
+from sitfuse_byol.export.float_raster import write_float_raster
+from sitfuse_byol.export.label_raster import label_dtype_and_nodata, write_label_raster
+from sitfuse_byol.export.palette import hierarchical_colors, label_colors
+from sitfuse_byol.read import Scene
+
+RGB_GUESSES = (("B04", "B03", "B02"), ("B4", "B3", "B2"), ("red", "green", "blue"), ("B3", "B2", "B1"))
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What to write besides the label COG (the ``output`` config section)."""
+
+    polygons: bool = False
+    min_polygon_px: int = 16
+    zarr: bool = False
+    quicklook: bool = True
+    rgb_bands: Sequence[int | str] | None = None
+    class_names: Sequence[str] | None = None
+
+    @classmethod
+    def from_config(cls, output: Mapping) -> OutputOptions:
+        return cls(
+            polygons=output["polygons"],
+            min_polygon_px=output["min_polygon_px"],
+            zarr=output["zarr"],
+            quicklook=output["quicklook"],
+            rgb_bands=output["rgb_bands"],
+            class_names=output["class_names"],
+        )
+
+
+def _predict_block(block: np.ndarray, *, model: ClusterModel, nodata: int) -> np.ndarray:
+    valid = np.isfinite(block[0])
+    filled = np.where(valid[None], block, 0).astype(np.float32)
+    labels, confidence = model.predict_block(filled, valid, nodata=nodata)
+    layers = [labels.astype(np.float32), confidence.astype(np.float32)]
+    if model.n_fine:
+        coarse = np.where(labels == nodata, nodata, labels // model.n_fine)
+        layers.append(coarse.astype(np.float32))
+    return np.stack(layers)
+
+
+def _to_scene_grid(layer: da.Array, *, stride: int, scene: Scene) -> da.Array:
+    """Nearest-neighbour expansion of a strided layer back onto the scene's pixels."""
+    if stride == 1:
+        return layer
+    full = da.repeat(da.repeat(layer, stride, axis=0), stride, axis=1)
+    return full[: scene.grid.height, : scene.grid.width].rechunk(scene.valid.chunks)
+
+
+def _rgb_positions(scene: Scene, rgb_bands: Sequence[int | str] | None) -> list[int]:
+    from sitfuse_byol.read.bands import select_bands
+
+    if rgb_bands is not None:
+        return select_bands(scene.band_names, rgb_bands, where="output.rgb_bands")
+    for guess in RGB_GUESSES:
+        if all(name in scene.band_names for name in guess):
+            return [scene.band_names.index(name) for name in guess]
+    return [0, 0, 0] if scene.n_bands < 3 else [2, 1, 0]
+
+
+def write_scene_outputs(
+    *,
+    scene: Scene,
+    embedding: SceneEmbedding,
+    model: ClusterModel,
+    out_dir: Path,
+    stride: int,
+    options: OutputOptions,
+    tags: Mapping[str, str],
+) -> dict[str, str]:
+    """Predict labels for one scene and write all of its outputs; returns their paths by kind."""
+    n_labels = model.n_labels
+    dtype, nodata = label_dtype_and_nodata(n_labels)
+    layers = 3 if model.n_fine else 2
+    data = embedding.data.rechunk({0: -1})
+    predicted = data.map_blocks(
+        _predict_block,
+        model=model,
+        nodata=nodata,
+        chunks=((layers,), *data.chunks[1:]),
+        dtype=np.float32,
+    )
+    work = out_dir / ".work" / f"{scene.id}.predicted.zarr"
+    shutil.rmtree(work, ignore_errors=True)
+    work.parent.mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, str] = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            predicted.to_zarr(str(work), overwrite=True)
+        stored = da.from_zarr(str(work))
+        valid = scene.valid
+
+        def layer(index: int, kind: type) -> da.Array:
+            expanded = _to_scene_grid(stored[index], stride=stride, scene=scene)
+            return expanded.astype(kind)
+
+        names = list(options.class_names) if options.class_names else None
+        if names is not None and len(names) != n_labels:
+            names = None
+        colors = hierarchical_colors(model.n_clusters, model.n_fine) if model.n_fine else label_colors(n_labels)
+        labels = da.where(valid, layer(0, dtype), dtype.type(nodata))
+        label_path = out_dir / "labels" / f"{scene.id}.tif"
+        write_label_raster(
+            labels, grid=scene.grid, path=label_path, n_labels=n_labels,
+            class_names=names, colors=colors, tags=dict(tags), description="cluster",
+        )
+        outputs["labels"] = str(label_path)
+        confidence = da.where(valid, layer(1, np.float32), np.float32(np.nan))
+        confidence_path = out_dir / "confidence" / f"{scene.id}.tif"
+        write_float_raster(
+            confidence, grid=scene.grid, path=confidence_path,
+            description="distance to cluster centroid", tags=dict(tags),
+        )
+        outputs["confidence"] = str(confidence_path)
+        if model.n_fine:
+            coarse_dtype, coarse_nodata = label_dtype_and_nodata(model.n_clusters)
+            coarse = da.where(valid, layer(2, coarse_dtype), coarse_dtype.type(coarse_nodata))
+            coarse_path = out_dir / "labels" / f"{scene.id}_coarse.tif"
+            write_label_raster(
+                coarse, grid=scene.grid, path=coarse_path, n_labels=model.n_clusters,
+                tags=dict(tags), description="coarse cluster",
+            )
+            outputs["labels_coarse"] = str(coarse_path)
+        if options.quicklook:
+            outputs["quicklook"] = str(
+                _write_quicklook(scene, labels, nodata=nodata, colors=colors, out_dir=out_dir, options=options)
+            )
+        if options.polygons:
+            from sitfuse_byol.export.polygons import write_polygons
+
+            polygon_path = out_dir / "labels" / f"{scene.id}.gpkg"
+            write_polygons(
+                polygon_path, labels=labels.compute(), grid=scene.grid, nodata=nodata,
+                min_size_px=options.min_polygon_px, class_names=names,
+            )
+            outputs["polygons"] = str(polygon_path)
+        if options.zarr:
+            outputs["labels_zarr"] = str(_write_label_zarr(scene, labels, nodata=nodata, out_dir=out_dir))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return outputs
+
+
+def _write_quicklook(
+    scene: Scene, labels: da.Array, *, nodata: int, colors: np.ndarray, out_dir: Path, options: OutputOptions
+) -> Path:
+    from sitfuse_byol.export.quicklook import write_quicklook
+
+    step = max(1, -(-max(scene.grid.shape) // 1024))
+    positions = _rgb_positions(scene, options.rgb_bands)
+    rgb = scene.data[positions][:, ::step, ::step].compute()
+    valid = scene.valid[::step, ::step].compute()
+    path = out_dir / "labels" / f"{scene.id}.png"
+    write_quicklook(
+        path, rgb=rgb, valid=valid, labels=labels[::step, ::step].compute(), nodata=nodata,
+        colors=colors, title=scene.id,
+    )
+    return path
+
+
+def _write_label_zarr(scene: Scene, labels: da.Array, *, nodata: int, out_dir: Path) -> Path:
+    import rioxarray  # noqa: F401
+    import xarray as xr
+
+    from sitfuse_byol.embed.dense import grid_coords
+    from sitfuse_byol.export.atomic import atomic_path
+
+    array = xr.DataArray(labels, dims=("y", "x"), coords=grid_coords(scene.grid), name="labels")
+    if scene.grid.crs is not None:
+        array = array.rio.write_crs(scene.grid.crs)
+    array = array.rio.write_transform(scene.grid.transform).rio.write_nodata(nodata)
+    path = out_dir / "labels" / f"{scene.id}.zarr"
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        array.to_dataset().to_zarr(tmp, zarr_format=3, consolidated=False, mode="w")
+    return path

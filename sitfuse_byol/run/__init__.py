@@ -1,0 +1,1 @@
+"""Run: the whole pipeline over a scene list, locally or on a Dask cluster, resumable."""

@@ -1,0 +1,68 @@
+"""The Dask cluster a run uses: a LocalCluster sized to the machine, or an existing scheduler."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sitfuse_byol.errors import ConfigError
+
+log = logging.getLogger("sitfuse_byol.run")
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How to reach workers (the ``dask`` config section, overridden by CLI flags)."""
+
+    scheduler: str | None = None
+    workers: int | None = None
+    threads_per_worker: int | None = None
+    gpus_per_worker: int = 0
+    retries: int = 2
+
+    @property
+    def resources(self) -> dict[str, int] | None:
+        """Annotation for GPU tasks; a task needing a resource no worker has waits forever."""
+        return {"GPU": 1} if self.gpus_per_worker else None
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def dask_client(options: ClusterOptions, *, quiet: bool = False) -> Iterator:
+    """A distributed ``Client``; the dashboard address is printed unless ``quiet``."""
+    from distributed import Client, LocalCluster
+
+    # The scheduler of a LocalCluster lives in this process; its INFO chatter is not for users.
+    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if options.scheduler:
+        try:
+            client = Client(options.scheduler, timeout="20s")
+        except OSError as err:
+            raise ConfigError(f"cannot reach the Dask scheduler: {err}", where=options.scheduler) from err
+        cluster = None
+    else:
+        workers = options.workers or default_workers()
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=options.threads_per_worker or 1,
+            processes=True,
+            dashboard_address=":0",
+            resources={"GPU": options.gpus_per_worker} if options.gpus_per_worker else None,
+            silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
+    try:
+        if not quiet and client.dashboard_link:
+            print(f"Dask dashboard: {client.dashboard_link}")
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

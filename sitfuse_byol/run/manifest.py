@@ -1,0 +1,82 @@
+"""``OUTDIR/run.json``: per scene, its status, stage timings, outputs and error.
+
+A scene is redone only when its inputs or the settings that shape its outputs changed
+(``key``), so an interrupted or partly failed batch resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sitfuse_byol.export.atomic import atomic_write_json
+from sitfuse_byol.read import SceneRef
+from sitfuse_byol.read.multifile import MultiFileSpec
+
+
+def _file_fingerprint(path: Path) -> list:
+    if path.is_dir():
+        # A Zarr store or similar: its metadata files change whenever it is rewritten.
+        parts = sorted(p for p in path.rglob("*.json"))
+        return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in parts]
+    if path.exists():
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+    return ["missing"]
+
+
+def scene_fingerprint(ref: SceneRef) -> str:
+    """Changes when any file of the scene changes (size or modification time)."""
+    files = list(ref.spec.files) if isinstance(ref.spec, MultiFileSpec) else [Path(ref.spec)]
+    text = json.dumps([[str(f), _file_fingerprint(f)] for f in files])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Manifest:
+    """The batch record, saved atomically after every scene."""
+
+    path: Path
+    scenes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        if not path.exists():
+            return cls(path=path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return cls(path=path)
+        return cls(path=path, scenes=data.get("scenes", {}), stages=data.get("stages", {}))
+
+    def save(self) -> None:
+        atomic_write_json(self.path, {"scenes": self.scenes, "stages": self.stages})
+
+    def is_done(self, scene_id: str, key: str) -> bool:
+        entry = self.scenes.get(scene_id)
+        if not entry or entry.get("status") != "done" or entry.get("key") != key:
+            return False
+        return all(Path(p).exists() for p in entry.get("outputs", {}).values())
+
+    def record(
+        self,
+        scene_id: str,
+        *,
+        status: str,
+        key: str,
+        timings: dict[str, float],
+        outputs: dict[str, str] | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.scenes[scene_id] = {
+            "status": status,
+            "key": key,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "outputs": outputs or {},
+            "error": error,
+        }
+        self.save()

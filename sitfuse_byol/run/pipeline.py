@@ -1,0 +1,424 @@
+"""``sitfuse run``: stats → train → embed → cluster → export (→ assign), over a scene list.
+
+Global stages (statistics, training, the clustering fit) run once; per-scene stages
+(embed, export) are Dask tasks with retries. A scene that fails is recorded in
+``run.json`` and left out; the others go on. Every output is written under a
+temporary name and renamed when complete, and ``run.json`` records a scene only when
+all of its outputs exist, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sitfuse_byol.config import Config
+from sitfuse_byol.errors import InputError, SitfuseError
+from sitfuse_byol.export.atomic import atomic_write_text, remove_path
+from sitfuse_byol.progress import stage_progress
+from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config, resolve_scene_list
+from sitfuse_byol.run.cluster_client import ClusterOptions, dask_client
+from sitfuse_byol.run.manifest import Manifest, scene_fingerprint
+from sitfuse_byol.run.tasks import Paths, embed_task, export_task, sample_task
+
+log = logging.getLogger("sitfuse_byol.run")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    force: bool = False
+    quiet: bool = False
+    device: str | None = None
+    cluster: ClusterOptions = field(default_factory=ClusterOptions)
+    labels: Path | None = None
+    label_field: str = "class"
+    threshold: float = 0.51
+    stages: tuple[str, ...] = ("stats", "train", "embed", "cluster", "export", "assign")
+
+
+@dataclass
+class RunSummary:
+    scenes: dict[str, dict[str, Any]]
+    stages: dict[str, dict[str, Any]]
+    out_dir: Path
+
+    @property
+    def failed(self) -> list[str]:
+        return [s for s, e in self.scenes.items() if e["status"] == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def to_json(self) -> str:
+        return json.dumps({"out_dir": str(self.out_dir), "scenes": self.scenes, "stages": self.stages})
+
+    def table(self) -> str:
+        rows = [("scene", "status", "seconds", "labels / error")]
+        for scene_id, entry in self.scenes.items():
+            detail = entry.get("error") or entry.get("outputs", {}).get("labels", "")
+            seconds = sum(entry.get("timings", {}).values())
+            rows.append((scene_id, entry["status"], f"{seconds:.1f}", detail))
+        widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
+        lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
+        outputs = [
+            f"outputs in {self.out_dir}:",
+            f"  labels (COG + .qml + .aux.xml + .png)  {self.out_dir / 'labels'}",
+            f"  confidence                              {self.out_dir / 'confidence'}",
+            f"  clustering model                        {self.out_dir / 'cluster'}",
+            f"  encoder checkpoint                      {self.out_dir / 'checkpoints' / 'last.pt'}",
+            f"  training curves                         {self.out_dir / 'train' / 'curves.png'}",
+            f"  manifest                                {self.out_dir / 'run.json'}",
+        ]
+        return "\n".join(lines + [""] + outputs)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C, so temporary files are cleaned up on the way out."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Leftovers of a run killed too hard to clean up after itself (SIGKILL, power loss)."""
+    if not out.exists():
+        return
+    for path in list(out.rglob(".*.tmp-*")) + list(out.rglob(".*.staging-*")):
+        remove_path(path)
+    remove_path(out / ".work")
+
+
+def _error_text(err: BaseException) -> str:
+    if isinstance(err, SitfuseError):
+        return str(err)
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+class Pipeline:
+    """One run over a scene list; see the module docstring."""
+
+    def __init__(self, config: Config, options: RunOptions) -> None:
+        self.config = config
+        self.options = options
+        self.paths = Paths(config.output_dir)
+        self.out = config.output_dir
+        self.manifest = Manifest.load(self.out / "run.json")
+        self.refs: list[SceneRef] = []
+        self.scenes: dict[str, Scene] = {}
+        self.fingerprints: dict[str, str] = {}
+
+    # -- bookkeeping -----------------------------------------------------------------
+
+    def _fail(self, scene_id: str, err: BaseException, *, stage: str) -> None:
+        message = _error_text(err)
+        log.info("scene %s failed in %s: %s", scene_id, stage, message)
+        log.debug("".join(traceback.format_exception(err)))
+        self.manifest.record(
+            scene_id, status="failed", key="", timings={}, error=f"{stage}: {message}"
+        )
+        self.scenes.pop(scene_id, None)
+
+    def _stage_key(self, name: str, *parts: str) -> str:
+        return "|".join((name, *parts))
+
+    def _stage_done(self, name: str, key: str, *required: Path) -> bool:
+        entry = self.manifest.stages.get(name, {})
+        return (
+            not self.options.force
+            and entry.get("key") == key
+            and all(p.exists() for p in required)
+        )
+
+    def _mark_stage(self, name: str, key: str, started: float) -> None:
+        self.manifest.stages[name] = {"key": key, "seconds": round(time.perf_counter() - started, 3)}
+        self.manifest.save()
+
+    # -- stages ----------------------------------------------------------------------
+
+    def open_scenes(self) -> None:
+        self.refs = resolve_scene_list(self.config["data"]["scenes"], base=self.config.base)
+        for ref in self.refs:
+            try:
+                self.fingerprints[ref.id] = scene_fingerprint(ref)
+                scene = open_scene_from_config(
+                    ref, data=self.config["data"], patch_size=self.config["tiling"]["patch_size"]
+                )
+            except SitfuseError as err:
+                self._fail(ref.id, err, stage="read")
+                continue
+            self.scenes[ref.id] = scene
+        counts = {s.n_bands for s in self.scenes.values()}
+        if len(counts) > 1:
+            first = next(iter(self.scenes.values()))
+            for scene in list(self.scenes.values()):
+                if scene.n_bands != first.n_bands:
+                    self._fail(
+                        scene.id,
+                        InputError(f"scene has {scene.n_bands} bands but {first.id} has {first.n_bands}"),
+                        stage="read",
+                    )
+
+    def _require_models(self, stages: tuple[str, ...]) -> None:
+        """A stage run on its own needs what earlier stages leave behind."""
+        from sitfuse_byol.errors import ModelError
+
+        if "train" not in stages and not self.paths.checkpoint.exists():
+            raise ModelError("no trained encoder; run `sitfuse train` first", where=str(self.paths.checkpoint))
+        if stages == ("export",) and not (self.paths.cluster_model / "model.json").exists():
+            raise ModelError("no clustering model; run `sitfuse cluster` first", where=str(self.paths.cluster_model))
+
+    def _require_scenes(self) -> None:
+        if not self.scenes:
+            raise InputError("no scene could be read; see run.json", where=str(self.out / "run.json"))
+
+    def stage_stats(self) -> None:
+        from sitfuse_byol.normalize import compute_stats
+
+        key = self._stage_key(
+            "stats", self.config.digest("data"), *sorted(self.fingerprints[s] for s in self.scenes)
+        )
+        if self._stage_done("stats", key, self.paths.stats):
+            return
+        started = time.perf_counter()
+        while True:
+            self._require_scenes()
+            try:
+                stats = compute_stats(list(self.scenes.values()))
+                break
+            except InputError as err:
+                # Pixels are read here for the first time: a corrupt scene shows up now.
+                culprit = next((s for s in self.scenes.values() if err.where and s.source in err.where), None)
+                if culprit is None:
+                    raise
+                self._fail(culprit.id, err, stage="stats")
+        stats.save(self.paths.stats)
+        self._mark_stage("stats", key, started)
+
+    def stage_train(self, client: Any) -> None:
+        from sitfuse_byol.train.checkpoint import file_hash
+        from sitfuse_byol.train.loop import train
+
+        key = self._stage_key(
+            "train",
+            self.config.digest("data", "tiling", "train"),
+            file_hash(self.paths.stats),
+        )
+        if self._stage_done("train", key, self.paths.checkpoint):
+            return
+        started = time.perf_counter()
+        resume = self.manifest.stages.get("train_started", {}).get("key") == key and not self.options.force
+        self.manifest.stages["train_started"] = {"key": key}
+        self.manifest.save()
+        cfg = self.config["train"]
+        total = cfg["epochs"] * cfg["steps_per_epoch"]
+        if self.options.cluster.gpus_per_worker:
+            # Training goes to a GPU worker; only paths and the config travel.
+            future = client.submit(
+                train, self.config, device_name=self.options.device, resume=resume,
+                resources=self.options.cluster.resources, pure=False,
+            )
+            future.result()
+        else:
+            from sitfuse_byol.cli import TRAIN_FIELDS
+
+            with stage_progress("train", total=total, quiet=self.options.quiet, fields=TRAIN_FIELDS) as advance:
+                train(
+                    self.config,
+                    device_name=self.options.device,
+                    resume=resume,
+                    progress=lambda v: advance(1, **{k: v[k] for k in ("loss", "tau", "lr", "patches_per_s", "data_wait")}),
+                )
+        self._mark_stage("train", key, started)
+
+    def _scene_tasks(
+        self,
+        client: Any,
+        *,
+        name: str,
+        func: Callable,
+        keys: dict[str, str],
+        on_result: Callable[[str, Any, float], None],
+    ) -> None:
+        """Run ``func(config, ref, threads)`` for every scene not yet done under its key."""
+        from distributed import as_completed
+
+        threads = self.options.cluster.threads_per_worker or 1
+        todo = [ref for ref in self.refs if ref.id in self.scenes and ref.id in keys]
+        if not todo:
+            return
+        futures = {}
+        for ref in todo:
+            future = client.submit(
+                func, self.config, ref, threads,
+                key=f"{name}-{ref.id}-{keys[ref.id]}-{time.time_ns()}",
+                retries=self.options.cluster.retries,
+                resources=self.options.cluster.resources,
+                pure=False,
+            )
+            futures[future] = (ref, time.perf_counter())
+        with stage_progress(name, total=len(futures), quiet=self.options.quiet) as advance:
+            for future in as_completed(futures):
+                ref, started = futures[future]
+                try:
+                    result = future.result()
+                except Exception as err:  # a worker error arrives as the task's own exception
+                    self._fail(ref.id, err, stage=name)
+                else:
+                    on_result(ref.id, result, time.perf_counter() - started)
+                finally:
+                    future.release()
+                advance(1)
+
+    def stage_embed(self, client: Any) -> None:
+        if not self.config["embed"]["save"]:
+            return
+        from sitfuse_byol.train.checkpoint import file_hash
+
+        model_key = file_hash(self.paths.checkpoint) + self.config.digest("embed")
+        keys = {}
+        for scene_id in self.scenes:
+            key = f"{self.fingerprints[scene_id]}:{model_key}"
+            done = self.manifest.stages.get("embed_scenes", {}).get(scene_id) == key
+            if not (done and self.paths.embedding(scene_id).exists()) or self.options.force:
+                keys[scene_id] = key
+
+        def record(scene_id: str, result: Any, seconds: float) -> None:
+            self.manifest.stages.setdefault("embed_scenes", {})[scene_id] = keys[scene_id]
+            self.manifest.save()
+
+        self._scene_tasks(client, name="embed", func=embed_task, keys=keys, on_result=record)
+
+    def stage_cluster(self, client: Any) -> None:
+        from sitfuse_byol.cluster.kmeans import EmbeddingReservoir, fit_kmeans
+        from sitfuse_byol.train.checkpoint import file_hash, load_encoder
+
+        encoder_hash = file_hash(self.paths.checkpoint)
+        key = self._stage_key(
+            "cluster", encoder_hash, self.config.digest("cluster", "embed"),
+            *sorted(self.fingerprints[s] for s in self.scenes),
+        )
+        if self._stage_done("cluster", key, self.paths.cluster_model / "model.json"):
+            return
+        started = time.perf_counter()
+        cfg = self.config["cluster"]
+        reservoir = EmbeddingReservoir(
+            capacity=max(cfg["samples_per_scene"] * len(self.scenes), cfg["n_clusters"]),
+            seed=cfg["seed"],
+        )
+        samples: dict[str, Any] = {}
+        self._scene_tasks(
+            client,
+            name="sample",
+            func=sample_task,
+            keys={s: "sample" for s in self.scenes},
+            on_result=lambda scene_id, result, seconds: samples.__setitem__(scene_id, result),
+        )
+        # Added in scene-list order, so the sample does not depend on task completion order.
+        for ref in self.refs:
+            if ref.id in samples:
+                embeddings, neighbours = samples.pop(ref.id)
+                reservoir.add(embeddings, neighbours=neighbours)
+        self._require_scenes()
+        n_fine = cfg["n_fine"] if cfg["hierarchical"] else 0
+        if cfg["method"] == "iic":
+            from sitfuse_byol.cluster.iic import fit_iic
+
+            model = fit_iic(reservoir, n_clusters=cfg["n_clusters"], seed=cfg["seed"])
+        else:
+            model = fit_kmeans(reservoir, n_clusters=cfg["n_clusters"], seed=cfg["seed"], n_fine=n_fine)
+        trained = load_encoder(self.paths.checkpoint)
+        model.metadata.update(
+            {
+                "encoder_hash": encoder_hash,
+                "band_names": list(trained.band_names),
+                "config_hash": self.config.digest("cluster", "embed"),
+                "scenes": list(self.scenes),
+            }
+        )
+        model.save(self.paths.cluster_model)
+        self._mark_stage("cluster", key, started)
+
+    def stage_export(self, client: Any) -> None:
+        model_json = self.paths.cluster_model / "model.json"
+        model_key = json.loads(model_json.read_text()).get("model_hash", "") if model_json.exists() else ""
+        output_key = self.config.digest("output", "embed", "data")
+        keys = {}
+        for scene_id in self.scenes:
+            key = f"{self.fingerprints[scene_id]}:{model_key}:{output_key}"
+            if self.options.force or not self.manifest.is_done(scene_id, key):
+                keys[scene_id] = key
+        def record(scene_id: str, outputs: Any, seconds: float) -> None:
+            self.manifest.record(
+                scene_id, status="done", key=keys[scene_id], timings={"export": seconds}, outputs=outputs
+            )
+
+        self._scene_tasks(client, name="export", func=export_task, keys=keys, on_result=record)
+
+    def stage_assign(self) -> str | None:
+        if self.options.labels is None:
+            return None
+        from sitfuse_byol.assign import run_assign
+
+        label_paths = [
+            Path(e["outputs"]["labels"]) for s, e in self.manifest.scenes.items()
+            if e["status"] == "done" and s in self.scenes
+        ]
+        result = run_assign(
+            label_paths=label_paths,
+            polygons_path=self.options.labels,
+            field=self.options.label_field,
+            threshold=self.options.threshold,
+            out_dir=self.out,
+        )
+        return result.table
+
+    # -- driver ----------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        self.out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(self.out)
+        atomic_write_text(self.out / "config.resolved.yaml", self.config.to_yaml())
+        stages = self.options.stages
+        with _terminate_as_interrupt():
+            self.open_scenes()
+            self._require_scenes()
+            self._require_models(stages)
+            if "stats" in stages:
+                self.stage_stats()
+            with dask_client(self.options.cluster, quiet=self.options.quiet) as client:
+                if "train" in stages:
+                    self.stage_train(client)
+                if "embed" in stages:
+                    self.stage_embed(client)
+                if "cluster" in stages:
+                    self.stage_cluster(client)
+                if "export" in stages:
+                    self.stage_export(client)
+            table = self.stage_assign() if "assign" in stages else None
+        if table:
+            print(table)
+        ids = [ref.id for ref in self.refs]
+        scenes = {s: self.manifest.scenes[s] for s in ids if s in self.manifest.scenes}
+        return RunSummary(scenes=scenes, stages=self.manifest.stages, out_dir=self.out)
+
+
+def run_pipeline(config: Config, options: RunOptions) -> RunSummary:
+    return Pipeline(config, options).run()
+
+

@@ -1,0 +1,148 @@
+"""Per-scene work, as plain functions of (config, scene, model paths): safe to ship to Dask workers.
+
+Only paths travel in the task graph; each worker loads a model once (cached by path).
+Inside a task, blocks are computed by local threads with one torch thread each, so the
+arithmetic, and therefore every label, is the same whether the task runs in this
+process, a LocalCluster worker or a remote worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import numpy as np
+import torch
+
+from sitfuse_byol.cluster.model import ClusterModel
+from sitfuse_byol.cluster.sampling import sample_embeddings
+from sitfuse_byol.config import Config
+from sitfuse_byol.embed import SceneEmbedding, embed_scene, open_embedding, save_embedding
+from sitfuse_byol.export.scene_outputs import OutputOptions, write_scene_outputs
+from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config
+from sitfuse_byol.train.checkpoint import load_encoder
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where a run keeps its files."""
+
+    out: Path
+
+    @property
+    def stats(self) -> Path:
+        return self.out / "stats.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / "checkpoints" / "last.pt"
+
+    @property
+    def cluster_model(self) -> Path:
+        return self.out / "cluster"
+
+    def embedding(self, scene_id: str) -> Path:
+        return self.out / "embeddings" / f"{scene_id}.zarr"
+
+
+@contextlib.contextmanager
+def local_compute(threads: int) -> Iterator[None]:
+    """Local threads for Dask and one torch thread per Dask thread, for reproducible sums."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with dask.config.set(scheduler="threads", num_workers=max(1, threads)):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _open(config: Config, ref: SceneRef) -> Scene:
+    return open_scene_from_config(ref, data=config["data"], patch_size=config["tiling"]["patch_size"])
+
+
+def scene_embedding(config: Config, ref: SceneRef, scene: Scene) -> SceneEmbedding:
+    """Saved embeddings when present (and wanted), else computed on the fly."""
+    paths = Paths(config.output_dir)
+    saved = paths.embedding(scene.id)
+    if config["embed"]["save"] and saved.exists():
+        embedding = open_embedding(saved)
+        return SceneEmbedding(scene_id=scene.id, data=embedding.data, valid=embedding.valid, grid=embedding.grid)
+    trained = load_encoder(paths.checkpoint)
+    return embed_scene(
+        scene,
+        trained,
+        stride=config["embed"]["stride"],
+        window=config["embed"]["window"],
+        block_size=config["embed"]["block_size"],
+    )
+
+
+def embed_task(config: Config, ref: SceneRef, threads: int = 1) -> dict[str, float | str]:
+    """Write one scene's embeddings to ``OUTDIR/embeddings/<id>.zarr``."""
+    start = time.perf_counter()
+    with local_compute(threads):
+        scene = _open(config, ref)
+        trained = load_encoder(Paths(config.output_dir).checkpoint)
+        embedding = embed_scene(
+            scene,
+            trained,
+            stride=config["embed"]["stride"],
+            window=config["embed"]["window"],
+            block_size=config["embed"]["block_size"],
+        )
+        path = save_embedding(embedding, Paths(config.output_dir).embedding(scene.id))
+    return {"path": str(path), "seconds": time.perf_counter() - start}
+
+
+def sample_task(config: Config, ref: SceneRef, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """About ``cluster.samples_per_scene`` valid embeddings of a scene, with neighbours."""
+    with local_compute(threads):
+        scene = _open(config, ref)
+        embedding = scene_embedding(config, ref, scene)
+        return sample_embeddings(
+            embedding, n=config["cluster"]["samples_per_scene"], seed=config["cluster"]["seed"]
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_cluster_model(path: str, mtime_ns: int) -> ClusterModel:
+    return ClusterModel.load(Path(path))
+
+
+def load_cluster_model(path: Path) -> ClusterModel:
+    """The clustering model, loaded once per worker process."""
+    marker = path / "model.json"
+    return _cached_cluster_model(str(path.resolve()), marker.stat().st_mtime_ns if marker.exists() else 0)
+
+
+def export_task(config: Config, ref: SceneRef, threads: int = 1) -> dict[str, str]:
+    """Label, confidence and sidecar outputs of one scene."""
+    paths = Paths(config.output_dir)
+    with local_compute(threads):
+        scene = _open(config, ref)
+        trained = load_encoder(paths.checkpoint)
+        trained.check_bands(scene.n_bands, where=scene.source)
+        model = load_cluster_model(paths.cluster_model)
+        embedding = scene_embedding(config, ref, scene)
+        model.check_compatible(dim=embedding.dim, encoder_hash=trained.checkpoint_hash)
+        tags = {
+            "model_hash": model.model_hash,
+            "encoder_hash": trained.checkpoint_hash,
+            "config_hash": config.digest(),
+            "scene": scene.id,
+        }
+        return write_scene_outputs(
+            scene=scene,
+            embedding=embedding,
+            model=model,
+            out_dir=config.output_dir,
+            stride=config["embed"]["stride"],
+            options=OutputOptions.from_config(config["output"]),
+            tags=tags,
+        )

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+
+from sitfuse_byol.embed import embed_scene, open_embedding, save_embedding
+from sitfuse_byol.errors import ModelError
+from sitfuse_byol.read import open_scene
+from sitfuse_byol.train.checkpoint import load_encoder
+from tests.conftest import write_tif
+
+
+def test_tiled_embeddings_equal_whole_scene(landsat_path, tiny_checkpoint):
+    trained = load_encoder(tiny_checkpoint)
+    scene = open_scene(landsat_path)
+    tiled = embed_scene(scene, trained, block_size=64, window=5).data.compute()
+    whole = embed_scene(scene, trained, block_size=1024, window=5).data.compute()
+    assert tiled.shape == (trained.encoder.out_channels, 352, 349)
+    assert np.isfinite(tiled).all()
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+    # Neighbouring pixels across a block edge differ like any neighbours (no seam).
+    assert not np.allclose(tiled[:, 63], tiled[:, 64])
+
+
+def test_stride_scales_the_transform_and_invalid_stays_invalid(tmp_path, landsat_path, tiny_checkpoint):
+    trained = load_encoder(tiny_checkpoint)
+    with rasterio.open(landsat_path) as src:
+        data, profile = src.read(), src.profile
+    data[:, :20, :30] = 0
+    path = write_tif(tmp_path / "holes.tif", data, crs=profile["crs"], transform=profile["transform"], nodata=0)
+    scene = open_scene(path)
+    full = embed_scene(scene, trained, block_size=128)
+    strided = embed_scene(scene, trained, stride=2, block_size=128)
+    assert strided.grid.transform.a == 2 * scene.grid.transform.a
+    assert strided.grid.transform.c == scene.grid.transform.c
+    assert strided.data.shape[1:] == (176, 175)
+    values = strided.data.compute()
+    np.testing.assert_allclose(values, full.data.compute()[:, ::2, ::2], atol=1e-5)
+    valid = strided.valid.compute()
+    assert not valid[:10, :15].any() and valid[10:, 15:].all()
+    assert np.isnan(values[:, ~valid]).all() and np.isfinite(values[:, valid]).all()
+
+
+def test_zarr_roundtrip_keeps_grid(tmp_path, landsat_path, tiny_checkpoint):
+    trained = load_encoder(tiny_checkpoint)
+    scene = open_scene(landsat_path)
+    embedding = embed_scene(scene, trained, block_size=128)
+    path = save_embedding(embedding, tmp_path / "embeddings" / f"{scene.id}.zarr")
+    reopened = open_embedding(path)
+    assert reopened.scene_id == "landsat7_olinda"
+    assert reopened.grid.crs == scene.grid.crs
+    assert reopened.grid.transform.almost_equals(scene.grid.transform)
+    np.testing.assert_array_equal(reopened.data.compute(), embedding.data.compute())
+
+
+def test_band_count_mismatch_is_refused(sentinel2_zarr, tiny_checkpoint):
+    trained = load_encoder(tiny_checkpoint)
+    with pytest.raises(ModelError, match="trained on 6 bands"):
+        embed_scene(open_scene(sentinel2_zarr), trained)
