@@ -122,11 +122,13 @@ class Pipeline:
         self.refs: list[SceneRef] = []
         self.scenes: dict[str, Scene] = {}
         self.fingerprints: dict[str, str] = {}
+        self.errors: dict[str, BaseException] = {}
 
     # -- bookkeeping -----------------------------------------------------------------
 
     def _fail(self, scene_id: str, err: BaseException, *, stage: str) -> None:
         message = _error_text(err)
+        self.errors[scene_id] = err
         log.info("scene %s failed in %s: %s", scene_id, stage, message)
         log.debug("".join(traceback.format_exception(err)))
         self.manifest.record(
@@ -177,15 +179,39 @@ class Pipeline:
     def _require_models(self, stages: tuple[str, ...]) -> None:
         """A stage run on its own needs what earlier stages leave behind."""
         from sitfuse_byol.errors import ModelError
+        from sitfuse_byol.train.checkpoint import file_hash, load_encoder
 
-        if "train" not in stages and not self.paths.checkpoint.exists():
+        if "train" in stages:
+            return
+        if not self.paths.checkpoint.exists():
             raise ModelError("no trained encoder; run `sitfuse train` first", where=str(self.paths.checkpoint))
-        if stages == ("export",) and not (self.paths.cluster_model / "model.json").exists():
+        trained = load_encoder(self.paths.checkpoint)
+        for scene in list(self.scenes.values()):
+            try:
+                trained.check_bands(scene.n_bands, where=scene.source)
+            except ModelError as err:
+                self._fail(scene.id, err, stage="read")
+        if "cluster" in stages:
+            return
+        model_json = self.paths.cluster_model / "model.json"
+        if not model_json.exists():
             raise ModelError("no clustering model; run `sitfuse cluster` first", where=str(self.paths.cluster_model))
+        from sitfuse_byol.run.tasks import load_cluster_model
+
+        load_cluster_model(self.paths.cluster_model).check_compatible(
+            dim=trained.encoder.out_channels,
+            encoder_hash=file_hash(self.paths.checkpoint),
+            where=str(self.paths.cluster_model),
+        )
 
     def _require_scenes(self) -> None:
-        if not self.scenes:
-            raise InputError("no scene could be read; see run.json", where=str(self.out / "run.json"))
+        """Go on while any scene is left; with none, the first scene's error is the run's error."""
+        if self.scenes:
+            return
+        first = next(iter(self.errors.values()), None)
+        if isinstance(first, SitfuseError):
+            raise first
+        raise InputError("no scene could be processed; see run.json", where=str(self.out / "run.json"))
 
     def stage_stats(self) -> None:
         from sitfuse_byol.normalize import compute_stats
@@ -399,6 +425,7 @@ class Pipeline:
             self.open_scenes()
             self._require_scenes()
             self._require_models(stages)
+            self._require_scenes()
             if "stats" in stages:
                 self.stage_stats()
             with dask_client(self.options.cluster, quiet=self.options.quiet) as client:
