@@ -257,7 +257,7 @@ class Pipeline:
             # Training goes to a GPU worker; only paths and the config travel.
             future = client.submit(
                 train, self.config, device_name=self.options.device, resume=resume,
-                resources=self.options.cluster.resources, pure=False,
+                scenes=list(self.scenes.values()), resources=self.options.cluster.resources, pure=False,
             )
             future.result()
         else:
@@ -268,6 +268,7 @@ class Pipeline:
                     self.config,
                     device_name=self.options.device,
                     resume=resume,
+                    scenes=list(self.scenes.values()),
                     progress=lambda v: advance(1, **{k: v[k] for k in ("loss", "tau", "lr", "patches_per_s", "data_wait")}),
                 )
         self._mark_stage("train", key, started)

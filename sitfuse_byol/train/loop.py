@@ -134,6 +134,7 @@ def train(
     ddp: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
     stop_after_epochs: int | None = None,
+    scenes: list[Scene] | None = None,
 ) -> TrainResult:
     """Train BYOL on the config's scenes and write checkpoints and metrics under ``OUTDIR``.
 
@@ -145,6 +146,7 @@ def train(
         ddp: Train with DistributedDataParallel (launched by ``torchrun``).
         progress: Called after every step with loss, τ, lr, patches/s and data-wait share.
         stop_after_epochs: Stop (as if interrupted) after this many epochs of this call.
+        scenes: The scenes to train on, already opened; by default the config's scene list.
 
     Raises:
         ModelError: Resuming from a checkpoint of other bands or another model.
@@ -156,8 +158,9 @@ def train(
     if device.type == "cuda":
         torch.cuda.set_device(ctx.local_rank)
         device = torch.device("cuda", ctx.local_rank)
-    refs = resolve_scene_list(config["data"]["scenes"], base=config.base)
-    scenes = open_scenes_from_config(refs, data=config["data"], patch_size=config["tiling"]["patch_size"])
+    if scenes is None:
+        refs = resolve_scene_list(config["data"]["scenes"], base=config.base)
+        scenes = open_scenes_from_config(refs, data=config["data"], patch_size=config["tiling"]["patch_size"])
     stats = ensure_stats(config, scenes) if ctx.is_main else None
     if ctx.world_size > 1:
         dist.barrier()

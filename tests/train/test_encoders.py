@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,6 +17,16 @@ from sitfuse_byol.train.encoders import (
     list_encoders,
     masked_avg_pool,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # These tests run many small ops: one thread is about as fast, and unlike two
+    # it does not stall at OpenMP barriers when other processes share the cores.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_registry_lists_required_encoders() -> None:
@@ -96,6 +107,8 @@ def test_bad_norm_and_options_are_config_errors() -> None:
     ("name", "kwargs"),
     [("small_cnn", {}), ("small_cnn", {"stride": 2, "depth": 5}), ("resnet18", {"width": 8})],
 )
+
+
 def test_receptive_field_is_exact(name: str, kwargs: dict[str, int]) -> None:
     torch.manual_seed(0)
     enc = create_encoder(name, in_channels=3, norm="batch", **kwargs).double().eval()

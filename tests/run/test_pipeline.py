@@ -1,0 +1,127 @@
+"""`sitfuse run` end to end on three real scenes, with a real LocalCluster."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import rasterio
+from rio_cogeo.cogeo import cog_validate
+
+from sitfuse_byol.cli import main
+from tests.run.conftest import CROP_SIZE, CROPS, labels_of, write_config
+
+
+def test_run_writes_label_cogs_on_each_input_grid(base_run, crop_scenes):
+    folder, _, code, stdout = base_run
+    assert code == 0, stdout
+    out = folder / "out"
+    for name, scene_path in crop_scenes.items():
+        label_path = out / "labels" / f"{name}.tif"
+        with rasterio.open(scene_path) as src, rasterio.open(label_path) as dst:
+            assert dst.crs == src.crs and dst.transform == src.transform
+            assert (dst.width, dst.height) == (src.width, src.height)
+            assert dst.dtypes[0] == "uint8" and dst.nodata == 255
+            labels = dst.read(1)
+            invalid = (src.read() == 0).any(axis=0)
+            np.testing.assert_array_equal(labels == 255, invalid)
+            assert labels[~invalid].max() < 6
+            tags = dst.tags()
+            assert tags["K"] == "6" and len(tags["model_hash"]) > 8 and tags["config_hash"]
+            assert dst.colormap(1)[0][:3] != dst.colormap(1)[1][:3]
+            assert dst.descriptions[0] == "cluster"
+        is_valid, errors, _ = cog_validate(str(label_path))
+        assert is_valid, errors
+        for sidecar in (f"{name}.qml", f"{name}.tif.aux.xml", f"{name}.png"):
+            assert (out / "labels" / sidecar).exists(), sidecar
+        with rasterio.open(out / "confidence" / f"{name}.tif") as conf:
+            values = conf.read(1)
+            assert np.isnan(values[invalid]).all() and (values[~invalid] >= 0).all()
+    manifest = json.loads((out / "run.json").read_text())
+    assert {e["status"] for e in manifest["scenes"].values()} == {"done"}
+    assert (out / "config.resolved.yaml").exists() and (out / "logs" / "sitfuse.log").exists()
+    assert "olinda_a" in stdout and str(out / "labels") in stdout
+
+
+def test_one_model_gives_the_same_label_to_the_same_pixels_in_every_scene(base_run):
+    folder, *_ = base_run
+    out = folder / "out"
+    a = labels_of(out / "labels" / "olinda_a.tif")
+    b = labels_of(out / "labels" / "olinda_b.tif")
+    # Scenes a and b overlap in rows 40..159 and columns 60..159 of a; compare the interior,
+    # away from each crop's edges where the mirrored padding differs.
+    margin = 12
+    row, col = CROPS["olinda_b"]
+    a_part = a[row + margin : CROP_SIZE - margin, col + margin : CROP_SIZE - margin]
+    b_part = b[margin : CROP_SIZE - row - margin, margin : CROP_SIZE - col - margin]
+    assert a_part.size > 5000
+    assert (a_part == b_part).mean() > 0.99
+
+
+def test_rerun_skips_done_scenes_and_force_redoes_them(base_run, tmp_path):
+    folder, config, *_ = base_run
+    label = folder / "out" / "labels" / "olinda_a.tif"
+    before = label.stat().st_mtime_ns
+    assert main(["run", "-c", str(config), "--quiet"]) == 0
+    assert label.stat().st_mtime_ns == before
+    assert main(["run", "-c", str(config), "--quiet", "--force"]) == 0
+    assert label.stat().st_mtime_ns != before
+
+
+def test_a_bad_scene_does_not_stop_the_others(tmp_path, crop_scenes, capsys):
+    broken = tmp_path / "broken.tif"
+    data = crop_scenes["olinda_a"].read_bytes()
+    broken.write_bytes(data[: len(data) // 3])
+    config = write_config(tmp_path, [crop_scenes["olinda_a"], broken, crop_scenes["olinda_b"]])
+    code = main(["run", "-c", str(config), "--quiet", "--json"])
+    assert code == 1
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["scenes"]["broken"]["status"] == "failed"
+    assert "broken.tif" in summary["scenes"]["broken"]["error"]
+    assert summary["scenes"]["olinda_a"]["status"] == "done"
+    assert summary["scenes"]["olinda_b"]["status"] == "done"
+    assert (tmp_path / "out" / "labels" / "olinda_b.tif").exists()
+    assert not (tmp_path / "out" / "labels" / "broken.tif").exists()
+
+
+def test_too_many_clusters_is_a_clear_error(tmp_path, crop_scenes, capsys):
+    config = write_config(tmp_path, [crop_scenes["olinda_a"]], cluster={"n_clusters": 500, "samples_per_scene": 100})
+    assert main(["run", "-c", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cluster.n_clusters is 500 but only")
+    assert len(err.splitlines()) == 1
+
+
+def test_scene_with_other_bands_and_model_from_other_encoder(base_run, tmp_path, sentinel2_zarr, crop_scenes, capsys):
+    folder, *_ = base_run
+    out = tmp_path / "out"
+    shutil.copytree(folder / "out", out)
+    config = write_config(tmp_path, [sentinel2_zarr])
+    assert main(["export", "-c", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained on 6 bands" in err and "has 13" in err and len(err.splitlines()) == 1
+
+    # Retrain (another encoder), keep the old clustering model, export: refused.
+    config = write_config(tmp_path, crop_scenes.values(), train={"seed": 99})
+    assert main(["train", "-c", str(config), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", "-c", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "clustering model was fitted with another encoder" in err
+
+
+@pytest.mark.slow
+def test_hierarchical_levels_and_streamed_embeddings(tmp_path, crop_scenes):
+    config = write_config(
+        tmp_path, [crop_scenes["olinda_a"]], cluster={"hierarchical": True, "n_clusters": 3, "n_fine": 2},
+        embed={"save": False},
+    )
+    assert main(["run", "-c", str(config), "--quiet"]) == 0
+    fine = labels_of(tmp_path / "out" / "labels" / "olinda_a.tif")
+    coarse = labels_of(tmp_path / "out" / "labels" / "olinda_a_coarse.tif")
+    valid = fine != 255
+    assert fine[valid].max() < 6 and coarse[valid].max() < 3
+    np.testing.assert_array_equal(fine[valid] // 2, coarse[valid])
+    assert not (tmp_path / "out" / "embeddings").exists()
