@@ -237,6 +237,13 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from sitfuse_byol.config import reference_markdown
+
+    print(reference_markdown())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sitfuse",
@@ -307,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_commands.add_parser("show", help="print the resolved config")
     _add_config_args(show)
     show.set_defaults(func=cmd_config_show)
+    reference = config_commands.add_parser("reference", help="print the config reference (Markdown)")
+    reference.set_defaults(func=cmd_config_reference)
     return parser
 
 

@@ -70,6 +70,17 @@ def _bands(value: Any) -> str | None:
     return None
 
 
+def _augment(value: Any) -> str | None:
+    # Imported here: the augmentation module pulls in torch, which config loading need not.
+    from sitfuse_byol.train.augment import AugmentConfig
+
+    try:
+        AugmentConfig.from_dict(dict(value))
+    except ConfigError as err:
+        return err.what
+    return None
+
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
         "scenes": Key("scenes", REQUIRED, "Scene list: a list of paths or multi-file scenes, a text file, a YAML file or a glob."),
@@ -103,7 +114,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key("int", 0, "Seed for sampling, augmentation and initialisation.", minimum=0),
         "device": Key("str", "auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda")),
         "compile": Key("bool", False, "Use torch.compile."),
-        "augment": Key("mapping", {}, "Augmentation settings (see README)."),
+        "augment": Key("mapping", {}, "Augmentation strengths (see `sitfuse_byol/train/augment.py`); mild spectral jitter, no band dropout by default.", check=_augment),
     },
     "embed": {
         "stride": Key("int", 1, "Embed every n-th pixel; the output transform is scaled to match.", minimum=1),
@@ -154,9 +165,11 @@ def _check_value(dotted: str, key: Key, value: Any) -> Any:
     def fail(message: str) -> ConfigError:
         return ConfigError(f"config: {dotted}: {message} (got {value!r})")
 
+    # YAML 1.1 reads `5e-4` or `1.0e6` (no sign) as strings; people write them all the time.
     if key.kind == "float" and isinstance(value, str) and _YAML11_EXPONENT.match(value):
-        # YAML 1.1 reads `5e-4` (no dot) as a string; people write it that way all the time.
         value = float(value)
+    if key.check is _pair and isinstance(value, list):
+        value = [float(v) if isinstance(v, str) and _YAML11_EXPONENT.match(v) else v for v in value]
     if value is None:
         if key.nullable:
             return None

@@ -69,3 +69,22 @@ def test_digest_changes_with_values_and_reference_lists_every_key(tmp_path):
     for section, keys in SCHEMA.items():
         for name in keys:
             assert f"`{section}.{name}`" in table
+
+
+def test_readme_config_reference_is_generated_from_the_schema():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+    end = readme.index("\n<!-- config-reference:end -->")
+    assert readme[start:end] == reference_markdown(), "run: sitfuse config reference, paste into README"
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    names = sorted(p.name for p in configs.glob("*.yaml"))
+    assert {"demo.yaml", "landsat.yaml", "sentinel2.yaml", "hyperspectral.yaml"} <= set(names)
+    for path in configs.glob("*.yaml"):
+        load_config(path)
