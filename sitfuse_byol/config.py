@@ -118,7 +118,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "embed": {
         "stride": Key("int", 1, "Embed every n-th pixel; the output transform is scaled to match.", minimum=1),
-        "block_size": Key("int", 512, "Inference block edge in pixels (plus halo).", minimum=16),
+        "block_size": Key("int", 256, "Inference block edge in pixels (plus halo); blocks run in parallel threads.", minimum=16),
         "window": Key("int", 0, "Average embeddings over an odd window (BYOL learns pooled patches); 0 disables.", minimum=0, check=lambda v: "must be odd or 0" if v and v % 2 == 0 else None),
         "save": Key("bool", True, "Write embeddings to Zarr; false streams them into clustering."),
     },
@@ -140,8 +140,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "class_names": Key("list", None, "Names for cluster labels; 'cluster N' when null.", nullable=True),
     },
     "dask": {
-        "workers": Key("int", None, "LocalCluster workers; null sizes to the machine.", nullable=True, minimum=1),
-        "threads_per_worker": Key("int", None, "Threads per worker (also torch threads).", nullable=True, minimum=1),
+        "workers": Key("int", None, "LocalCluster workers; null: one per core, at most one per scene.", nullable=True, minimum=1),
+        "threads_per_worker": Key("int", None, "Threads per worker, each running blocks with one torch thread; null: the cores shared out.", nullable=True, minimum=1),
         "scheduler": Key("str", None, "Address of an existing scheduler, tcp://HOST:PORT.", nullable=True),
         "gpus_per_worker": Key("int", 0, "GPUs each worker advertises as a resource.", minimum=0),
         "retries": Key("int", 2, "Retries of a failed per-scene task.", minimum=0),

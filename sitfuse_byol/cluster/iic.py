@@ -103,13 +103,23 @@ def fit_iic(
     sub-head with the lowest loss on the whole sample (BatchNorm in eval mode,
     as at inference) becomes the model's head.
 
-    Sub-heads, as in the IIC paper: a single head often settles in a local
-    optimum that merges two clusters and leaves one empty. On 6 equal
-    Gaussian blobs (D=16, 20k pairs, 10 epochs) one head reached ARI 0.57-0.83
-    over five seeds, never 1.0; with five sub-heads three of four seeds
-    reached 1.0. Weighting the marginal entropy more (``lamb > 1`` in the
-    reference code) also fixed equal blobs but broke unequal ones (ARI about
-    0.5 when one blob holds half the pixels), so the loss stays standard.
+    After every epoch but the last, a cluster of a sub-head that no pair was
+    assigned to is restarted as a noisy copy of one of its busiest clusters
+    (see :func:`_restart_dead_clusters`).
+
+    Sub-heads and restarts, as in the IIC paper and DeepCluster: a single
+    head often settles in a local optimum that merges two clusters and leaves
+    one empty. Measured ARI against the truth on Gaussian blobs (10 epochs;
+    6 equal blobs and 6 unequal ones, half the pixels in one, in D=16 with 20k
+    pairs; 32 equal blobs in D=32 with 40k pairs), over 2-5 seeds:
+
+    * one head: 0.56-0.83 (equal), 0.78-0.98 (unequal), 0.56-0.70 (32 blobs);
+    * five sub-heads: 0.83-1.0, 0.68-0.98, 0.67-0.69;
+    * five sub-heads with restarts: 1.0, 0.94-0.98, 0.79-0.84.
+
+    Weighting the marginal entropy more (``lamb > 1`` in the reference code)
+    also fixed equal blobs but broke unequal ones (ARI about 0.5), so the loss
+    stays the standard one.
 
     Batches are drawn without replacement from a ``torch.Generator`` seeded
     with ``seed``, and the weights are initialised under
@@ -164,21 +174,24 @@ def fit_iic(
     xt = torch.from_numpy(x).to(device)
     xt_prime = torch.from_numpy(x_prime).to(device)
     net.train()
-    steps = 0
-    for _ in range(epochs):
+    steps = restarts = 0
+    for epoch in range(epochs):
+        counts = torch.zeros(n_heads, n_clusters, dtype=torch.long, device=device)
         for batch in torch.randperm(n, generator=generator).split(batch_size):
             if len(batch) < 2:  # BatchNorm needs two rows
                 continue
             batch = batch.to(device)
-            losses = [
-                iic_loss(*logits.softmax(dim=1).chunk(2))
-                for logits in net(torch.cat([xt[batch], xt_prime[batch]]))
-            ]
+            losses = []
+            for index, logits in enumerate(net(torch.cat([xt[batch], xt_prime[batch]]))):
+                counts[index] += torch.bincount(logits.argmax(dim=1), minlength=n_clusters)
+                losses.append(iic_loss(*logits.softmax(dim=1).chunk(2)))
             loss = torch.stack(losses).mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             steps += 1
+        if epoch < epochs - 1:
+            restarts += _restart_dead_clusters(net, counts.cpu(), generator=generator)
 
     net.eval()
     head_losses = _eval_losses(net, xt, xt_prime)
@@ -207,6 +220,7 @@ def fit_iic(
         "epochs": epochs,
         "steps": steps,
         "seed": seed,
+        "restarts": restarts,
         "head_losses": head_losses,
         "head": best,
         "empty_clusters": empty,
@@ -220,6 +234,39 @@ def fit_iic(
     return ClusterModel(
         method="iic", centroids=centroids, fine_centroids=fine, metadata={"fit": fit}, head=arrays
     )
+
+
+@torch.no_grad()
+def _restart_dead_clusters(
+    net: _IICNet, counts: torch.Tensor, *, generator: torch.Generator
+) -> int:
+    """Re-seed clusters no pair was assigned to by splitting the busiest ones.
+
+    A dead cluster's output row becomes a copy of a busy cluster's row plus 1 %
+    noise, so the two share that cluster's pixels and the loss can pull them
+    apart (DeepCluster's remedy for empty clusters). Each busy cluster donates
+    to at most one dead cluster per call.
+
+    Args:
+        net: The network whose sub-heads are edited in place.
+        counts: ``(n_heads, K)`` argmax assignments during the last epoch.
+        generator: Source of the noise.
+
+    Returns:
+        How many clusters were restarted.
+    """
+    restarted = 0
+    for head, head_counts in zip(net.heads, counts, strict=True):
+        dead = torch.nonzero(head_counts == 0).flatten().tolist()
+        busiest = torch.argsort(head_counts, descending=True, stable=True).tolist()
+        donors = [k for k in busiest if head_counts[k] > 0]
+        for target, donor in zip(dead, donors, strict=False):
+            row = head.weight[donor]
+            noise = torch.randn(row.shape, generator=generator).to(row.device)
+            head.weight[target] = row + 0.01 * row.abs().mean() * noise
+            head.bias[target] = head.bias[donor]
+            restarted += 1
+    return restarted
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sitfuse_byol.errors import ConfigError
 
@@ -29,8 +29,17 @@ class ClusterOptions:
         return {"GPU": 1} if self.gpus_per_worker else None
 
 
-def default_workers() -> int:
-    return max(1, os.cpu_count() or 1)
+    def sized_for(self, n_scenes: int) -> ClusterOptions:
+        """Fill in a LocalCluster's shape: no more workers than scenes, the cores shared out.
+
+        A single scene then still uses every core, through its blocks.
+        """
+        if self.scheduler:
+            return self
+        cores = max(1, os.cpu_count() or 1)
+        workers = self.workers or max(1, min(cores, n_scenes))
+        threads = self.threads_per_worker or max(1, cores // workers)
+        return replace(self, workers=workers, threads_per_worker=threads)
 
 
 @contextlib.contextmanager
@@ -48,9 +57,8 @@ def dask_client(options: ClusterOptions, *, quiet: bool = False) -> Iterator:
             raise ConfigError(f"cannot reach the Dask scheduler: {err}", where=options.scheduler) from err
         cluster = None
     else:
-        workers = options.workers or default_workers()
         cluster = LocalCluster(
-            n_workers=workers,
+            n_workers=options.workers or 1,
             threads_per_worker=options.threads_per_worker or 1,
             processes=True,
             dashboard_address=":0",

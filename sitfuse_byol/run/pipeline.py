@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +285,7 @@ class Pipeline:
         """Run ``func(config, ref, threads)`` for every scene not yet done under its key."""
         from distributed import as_completed
 
-        threads = self.options.cluster.threads_per_worker or 1
+        threads = self.options.cluster.threads_per_worker or min(client.nthreads().values(), default=1)
         todo = [ref for ref in self.refs if ref.id in self.scenes and ref.id in keys]
         if not todo:
             return
@@ -429,6 +429,7 @@ class Pipeline:
             self._require_scenes()
             if "stats" in stages:
                 self.stage_stats()
+            self.options = replace(self.options, cluster=self.options.cluster.sized_for(len(self.scenes)))
             with dask_client(self.options.cluster, quiet=self.options.quiet) as client:
                 if "train" in stages:
                     self.stage_train(client)

@@ -1,0 +1,250 @@
+"""End-to-end throughput, scaling and memory of embed + cluster + export.
+
+1. **Efficiency**: Mpixel/s of the embed, cluster (sample + fit) and export stages on
+   the Sentinel-2 sample (and on it mosaicked 2x2), divided by the encoder's pure
+   forward throughput on the same normalized pixels in memory (no halo, no I/O).
+2. **Workers**: wall time of `sitfuse run` (embed + cluster + export, trained model
+   reused) over four scenes with a LocalCluster of 1 and of 2 workers.
+3. **Memory**: peak RSS of one process running a scene's embed, sample and export
+   tasks, for the sample stacked into one GeoTIFF (1x) and mosaicked 2x2 (4x).
+
+Run: .venv/bin/python benchmarks/bench_pipeline.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tiling import stacked_geotiffs  # noqa: E402
+from report import machine, markdown_table, peak_rss_mb, today, write_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / "benchmarks" / "out" / "pipeline"
+SAMPLE = REPO / "data_samples" / "sentinel2_virginia.yaml"
+
+
+def base_config(scenes: list[Path], out: Path, **sections) -> dict:
+    """The demo's encoder and clustering, a very short training (speed does not need quality)."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    raw["data"]["scenes"] = [str(s) for s in scenes]
+    raw["train"].update({"epochs": 1, "steps_per_epoch": 5})
+    raw["output"] = {**raw.get("output", {}), "dir": str(out)}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def write_yaml(raw: dict, path: Path) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def train_once(out: Path) -> Path:
+    """A checkpoint shared by every measurement."""
+    from sitfuse_byol.config import load_config
+    from sitfuse_byol.train.loop import train
+
+    checkpoint = out / "checkpoints" / "last.pt"
+    if not checkpoint.exists():
+        train(load_config(raw=base_config([SAMPLE], out), base=REPO))
+    return checkpoint
+
+
+def forward_mpx_per_s(scene_path: Path, checkpoint: Path, *, block: int) -> float:
+    """Encoder forward alone on the normalized scene, block by block, all cores, best of 3."""
+    import torch
+
+    from sitfuse_byol.read import open_scene
+    from sitfuse_byol.read.scene_list import parse_scene_entry
+    from sitfuse_byol.train.checkpoint import load_encoder
+
+    trained = load_encoder(checkpoint)
+    scene = open_scene(parse_scene_entry(str(scene_path), base=REPO, where="bench"), nodata=0)
+    raw = scene.data.compute()
+    x = trained.stats.normalize(raw, scene.valid_of(raw))
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for r in range(0, x.shape[1], block):
+                for c in range(0, x.shape[2], block):
+                    trained.encoder(torch.from_numpy(np.ascontiguousarray(x[None, :, r : r + block, c : c + block])))
+        best = min(best, time.perf_counter() - start)
+    return x.shape[1] * x.shape[2] / best / 1e6
+
+
+def stage_seconds(config_path: Path, *, workers: int | None = None, stages=("embed", "cluster", "export")) -> dict:
+    """Run stages in-process (LocalCluster) and return seconds per stage."""
+    from sitfuse_byol.config import load_config
+    from sitfuse_byol.run.cluster_client import ClusterOptions
+    from sitfuse_byol.run.pipeline import Pipeline, RunOptions
+
+    config = load_config(config_path)
+    options = RunOptions(quiet=True, force=True, stages=tuple(stages), cluster=ClusterOptions(workers=workers))
+    pipeline = Pipeline(config, options)
+    timings = {}
+    original = {name: getattr(pipeline, f"stage_{name}") for name in stages}
+
+    def timed(name):
+        def run(*args):
+            start = time.perf_counter()
+            original[name](*args)
+            timings[name] = time.perf_counter() - start
+
+        return run
+
+    for name in stages:
+        setattr(pipeline, f"stage_{name}", timed(name))
+    start = time.perf_counter()
+    summary = pipeline.run()
+    timings["wall"] = time.perf_counter() - start
+    assert not summary.failed, summary.scenes
+    return timings
+
+
+def memory_worker(scene_path: str, config_path: str) -> None:
+    """One process: embed, sample and export one scene with all cores; prints its peak RSS."""
+    from sitfuse_byol.cluster import EmbeddingReservoir, fit_kmeans
+    from sitfuse_byol.config import load_config
+    from sitfuse_byol.read.scene_list import SceneRef, parse_scene_entry
+    from sitfuse_byol.run.tasks import Paths, embed_task, export_task, sample_task
+
+    config = load_config(Path(config_path))
+    ref = SceneRef(spec=parse_scene_entry(scene_path, base=REPO, where="bench"), entry="bench")
+    start = time.perf_counter()
+    embed_task(config, ref, 2)
+    samples, neighbours = sample_task(config, ref, 2)
+    reservoir = EmbeddingReservoir(capacity=len(samples), seed=0)
+    reservoir.add(samples, neighbours=neighbours)
+    fit_kmeans(reservoir, n_clusters=config["cluster"]["n_clusters"], seed=0).save(Paths(config.output_dir).cluster_model)
+    export_task(config, ref, 2)
+    print(json.dumps({"rss_mb": peak_rss_mb(), "seconds": time.perf_counter() - start}))
+
+
+def measure_memory(scene: Path, config_path: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--memory-worker", str(scene), str(config_path)],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory-worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    if args.memory_worker:
+        memory_worker(*args.memory_worker)
+        return
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    stacks = stacked_geotiffs()
+    model_dir = WORK / "model"
+    checkpoint = train_once(model_dir)
+    block = 256
+
+    rows, efficiency = [], {}
+    for name, scene in (("sample 1x", SAMPLE), ("mosaic 4x", stacks["4x"])):
+        out = WORK / name.replace(" ", "_")
+        shutil.copytree(model_dir, out, dirs_exist_ok=True)
+        config_path = write_yaml(base_config([scene], out, embed={"block_size": block}), out / "config.yaml")
+        timings = stage_seconds(config_path)
+        forward = forward_mpx_per_s(scene, checkpoint, block=block)
+        from sitfuse_byol.config import load_config
+        from sitfuse_byol.read import open_scenes_from_config, resolve_scene_list
+
+        config = load_config(config_path)
+        scene_obj = open_scenes_from_config(
+            resolve_scene_list(config["data"]["scenes"], base=config.base), data=config["data"], patch_size=16
+        )[0]
+        mpx = scene_obj.grid.height * scene_obj.grid.width / 1e6
+        stages_s = timings["embed"] + timings["cluster"] + timings["export"]
+        end_to_end = mpx / stages_s
+        efficiency[name] = end_to_end / forward
+        rows.append([
+            name, f"{mpx:.2f}", f"{timings['embed']:.2f}", f"{timings['cluster']:.2f}", f"{timings['export']:.2f}",
+            f"{end_to_end:.3f}", f"{forward:.3f}", f"{end_to_end / forward:.2f}",
+        ])
+    efficiency_table = markdown_table(
+        ["scene", "Mpx", "embed s", "cluster s", "export s", "end-to-end Mpx/s", "forward Mpx/s", "ratio"], rows
+    )
+    print(efficiency_table)
+
+    four = [SAMPLE, stacks["1x"], stacks["4x"], REPO / "data_samples" / "sentinel2_virginia.zarr"]
+    # The zarr holds the same crop as the YAML scene; give it its own id through a copy.
+    zarr_copy = WORK / "virginia_zarr.zarr"
+    shutil.copytree(four[3], zarr_copy)
+    four[3] = zarr_copy
+    walls = {}
+    for workers in (1, 2):
+        out = WORK / f"workers_{workers}"
+        shutil.copytree(model_dir, out, dirs_exist_ok=True)
+        config_path = write_yaml(base_config(four, out, embed={"block_size": block}), out / "config.yaml")
+        walls[workers] = stage_seconds(config_path, workers=workers)["wall"]
+    worker_table = markdown_table(
+        ["workers", "wall s (4 scenes)", "speed-up"],
+        [[str(w), f"{walls[w]:.1f}", f"{walls[1] / walls[w]:.2f}x"] for w in (1, 2)],
+    )
+    print(worker_table)
+
+    memory = {}
+    for name in ("1x", "4x"):
+        out = WORK / f"memory_{name}"
+        shutil.copytree(model_dir, out, dirs_exist_ok=True)
+        config_path = write_yaml(base_config([stacks[name]], out, embed={"block_size": block}), out / "config.yaml")
+        memory[name] = measure_memory(stacks[name], config_path)
+    memory_table = markdown_table(
+        ["scene", "peak RSS MiB", "seconds"],
+        [[n, f"{m['rss_mb']:.0f}", f"{m['seconds']:.1f}"] for n, m in memory.items()],
+    )
+    print(memory_table)
+
+    ratio = efficiency["sample 1x"]
+    goals = [
+        ["end-to-end / forward >= 0.8 (sample)", f"{ratio:.2f}", "met" if ratio >= 0.8 else "NOT met"],
+        ["end-to-end / forward >= 0.8 (4x)", f"{efficiency['mosaic 4x']:.2f}",
+         "met" if efficiency["mosaic 4x"] >= 0.8 else "NOT met"],
+        ["peak RSS 4x / 1x < 1.5", f"{memory['4x']['rss_mb'] / memory['1x']['rss_mb']:.2f}",
+         "met" if memory["4x"]["rss_mb"] / memory["1x"]["rss_mb"] < 1.5 else "NOT met"],
+    ]
+    goal_table = markdown_table(["goal", "value", "status"], goals)
+    print(goal_table)
+    if not args.no_write:
+        write_section(
+            "bench_pipeline",
+            "## Pipeline: embed + cluster + export (`benchmarks/bench_pipeline.py`)\n\n"
+            "Command: `.venv/bin/python benchmarks/bench_pipeline.py`  \n"
+            f"Machine: {machine()}  \nDate: {today()}\n\n"
+            "Stage seconds exclude LocalCluster start-up; `forward` is the encoder alone on the same "
+            f"normalized pixels in memory ({block}x{block} blocks, no halo, no I/O), all cores.\n\n"
+            f"{efficiency_table}\n\n{worker_table}\n\n{memory_table}\n\n{goal_table}\n",
+        )
+    print(json.dumps({
+        "efficiency": round(ratio, 3),
+        "efficiency_4x": round(efficiency["mosaic 4x"], 3),
+        "wall_s_1_worker": round(walls[1], 2),
+        "wall_s_2_workers": round(walls[2], 2),
+        "rss_mb_1x": round(memory["1x"]["rss_mb"], 1),
+        "rss_mb_4x": round(memory["4x"]["rss_mb"], 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
