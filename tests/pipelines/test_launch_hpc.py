@@ -170,6 +170,8 @@ def test_missing_command_is_a_one_line_error(tmp_path):
         ("kind: slurm\ncores: 8\nmemory: 64GB\ngpus_per_job: true\n", ["'gpus_per_job' must be an integer"]),
         ("kind: lsf\ncores: 8\nmemory: 64GB\n", ["'kind' must be one of slurm, pbs", "lsf"]),
         ("kind: slurm\ncores: 8\n", ["missing required key 'memory'"]),
+        ("kind: slurm\ncores: 8\nmemory: 64 gigs\n", ["'memory' must be a size like 64GB", "64 gigs"]),
+        ("kind: slurm\ncores: 8\nmemory: 64GB\ngpus_per_job: -1\n", ["'gpus_per_job' must be 0 or more"]),
         ("kind: slurm\ncores: 8\nmemory: 64GB\ngpus_per_job: 2\nprocesses: 1\n", ["'processes' (1) must equal 'gpus_per_job' (2)"]),
         ("kind: slurm\ncores: 6\nmemory: 64GB\ngpus_per_job: 4\n", ["cores (6) must be divisible by the 4"]),
         ("kind: slurm\ncores: 8\nmemory: 64GB\nresource_spec: select=1\n", ["'resource_spec' is only for kind: pbs"]),
@@ -256,20 +258,25 @@ def test_run_submits_jobs_passes_the_scheduler_and_returns_the_exit_code(tmp_pat
     assert (record / "scancel").read_text().split() == ["4242"]  # the job is cancelled on close
 
 
-def test_sigterm_closes_the_cluster_and_stops_the_command(tmp_path, fake_queue):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_closes_the_cluster_stops_the_command_and_is_re_raised(tmp_path, fake_queue, signum):
     record, env = fake_queue
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--cluster", str(SLURM_YAML), "--jobs", "1",
          "--", sys.executable, "-c", CHILD, str(record), "hang"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    deadline = time.monotonic() + 30
-    while not (record / "argv.json").exists() or not (record / "job.sh").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGTERM, err
+    try:
+        deadline = time.monotonic() + 30
+        while not (record / "argv.json").exists() or not (record / "job.sh").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        started = time.monotonic()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signum, err
+    assert "Traceback" not in err
     assert time.monotonic() - started < 20  # the child was stopped, not waited for
     assert (record / "scancel").read_text().split() == ["4242"]
