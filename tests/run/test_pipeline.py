@@ -125,3 +125,77 @@ def test_hierarchical_levels_and_streamed_embeddings(tmp_path, crop_scenes):
     assert fine[valid].max() < 6 and coarse[valid].max() < 3
     np.testing.assert_array_equal(fine[valid] // 2, coarse[valid])
     assert not (tmp_path / "out" / "embeddings").exists()
+
+
+def _write_class_polygons(path, scene_path):
+    """Two class polygons over the first scene, in WGS 84 as a user might draw them."""
+    import pyogrio.raw
+    import shapely
+    from rasterio.warp import transform_geom
+
+    with rasterio.open(scene_path) as src:
+        left, bottom, right, top = src.bounds
+        crs = src.crs
+    width, height = right - left, top - bottom
+    boxes = {
+        "water": shapely.box(left + 0.6 * width, bottom + 0.1 * height, left + 0.9 * width, bottom + 0.4 * height),
+        "land": shapely.box(left + 0.1 * width, bottom + 0.6 * height, left + 0.4 * width, bottom + 0.9 * height),
+    }
+    geometries = [
+        shapely.to_wkb(shapely.geometry.shape(transform_geom(crs, "EPSG:4326", shapely.geometry.mapping(box))))
+        for box in boxes.values()
+    ]
+    pyogrio.raw.write(
+        path, geometry=np.array(geometries, dtype=object), field_data=[np.array(list(boxes), dtype=object)],
+        fields=["class"], crs="EPSG:4326", driver="GPKG", geometry_type="Polygon",
+    )
+    return path
+
+
+def test_assign_command_maps_clusters_and_reapplies_an_edited_mapping(base_run, tmp_path, crop_scenes, capsys):
+    import yaml
+
+    folder, *_ = base_run
+    shutil.copytree(folder / "out", tmp_path / "out")
+    config = write_config(tmp_path, crop_scenes.values())
+    polygons = _write_class_polygons(tmp_path / "classes.gpkg", crop_scenes["olinda_a"])
+    assert main(["assign", "-c", str(config), "--labels", str(polygons)]) == 0
+    stdout = capsys.readouterr().out
+    assert "purity" in stdout
+    mapping_path = tmp_path / "out" / "assign" / "mapping.yaml"
+    mapping = yaml.safe_load(mapping_path.read_text())
+    assert set(mapping["clusters"].values()) <= {"water", "land", "uncertain"}
+    classes = tmp_path / "out" / "classes" / "olinda_a.tif"
+    with rasterio.open(classes) as dst, rasterio.open(crop_scenes["olinda_a"]) as src:
+        assert dst.crs == src.crs and dst.transform == src.transform
+        before = dst.read(1)
+    assert (tmp_path / "out" / "classes" / "olinda_a.qml").read_text().count("paletteEntry") == 3
+
+    # Send every cluster to "land" by editing the text, then re-apply.
+    edited = yaml.safe_load(mapping_path.read_text())
+    edited["clusters"] = {k: "land" for k in edited["clusters"]}
+    mapping_path.write_text(yaml.safe_dump(edited))
+    assert main(["assign", "-c", str(config), "--apply", str(mapping_path)]) == 0
+    after = labels_of(classes)
+    land = edited["classes"].index("land") if "land" in edited["classes"] else None
+    valid = before != 255
+    assert land is not None and (after[valid] == land).all()
+
+
+def test_polygons_and_zarr_outputs_on_request(base_run, tmp_path, crop_scenes):
+    import xarray as xr
+
+    folder, *_ = base_run
+    shutil.copytree(folder / "out", tmp_path / "out")
+    config = write_config(tmp_path, [crop_scenes["olinda_a"]], output={"polygons": True, "zarr": True, "min_polygon_px": 8})
+    assert main(["export", "-c", str(config), "--quiet"]) == 0
+    import pyogrio
+
+    info = pyogrio.read_info(tmp_path / "out" / "labels" / "olinda_a.gpkg")
+    assert info["features"] > 0
+    store = xr.open_zarr(
+        tmp_path / "out" / "labels" / "olinda_a.zarr", decode_coords="all", mask_and_scale=False, consolidated=False
+    )
+    with rasterio.open(crop_scenes["olinda_a"]) as src:
+        assert store["labels"].rio.crs == src.crs
+    np.testing.assert_array_equal(store["labels"].values, labels_of(tmp_path / "out" / "labels" / "olinda_a.tif"))
