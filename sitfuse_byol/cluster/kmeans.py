@@ -38,6 +38,7 @@ __all__ = [
     "MAX_FINE_SAMPLES",
     "EmbeddingReservoir",
     "check_enough_samples",
+    "check_n_fine",
     "fit_fine_centroids",
     "fit_kmeans",
 ]
@@ -237,7 +238,7 @@ def fit_kmeans(
     """
     if n_clusters < 1 or batch_size < 1 or max_epochs < 1:
         raise ValueError("n_clusters, batch_size and max_epochs must be at least 1")
-    _check_n_fine(n_fine)
+    check_n_fine(n_fine)
     x, seen = _sample_of(data)
     check_enough_samples(n_clusters, len(x))
     n = len(x)
@@ -312,7 +313,7 @@ def fit_fine_centroids(
     Returns:
         ``(fine_centroids (K, n_fine, D) float32, unsplit cluster indices)``.
     """
-    _check_n_fine(n_fine)
+    check_n_fine(n_fine)
     n_clusters = len(centroids)
     fine = np.repeat(np.asarray(centroids, np.float32)[:, None, :], n_fine, axis=1)
     threshold = max(n_fine, min_fine_samples or 0)
@@ -335,7 +336,15 @@ def fit_fine_centroids(
     return fine, unsplit
 
 
-def _check_n_fine(n_fine: int) -> None:
+def check_n_fine(n_fine: int) -> None:
+    """Refuse an ``n_fine`` other than 0 (flat) or at least 2.
+
+    Args:
+        n_fine: Fine clusters per coarse cluster.
+
+    Raises:
+        ValueError: If ``n_fine`` is negative or 1.
+    """
     if n_fine < 0 or n_fine == 1:
         raise ValueError(f"n_fine must be 0 (flat) or at least 2, got {n_fine}")
 

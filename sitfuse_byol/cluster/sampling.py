@@ -54,7 +54,10 @@ def sample_embeddings(
     data_blocks, valid_blocks = data.to_delayed(), valid.to_delayed()
     tasks = [
         dask.delayed(_block_sample)(
-            data_blocks[0, i, j], valid_blocks[i, j], probability=probability, seed=[seed, scene_key, i, j]
+            data_blocks[0, i, j],
+            valid_blocks[i, j],
+            probability=probability,
+            seed=[seed, scene_key, i, j],
         )
         for i in range(valid_blocks.shape[0])
         for j in range(valid_blocks.shape[1])

@@ -41,7 +41,7 @@ class MLPHead(nn.Sequential):
         out: Output features (256 in the paper).
     """
 
-    def __init__(self, in_dim: int, *, hidden: int = 4096, out: int = 256) -> None:
+    def __init__(self, in_dim: int, hidden: int = 4096, out: int = 256) -> None:
         super().__init__(
             nn.Linear(in_dim, hidden),
             nn.BatchNorm1d(hidden),

@@ -35,6 +35,7 @@ __all__ = [
     "Encoder",
     "ResNetEncoder",
     "SmallCNN",
+    "TrackedGroupNorm",
     "WSConv2d",
     "create_encoder",
     "list_encoders",
@@ -63,10 +64,9 @@ class Encoder(nn.Module):
         receptive_field: Radius r of the convolutional receptive field in input
             pixels: output pixel ``(i, j)`` depends only on input pixels within
             Chebyshev distance r of ``(i*s, j*s)``. Inference tiles need a halo of
-            at least r pixels to reproduce untiled features exactly. With
-            ``norm="group"`` this holds for the convolutions only: GroupNorm
-            statistics are taken over the whole input, so every output depends
-            (weakly) on every input pixel.
+            at least r pixels to reproduce untiled features exactly. This holds in
+            eval mode for both norms: :class:`TrackedGroupNorm` uses statistics
+            tracked during training, as BatchNorm does, never those of the input.
     """
 
     def __init__(self, *, out_channels: int, stride: int, receptive_field: int) -> None:
@@ -90,6 +90,38 @@ class WSConv2d(nn.Conv2d):
         var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), keepdim=True, correction=0)
         weight = (self.weight - mean) * torch.rsqrt(var + self.eps)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class TrackedGroupNorm(nn.GroupNorm):
+    """GroupNorm that also tracks running group statistics, and uses them in eval mode.
+
+    Plain GroupNorm normalizes with the statistics of whatever it is given, so a
+    feature at one pixel would depend on the whole block around it, and tiled
+    inference would differ from whole-scene inference (seams). Training behaves
+    exactly like GroupNorm (per-sample statistics, good at small batches); in eval
+    mode the layer is a fixed per-channel affine map, local like BatchNorm's.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(num_groups))
+        self.register_buffer("running_var", torch.ones(num_groups))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        per_group = self.num_channels // self.num_groups
+        if self.training:
+            with torch.no_grad():
+                grouped = x.detach().float().reshape(x.shape[0], self.num_groups, -1)
+                var, mean = torch.var_mean(grouped, dim=2, correction=0)
+                self.running_mean.lerp_(mean.mean(0), self.momentum)
+                self.running_var.lerp_(var.mean(0), self.momentum)
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        scale = torch.rsqrt(self.running_var + self.eps).repeat_interleave(per_group)
+        mean = self.running_mean.repeat_interleave(per_group)
+        weight = self.weight * scale
+        bias = self.bias - mean * weight
+        return x * weight.to(x.dtype)[None, :, None, None] + bias.to(x.dtype)[None, :, None, None]
 
 
 def resolve_norm(norm: str, batch_size: int | None) -> str:
@@ -148,7 +180,7 @@ class _Layers:
 
     def norm_layer(self, channels: int) -> nn.Module:
         if self.norm == "group":
-            return nn.GroupNorm(_num_groups(channels), channels)
+            return TrackedGroupNorm(_num_groups(channels), channels)
         return nn.BatchNorm2d(channels)
 
 
@@ -466,6 +498,7 @@ def masked_avg_pool(
     keep = (mask >= 0.5).flatten(1).to(features.dtype)  # (B, h*w)
     keep = torch.where(keep.any(1, keepdim=True), keep, 1.0)  # no valid pixel: plain mean
     weights = keep / keep.sum(1, keepdim=True)
-    # One batched vector-matrix product reads the feature map once, without a
-    # masked copy; this orientation is several times faster than (D, N) @ (N, 1) on CPU.
-    return torch.bmm(weights.unsqueeze(1), features.flatten(2).transpose(1, 2)).squeeze(1)
+    # A batched mat-vec reads the feature map once, without a masked copy. Not the
+    # faster-forward (1, N) @ (N, D) orientation: its gradient comes back in a
+    # transposed layout that slows the encoder's backward far more than it saves.
+    return torch.bmm(features.flatten(2), weights.unsqueeze(2)).squeeze(2)

@@ -102,7 +102,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def create_optimizer(
-    name: str, params: Iterable[Any], *, lr: float, weight_decay: float
+    name: str, params: Iterable[Any], lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
     """Build ``"adamw"`` or ``"lars"``.
 

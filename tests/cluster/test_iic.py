@@ -46,13 +46,17 @@ def _pairs(n: int, *, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def fitted() -> tuple[ClusterModel, np.ndarray, np.ndarray, np.ndarray]:
     """An IIC model fitted through a reservoir filled scene by scene, held-out points
     and their blobs, and the reservoir's sample."""
-    torch.set_num_threads(1)
     x, x_prime, truth = _pairs(16_000, seed=0)
     reservoir = EmbeddingReservoir(capacity=12_000, seed=0)
     for rows in np.array_split(np.arange(12_000), 4):
         reservoir.add(x[rows], neighbours=x_prime[rows])
-    with threadpool_limits(1):
-        model = fit_iic(reservoir, n_clusters=N_BLOBS, seed=0, epochs=10)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            model = fit_iic(reservoir, n_clusters=N_BLOBS, seed=0, epochs=10)
+    finally:
+        torch.set_num_threads(before)
     return model, x[12_000:], truth[12_000:], reservoir.samples.copy()
 
 

@@ -58,3 +58,26 @@ def test_band_count_mismatch_is_refused(sentinel2_zarr, tiny_checkpoint):
     trained = load_encoder(tiny_checkpoint)
     with pytest.raises(ModelError, match="trained on 6 bands"):
         embed_scene(open_scene(sentinel2_zarr), trained)
+
+
+def test_group_norm_encoder_is_seamless_too(tmp_path, landsat_path):
+    """GroupNorm (chosen for small batches) uses tracked statistics at inference: no seams."""
+    from sitfuse_byol.config import load_config
+    from sitfuse_byol.train.loop import train
+
+    raw = {
+        "data": {"scenes": [str(landsat_path)]},
+        "tiling": {"patch_size": 8, "shuffle_buffer": 256},
+        "train": {
+            "epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "norm": "auto",
+            "encoder_args": {"width": 8, "depth": 2, "out_channels": 8},
+            "projector_hidden": 32, "projection_dim": 16,
+        },
+        "output": {"dir": str(tmp_path)},
+    }
+    trained = load_encoder(train(load_config(raw=raw, base=tmp_path)).checkpoint)
+    assert any(type(m).__name__ == "TrackedGroupNorm" for m in trained.encoder.modules())
+    scene = open_scene(landsat_path)
+    tiled = embed_scene(scene, trained, block_size=64).data.compute()
+    whole = embed_scene(scene, trained, block_size=1024).data.compute()
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)

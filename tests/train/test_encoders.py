@@ -12,6 +12,7 @@ from torch import nn
 from sitfuse_byol.errors import ConfigError, ModelError
 from sitfuse_byol.train.encoders import (
     Encoder,
+    TrackedGroupNorm,
     WSConv2d,
     create_encoder,
     list_encoders,
@@ -58,7 +59,7 @@ def _norm_kinds(enc: nn.Module) -> set[type]:
 @pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
 def test_auto_norm_follows_batch_size(name: str) -> None:
     small = create_encoder(name, in_channels=6, batch_size=8)
-    assert _norm_kinds(small) == {nn.GroupNorm}
+    assert _norm_kinds(small) == {TrackedGroupNorm}
     convs = [m for m in small.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(isinstance(m, WSConv2d) for m in convs)
     large = create_encoder(name, in_channels=6, batch_size=128)
@@ -168,3 +169,14 @@ def test_masked_avg_pool_rejects_ambiguous_or_wrong_stride(features: torch.Tenso
         masked_avg_pool(features[:, :, :3, :3], torch.ones(3, 9, 9, dtype=torch.bool))
     with pytest.raises(ModelError):
         masked_avg_pool(features, torch.ones(3, 9, 9, dtype=torch.bool), stride=2)
+
+
+def test_tracked_group_norm_trains_like_group_norm_and_infers_locally() -> None:
+    torch.manual_seed(0)
+    tracked, plain = TrackedGroupNorm(4, 16), nn.GroupNorm(4, 16)
+    x = torch.randn(8, 16, 10, 10) * 3 + 1
+    torch.testing.assert_close(tracked(x), plain(x))
+    assert not torch.allclose(tracked.running_mean, torch.zeros(4))
+    tracked.eval()
+    # In eval mode each pixel is normalized alone: a crop gives the crop of the output.
+    torch.testing.assert_close(tracked(x)[..., 2:5, 3:7], tracked(x[..., 2:5, 3:7]))
