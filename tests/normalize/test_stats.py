@@ -93,3 +93,18 @@ def test_mismatched_bands_and_all_nodata(landsat_path, tmp_path):
     empty = write_tif(tmp_path / "empty.tif", np.zeros((2, 20, 20), np.uint8), nodata=0)
     with pytest.raises(InputError, match="no valid pixel in any scene"):
         compute_stats([open_scene(empty)])
+
+
+def test_memory_does_not_grow_with_the_number_of_scenes(landsat_path):
+    import tracemalloc
+
+    def peak_for(n_scenes: int) -> int:
+        scenes = [open_scene(landsat_path, chunk_target=64, patch_size=16) for _ in range(n_scenes)]
+        tracemalloc.start()
+        compute_stats(scenes)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    two, twelve = peak_for(2), peak_for(12)
+    assert twelve < 1.5 * two, (two, twelve)
