@@ -291,9 +291,12 @@ def _pairs_of(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Finite, C-contiguous float32 ``(x, x')`` rows and how many pairs the stream had."""
     if isinstance(data, EmbeddingReservoir):
-        if data.neighbours is None:
+        if data.neighbours is not None:
+            return data.samples, data.neighbours, data.count
+        if len(data):
             raise ValueError("IIC needs pairs: fill the reservoir with add(..., neighbours=...)")
-        return data.samples, data.neighbours, data.count
+        # Nothing valid was sampled: let the caller's sample-count check say so.
+        return data.samples, data.samples, 0
     x, x_prime = (np.ascontiguousarray(a, dtype=np.float32) for a in data)
     if x.ndim != 2 or x.shape != x_prime.shape:
         raise ValueError(f"pairs must be two (N, D) arrays, got {x.shape} and {x_prime.shape}")

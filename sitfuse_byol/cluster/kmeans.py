@@ -19,6 +19,11 @@ So a sample gets as many passes as it takes to reach about 200 minibatches,
 capped by ``max_epochs``: one pass from about 800k rows (at batch 4096),
 ``max_epochs`` for small samples, where more passes are cheap and do help
 (measured on 20k rows: 569 -> 559 -> 554 inertia after 1 -> 3 -> 20 passes).
+
+A fit of 1M x 128 took 0.9-2 s (K=64) and 4-4.6 s (K=256) with one thread.
+With other processes busy on the two cores, letting OpenMP use both threads
+made it 5-10x *slower* (threads wait at barriers); a caller sharing the cores
+should wrap the fit in ``threadpoolctl.threadpool_limits(1)``.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ class EmbeddingReservoir:
 
     Reservoir sampling (Vitter's algorithm R, vectorised per added array):
     after any sequence of :meth:`add` calls every finite row seen so far is in
-    the sample with the same probability ``capacity / count``, whichever array
+    the sample with the same probability ``min(1, capacity / count)``, whichever array
     it came from. Memory is ``capacity x D x 4`` bytes (twice that with
     neighbours), independent of the number of scenes.
 

@@ -52,9 +52,15 @@ BN_EPS = 1e-5
 _MODEL_JSON = "model.json"
 _FORMAT_NAME = "sitfuse-byol clustering model"
 
-# Rows per slab, so a slab's (rows, K) score matrix stays near 64 MiB whatever N is.
-_SLAB_ELEMENTS = 1 << 24
-_MAX_SLAB_ROWS = 65536
+# Rows per slab: a slab's (rows, K) float32 scores stay within 4 MiB, near the
+# caches, whatever N is (16384 rows measured fastest for D=64, K=32).
+_SLAB_ELEMENTS = 1 << 20
+_MAX_SLAB_ROWS = 16384
+# Squared distance, relative to |x|^2 + |c|^2, below which float32 cancellation
+# in the expanded form matters (see _nearest).
+_CANCELLATION = 0.1
+# Valid fraction of a block from which predict_block predicts every pixel.
+_PREDICT_ALL = 0.5
 
 
 @dataclass(eq=False)
@@ -141,8 +147,10 @@ class ClusterModel:
     def predict(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Label embeddings at the finest level.
 
-        Rows must be finite; a non-finite row gets an arbitrary label and a NaN
-        or arbitrary confidence (:meth:`predict_block` masks such pixels).
+        Rows are processed in slabs of at most 16384, so the temporary
+        ``(rows, K)`` scores stay within a few MiB whatever ``N`` is. A row
+        with a non-finite value gets an arbitrary label and a non-finite
+        confidence (:meth:`predict_block` masks such pixels).
 
         Args:
             embeddings: ``(N, D)`` array, cast to float32.
@@ -184,6 +192,11 @@ class ClusterModel:
         fine = np.empty(n, np.int64) if self.n_fine else None
         step = max(1, min(_MAX_SLAB_ROWS, _SLAB_ELEMENTS // max(self.n_clusters, self.n_fine)))
         centroid_sqnorms = np.einsum("kd,kd->k", self.centroids, self.centroids)
+        fine_sqnorms = (
+            None
+            if self.fine_centroids is None
+            else np.einsum("kfd,kfd->kf", self.fine_centroids, self.fine_centroids)
+        )
         for start in range(0, n, step):
             rows = slice(start, min(start + step, n))
             slab = x[rows]
@@ -191,8 +204,8 @@ class ClusterModel:
                 coarse[rows], distance[rows] = _head_predict(self.head, slab)
             else:
                 coarse[rows], distance[rows] = _nearest(slab, self.centroids, centroid_sqnorms)
-            if fine is not None:
-                fine[rows], distance[rows] = self._fine(slab, coarse[rows])
+            if fine is not None and fine_sqnorms is not None:
+                fine[rows], distance[rows] = self._fine(slab, coarse[rows], fine_sqnorms)
         levels = {"coarse": coarse, "distance": distance}
         if fine is not None:
             levels["fine"] = fine
@@ -205,6 +218,11 @@ class ClusterModel:
 
         A pixel is labelled when ``valid`` is true there and its embedding is
         finite; every other pixel gets ``nodata`` and a NaN confidence.
+
+        When most pixels are valid, every pixel is predicted straight from a
+        ``(h*w, D)`` view of the block and the rest masked afterwards: copying
+        the valid pixels out first costs more than predicting them (measured
+        on 64 x 512 x 512, 90 % valid: the copy alone took 2-3x the prediction).
 
         Args:
             block: ``(D, h, w)`` embeddings.
@@ -225,13 +243,21 @@ class ClusterModel:
         valid = np.asarray(valid, dtype=bool)
         if valid.shape != block.shape[1:]:
             raise ValueError(f"valid has shape {valid.shape}, the block {block.shape[1:]}")
-        labelled = valid & np.isfinite(block).all(axis=0)
-        labels = np.full(valid.shape, nodata, np.int64)
-        confidence = np.full(valid.shape, np.nan, np.float32)
-        if labelled.any():
-            # (D, n) -> (n, D) as a transposed view; BLAS takes it without a copy.
-            labels[labelled], confidence[labelled] = self.predict(block[:, labelled].T)
-        return labels, confidence
+        labels = np.full(valid.size, nodata, np.int64)
+        confidence = np.full(valid.size, np.nan, np.float32)
+        # (D, h*w) -> (h*w, D) as a transposed view; BLAS takes it without a copy.
+        pixels = block.reshape(block.shape[0], -1).T
+        flat_valid = valid.ravel()
+        if flat_valid.any():
+            rows = slice(None) if flat_valid.mean() >= _PREDICT_ALL else np.flatnonzero(flat_valid)
+            # Non-finite embeddings (e.g. NaN under nodata) come out with a
+            # non-finite confidence; they are masked below, so no warnings.
+            with np.errstate(invalid="ignore", over="ignore"):
+                labels[rows], confidence[rows] = self.predict(pixels[rows])
+        unlabelled = ~flat_valid | ~np.isfinite(confidence)
+        labels[unlabelled] = nodata
+        confidence[unlabelled] = np.nan
+        return labels.reshape(valid.shape), confidence.reshape(valid.shape)
 
     # ---------------------------------------------------------- compatibility
     def check_compatible(
@@ -378,8 +404,13 @@ class ClusterModel:
                 where=where,
             )
 
-    def _fine(self, x: np.ndarray, coarse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global fine labels and distances of rows whose coarse labels are known."""
+    def _fine(
+        self, x: np.ndarray, coarse: np.ndarray, sqnorms: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Global fine labels and distances of rows whose coarse labels are known.
+
+        ``sqnorms`` holds the ``(K, n_fine)`` squared norms of the fine centroids.
+        """
         assert self.fine_centroids is not None
         fine = np.empty(len(x), np.int64)
         distance = np.empty(len(x), np.float32)
@@ -389,10 +420,7 @@ class ClusterModel:
             if rows.size == 0:
                 continue
             k = int(coarse[rows[0]])
-            centres = self.fine_centroids[k]
-            sub, distance[rows] = _nearest(
-                x[rows], centres, np.einsum("kd,kd->k", centres, centres)
-            )
+            sub, distance[rows] = _nearest(x[rows], self.fine_centroids[k], sqnorms[k])
             fine[rows] = k * self.n_fine + sub
         return fine, distance
 
@@ -400,18 +428,26 @@ class ClusterModel:
 def _nearest(
     x: np.ndarray, centroids: np.ndarray, centroid_sqnorms: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of each row and the exact Euclidean distance to it.
+    """Nearest centroid of each row and the Euclidean distance to it.
 
-    The argmin uses ``|c|^2 - 2 x.c`` (``|x|^2`` is the same for every
-    centroid); the returned distance is recomputed from ``x - c`` because the
-    expanded form loses its small values to float32 cancellation.
+    ``|x - c|^2 = |x|^2 - 2 x.c + |c|^2``: one matrix product for all rows and
+    centroids, the argmin needing only ``|c|^2 - 2 x.c``. In float32 the
+    expanded form cancels when the distance is small next to the norms, so
+    rows with ``|x - c|^2 < 0.1 (|x|^2 + |c|^2)`` get their distance
+    recomputed from ``x - c``. That is about twice as fast as recomputing
+    every row (measured, D=64, K=32) and matches a float64 computation to
+    1e-5 relative in the tests.
     """
-    scores = x @ centroids.T
-    scores *= -2.0
+    scores = x @ (-2.0 * centroids).T
     scores += centroid_sqnorms
     labels = scores.argmin(axis=1)
-    diff = x - centroids[labels]
-    return labels.astype(np.int64, copy=False), np.sqrt(np.einsum("nd,nd->n", diff, diff))
+    row_sqnorms = np.einsum("nd,nd->n", x, x)
+    squared = row_sqnorms + np.take_along_axis(scores, labels[:, None], axis=1)[:, 0]
+    inexact = np.flatnonzero(squared < _CANCELLATION * (row_sqnorms + centroid_sqnorms[labels]))
+    if inexact.size:
+        diff = x[inexact] - centroids[labels[inexact]]
+        squared[inexact] = np.einsum("nd,nd->n", diff, diff)
+    return labels.astype(np.int64, copy=False), np.sqrt(np.maximum(squared, 0.0, out=squared))
 
 
 def _head_predict(head: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import dask
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from sitfuse_byol.cluster.model import ClusterModel
 from sitfuse_byol.cluster.sampling import sample_embeddings
@@ -52,11 +53,16 @@ class Paths:
 
 @contextlib.contextmanager
 def local_compute(threads: int) -> Iterator[None]:
-    """Local threads for Dask and one torch thread per Dask thread, for reproducible sums."""
+    """Local threads for Dask, each running torch and BLAS on one thread.
+
+    Blocks run in parallel instead of ops, which avoids oversubscribing the cores and
+    keeps every sum in the same order wherever the task runs (same labels locally and
+    on any cluster).
+    """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with dask.config.set(scheduler="threads", num_workers=max(1, threads)):
+        with threadpool_limits(limits=1), dask.config.set(scheduler="threads", num_workers=max(1, threads)):
             yield
     finally:
         torch.set_num_threads(previous)

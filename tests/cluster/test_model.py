@@ -64,18 +64,22 @@ def test_predict_matches_brute_force(flat: ClusterModel) -> None:
 
 
 def test_distance_is_accurate_next_to_a_far_centroid() -> None:
-    # |x|^2 - 2x.c + |c|^2 in float32 cancels to noise (or a negative) here.
-    centroid = np.full((1, 64), 1000.0, np.float32)
+    # |x|^2 - 2x.c + |c|^2 in float32 cancels to noise (or a negative) for the
+    # rows next to the far centroid; the rows near the origin take the fast path.
+    centroids = np.stack([np.full(64, 1000.0), np.zeros(64)]).astype(np.float32)
     rng = np.random.default_rng(4)
-    x = centroid + rng.normal(scale=1e-3, size=(100, 64)).astype(np.float32)
-    _, distance = ClusterModel(method="kmeans", centroids=centroid).predict(x)
-    _, expected = _brute_force(x, centroid)
+    near_far_centroid = centroids[0] + rng.normal(scale=1e-3, size=(100, 64))
+    near_origin = rng.normal(size=(100, 64))
+    x = np.concatenate([near_far_centroid, near_origin]).astype(np.float32)
+    labels, distance = ClusterModel(method="kmeans", centroids=centroids).predict(x)
+    expected_labels, expected = _brute_force(x, centroids)
+    np.testing.assert_array_equal(labels, expected_labels)
     assert (distance >= 0).all()
-    np.testing.assert_allclose(distance, expected, rtol=1e-3)
+    np.testing.assert_allclose(distance, expected, rtol=1e-4)
 
 
 def test_predict_in_several_slabs_equals_brute_force() -> None:
-    # More rows than one slab holds (65536), so slab boundaries are crossed.
+    # More rows than one slab holds (16384), so slab boundaries are crossed.
     rng = np.random.default_rng(5)
     model = ClusterModel(method="kmeans", centroids=rng.normal(size=(3, 2)).astype(np.float32))
     x = rng.normal(size=(70_000, 2)).astype(np.float32)
@@ -110,11 +114,15 @@ def test_flat_levels_have_no_fine(flat: ClusterModel) -> None:
     assert set(levels) == {"coarse", "distance"}
 
 
-def test_predict_block_masks_invalid_and_non_finite_pixels(flat: ClusterModel) -> None:
+@pytest.mark.parametrize("valid_fraction", [0.8, 0.2])  # predicted whole / gathered
+def test_predict_block_masks_invalid_and_non_finite_pixels(
+    flat: ClusterModel, valid_fraction: float
+) -> None:
     rng = np.random.default_rng(7)
     block = rng.normal(scale=3, size=(8, 12, 10)).astype(np.float32)
-    valid = rng.random((12, 10)) > 0.3
-    block[:, 0, 0] = np.nan  # a pixel whose embedding is missing
+    valid = rng.random((12, 10)) < valid_fraction
+    block[:, ~valid] = np.nan  # what nodata pixels often hold
+    block[3, 0, 0] = np.inf  # a valid pixel whose embedding is broken
     valid[0, 0] = True
     labels, confidence = flat.predict_block(block, valid, nodata=255)
 

@@ -180,3 +180,13 @@ def test_tracked_group_norm_trains_like_group_norm_and_infers_locally() -> None:
     tracked.eval()
     # In eval mode each pixel is normalized alone: a crop gives the crop of the output.
     torch.testing.assert_close(tracked(x)[..., 2:5, 3:7], tracked(x[..., 2:5, 3:7]))
+
+
+def test_masked_avg_pool_gradient_is_exact() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(3, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    valid = torch.rand(3, 8, 8) > 0.4
+    valid[2] = False  # the plain-mean fallback needs its gradient too
+    assert torch.autograd.gradcheck(lambda f: masked_avg_pool(f, valid, stride=2), (features,))
+    grad, = torch.autograd.grad(masked_avg_pool(features, valid, stride=2).sum(), features)
+    assert grad.is_contiguous()  # NCHW, as the encoder's backward expects
