@@ -93,7 +93,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "tiling": {
         "patch_size": Key("int", 16, "Training patch edge in pixels.", minimum=4),
         "min_valid_fraction": Key("float", 0.9, "Patches with fewer valid pixels are skipped.", minimum=0.0, maximum=1.0, exclusive_minimum=True),
-        "shuffle_buffer": Key("int", 8192, "Patches held for shuffling; bounds sampler memory with prefetch.", minimum=1),
+        "shuffle_buffer": Key("int", 2048, "Patches held for shuffling; bounds sampler memory with prefetch.", minimum=1),
         "prefetch_chunks": Key("int", 3, "Chunks read ahead in background threads.", minimum=1),
     },
     "train": {
@@ -114,6 +114,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key("int", 0, "Seed for sampling, augmentation and initialisation.", minimum=0),
         "device": Key("str", "auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda")),
         "compile": Key("bool", False, "Use torch.compile."),
+        "threads": Key("int", None, "CPU threads for torch; null: all cores but one, which feeds the sampler.", nullable=True, minimum=1),
         "augment": Key("mapping", {}, "Augmentation strengths (see `sitfuse_byol/train/augment.py`); mild spectral jitter, no band dropout by default.", check=_augment),
     },
     "embed": {

@@ -99,7 +99,7 @@ class PatchSampler:
         batch_size: int,
         min_valid_fraction: float = 0.9,
         seed: int = 0,
-        shuffle_buffer: int = 8192,
+        shuffle_buffer: int = 2048,
         patches_per_chunk: int | None = 1024,
         prefetch_chunks: int = 3,
         rank: int = 0,

@@ -13,12 +13,14 @@ ranks together), and only rank 0 writes checkpoints and metrics.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from sitfuse_byol.config import Config
 from sitfuse_byol.errors import ConfigError, ModelError
 from sitfuse_byol.normalize import BandStats, compute_stats
 from sitfuse_byol.read import Scene, open_scenes_from_config, resolve_scene_list
-from sitfuse_byol.tile import PatchSampler
+from sitfuse_byol.tile import PatchBatch, PatchSampler
 from sitfuse_byol.train.augment import AugmentConfig, make_views
 from sitfuse_byol.train.byol import BYOL, embedding_stats, tau_schedule
 from sitfuse_byol.train.checkpoint import load_checkpoint, save_checkpoint
@@ -167,6 +169,10 @@ def train(
     if stats is None:
         stats = BandStats.load(config.output_dir / "stats.json")
 
+    if device.type == "cpu":
+        # The sampler reads and cuts chunks in background threads; torch threads that
+        # compete with them for every core stall at OpenMP barriers (seconds per step).
+        torch.set_num_threads(cfg["threads"] or max(1, (os.cpu_count() or 2) - 1))
     torch.manual_seed(cfg["seed"])
     model, encoder_spec = build_model(config, in_channels=stats.n_bands, device=device)
     if ctx.world_size > 1 and encoder_spec["norm"] == "batch":
@@ -215,11 +221,63 @@ def train(
     if compile_model if compile_model is not None else cfg["compile"]:
         step_model = torch.compile(step_model)
 
-    collapsed = False
+    streams = EpochStreams(sampler)
     end_epoch = cfg["epochs"]
     if stop_after_epochs is not None:
         end_epoch = min(end_epoch, start_epoch + stop_after_epochs)
-    for epoch in range(start_epoch, end_epoch):
+    try:
+        history, collapsed, step = _run_epochs(
+            range(start_epoch, end_epoch),
+            step=step,
+            history=history,
+            streams=streams,
+            model=model,
+            step_model=step_model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            augment=augment,
+            device=device,
+            config=config,
+            ctx=ctx,
+            progress=progress,
+            total_steps=total_steps,
+            state_extra={
+                "stats": _stats_dict(stats),
+                "band_names": list(stats.band_names),
+                "encoder": encoder_spec,
+            },
+            ckpt_dir=ckpt_dir,
+            metrics_path=metrics_path,
+        )
+    finally:
+        streams.close()
+    return TrainResult(checkpoint=ckpt_dir / "last.pt", metrics=history, collapsed=collapsed)
+
+
+def _run_epochs(
+    epochs: range,
+    *,
+    step: int,
+    history: list[dict[str, float]],
+    streams: EpochStreams,
+    model: BYOL,
+    step_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    augment: AugmentConfig,
+    device: torch.device,
+    config: Config,
+    ctx: DistributedContext,
+    progress: Callable[[dict[str, Any]], None] | None,
+    total_steps: int,
+    state_extra: dict[str, Any],
+    ckpt_dir: Path,
+    metrics_path: Path,
+) -> tuple[list[dict[str, float]], bool, int]:
+    """Train ``epochs``; after each, rank 0 writes checkpoints, metrics and curves."""
+    collapsed = False
+    end_epoch = epochs.stop
+    for epoch in epochs:
         row, step = _run_epoch(
             epoch=epoch,
             step=step,
@@ -228,7 +286,8 @@ def train(
             step_model=step_model,
             optimizer=optimizer,
             scheduler=scheduler,
-            sampler=sampler,
+            streams=streams,
+            next_epoch=epoch + 1 if epoch + 1 < end_epoch else None,
             augment=augment,
             device=device,
             config=config,
@@ -253,9 +312,7 @@ def train(
                 "step": step,
                 "rng": {"torch": torch.get_rng_state()},
                 "config": config.values,
-                "stats": _stats_dict(stats),
-                "band_names": list(stats.band_names),
-                "encoder": encoder_spec,
+                **state_extra,
                 "metrics": row,
             }
             save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.pt", state)
@@ -264,7 +321,7 @@ def train(
             plot_curves(config.output_dir / "train" / "curves.png", history)
         if ctx.world_size > 1:
             dist.barrier()
-    return TrainResult(checkpoint=ckpt_dir / "last.pt", metrics=history, collapsed=collapsed)
+    return history, collapsed, step
 
 
 def _stats_dict(stats: BandStats) -> dict[str, list]:
@@ -299,7 +356,8 @@ def _run_epoch(
     step_model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    sampler: PatchSampler,
+    streams: EpochStreams,
+    next_epoch: int | None,
     augment: AugmentConfig,
     device: torch.device,
     config: Config,
@@ -309,7 +367,7 @@ def _run_epoch(
     cfg = config["train"]
     generator = torch.Generator(device=device)
     generator.manual_seed(_epoch_seed(cfg["seed"], epoch, ctx.rank))
-    stream = sampler.batches(epoch=epoch)
+    stream = streams.take(epoch, next_epoch=next_epoch)
     model.train()
     losses: list[float] = []
     monitor: list[torch.Tensor] = []
@@ -373,6 +431,39 @@ def _run_epoch(
         "seconds": elapsed,
     }
     return row, step
+
+
+class EpochStreams:
+    """Each epoch's batch stream, with the next epoch's first batch read ahead.
+
+    An epoch's stream depends only on ``(seed, epoch, rank)`` (exact resume), so it
+    starts with a cold read; starting it in the background while the previous epoch
+    trains hides that read.
+    """
+
+    def __init__(self, sampler: PatchSampler) -> None:
+        self.sampler = sampler
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.ahead: tuple[int, Future] | None = None
+
+    def _start(self, epoch: int) -> Future:
+        def first() -> tuple[Iterator[PatchBatch], PatchBatch]:
+            stream = self.sampler.batches(epoch=epoch)
+            return stream, next(stream)
+
+        return self.pool.submit(first)
+
+    def take(self, epoch: int, *, next_epoch: int | None) -> Iterator[PatchBatch]:
+        """The stream of ``epoch``; starts reading ``next_epoch`` (None: nothing) ahead."""
+        future = self.ahead[1] if self.ahead and self.ahead[0] == epoch else self._start(epoch)
+        self.ahead = (next_epoch, self._start(next_epoch)) if next_epoch is not None else None
+        stream, first = future.result()
+        return itertools.chain([first], stream)
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead[1].cancel()
+        self.pool.shutdown(wait=True)
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
