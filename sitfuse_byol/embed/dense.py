@@ -24,6 +24,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import torch
 import torch.nn.functional as F
 import xarray as xr
+from scipy import ndimage
 
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.export.atomic import atomic_path
@@ -72,11 +73,26 @@ def _forward(trained: TrainedEncoder, block: np.ndarray, *, window: int) -> np.n
         features = encoder(torch.from_numpy(np.ascontiguousarray(block))[None])
         if encoder.stride > 1:
             features = F.interpolate(features, size=(h, w), mode="bilinear", align_corners=False)
-        if window > 1:
-            features = F.avg_pool2d(
-                features, window, stride=1, padding=window // 2, count_include_pad=False
-            )[..., :h, :w]
-    return features[0].float().numpy()
+    out = features[0].float().numpy()
+    return box_mean(out, window) if window > 1 else out
+
+
+def box_mean(features: np.ndarray, window: int) -> np.ndarray:
+    """Mean over a ``window`` x ``window`` neighbourhood, counting in-scene pixels only.
+
+    Separable running sums (scipy) cost O(1) per pixel and ran 3x faster than torch's
+    ``avg_pool2d``; each axis is rescaled by how many of its ``window`` pixels exist.
+    """
+    out = features
+    for axis in (1, 2):
+        n = features.shape[axis]
+        position = np.arange(n)
+        count = np.minimum(position + window // 2, n - 1) - np.maximum(position - window // 2, 0) + 1
+        shape = [1, 1, 1]
+        shape[axis] = n
+        out = ndimage.uniform_filter1d(out, window, axis=axis, mode="constant")
+        out *= (window / count).astype(np.float32).reshape(shape)
+    return out
 
 
 def embed_scene(
@@ -153,6 +169,9 @@ def save_embedding(embedding: SceneEmbedding, path: Path) -> Path:
     array = array.rio.write_transform(embedding.grid.transform)
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # Float embeddings barely compress; compressing them cost 4x the write time. Set
+        # on the variable's own encoding, which also holds rioxarray's grid mapping.
+        array.encoding["compressors"] = None
         array.to_dataset().to_zarr(tmp, zarr_format=3, consolidated=False, mode="w")
     return path
 

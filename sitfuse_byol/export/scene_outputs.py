@@ -109,7 +109,7 @@ def write_scene_outputs(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            predicted.to_zarr(str(work), overwrite=True)
+            predicted.to_zarr(str(work), overwrite=True, compressors=None)
         stored = da.from_zarr(str(work))
         valid = scene.valid
 

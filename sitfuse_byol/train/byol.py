@@ -159,12 +159,15 @@ class BYOL(nn.Module):
                 "BYOL needs a batch of at least 2 patches (BatchNorm and the loss are undefined for one)",
                 where="train.batch_size",
             )
-        y1, z1 = self._embed(self.online, view1, valid1)
-        _, z2 = self._embed(self.online, view2, valid2)
-        p1, p2 = self.predictor(z1), self.predictor(z2)
+        # Target first: its activations are freed before the online graphs are
+        # built, which keeps peak memory and (on CPU) allocator churn down; the
+        # two sides are independent, so the result is the same in either order.
         with torch.no_grad():
             _, t1 = self._embed(self.target, view1, valid1)
             _, t2 = self._embed(self.target, view2, valid2)
+        y1, z1 = self._embed(self.online, view1, valid1)
+        _, z2 = self._embed(self.online, view2, valid2)
+        p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = (loss_fn(p1, t2) + loss_fn(p2, t1)).mean()
         return BYOLOutput(loss=loss, online_embedding=y1.detach(), online_projection=z1.detach())
 

@@ -81,3 +81,14 @@ def test_group_norm_encoder_is_seamless_too(tmp_path, landsat_path):
     tiled = embed_scene(scene, trained, block_size=64).data.compute()
     whole = embed_scene(scene, trained, block_size=1024).data.compute()
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
+
+
+def test_box_mean_equals_average_pooling_without_padding():
+    import torch
+    import torch.nn.functional as F
+
+    from sitfuse_byol.embed.dense import box_mean
+
+    x = np.random.default_rng(0).normal(size=(4, 37, 29)).astype(np.float32)
+    expected = F.avg_pool2d(torch.from_numpy(x)[None], 5, stride=1, padding=2, count_include_pad=False)[0]
+    np.testing.assert_allclose(box_mean(x.copy(), 5), expected.numpy(), atol=1e-6)
