@@ -9,6 +9,7 @@ all of its outputs exist, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import signal
@@ -431,6 +432,11 @@ class Pipeline:
                 self.stage_stats()
             self.options = replace(self.options, cluster=self.options.cluster.sized_for(len(self.scenes)))
             with dask_client(self.options.cluster, quiet=self.options.quiet) as client:
+                # Workers import torch, GDAL and the package while this process trains.
+                warm_up = [
+                    client.submit(_preload, workers=[address], pure=False, allow_other_workers=False)
+                    for address in client.scheduler_info()["workers"]
+                ]
                 if "train" in stages:
                     self.stage_train(client)
                 if "embed" in stages:
@@ -439,12 +445,17 @@ class Pipeline:
                     self.stage_cluster(client)
                 if "export" in stages:
                     self.stage_export(client)
+                del warm_up
             table = self.stage_assign() if "assign" in stages else None
         if table:
             print(table)
         ids = [ref.id for ref in self.refs]
         scenes = {s: self.manifest.scenes[s] for s in ids if s in self.manifest.scenes}
         return RunSummary(scenes=scenes, stages=self.manifest.stages, out_dir=self.out)
+
+
+def _preload() -> None:
+    importlib.import_module("sitfuse_byol.run.tasks")
 
 
 def run_pipeline(config: Config, options: RunOptions) -> RunSummary:

@@ -454,9 +454,10 @@ def masked_avg_pool(
 ) -> torch.Tensor:
     """Average a feature map over the feature pixels that cover valid input.
 
-    The input-resolution mask is downsampled to the feature grid with the
-    encoders' padding convention (feature pixel ``i`` covers input pixels
-    ``i*s .. i*s+s-1``, clipped at the edge): a feature pixel counts as valid
+    The input-resolution mask is downsampled to the feature grid, giving
+    feature pixel ``i`` the block of input pixels ``i*s .. i*s+s-1`` (the block
+    that starts at the pixel it is centred on, clipped at the edge, so that
+    ``ceil(H/s)`` blocks tile the input): a feature pixel counts as valid
     when **at least half** of its input pixels are valid, so features made
     mostly from the zero fill of nodata are left out. Invalid feature pixels
     get weight 0, so any finite value there is ignored (an inf or NaN would
