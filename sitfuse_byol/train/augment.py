@@ -122,7 +122,10 @@ class AugmentConfig:
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"unknown augmentation option {key!r}{hint}", where=f"augment.{key}")
         # YAML gives lists; the dataclass wants tuples.
-        return cls(**{k: tuple(v) if k in _PAIRS and isinstance(v, list) else v for k, v in d.items()})
+        values: dict[str, Any] = {
+            k: tuple(v) if k in _PAIRS and isinstance(v, list) else v for k, v in d.items()
+        }
+        return cls(**values)
 
 
 def _check(key: str, value: Any, lo: float, hi: float) -> None:

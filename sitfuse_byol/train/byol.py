@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -128,11 +129,11 @@ class BYOL(nn.Module):
     @property
     def encoder(self) -> Encoder:
         """The online encoder, the one to keep for inference."""
-        return self.online["encoder"]
+        return cast(Encoder, self.online["encoder"])
 
     def _embed(self, net: nn.ModuleDict, view: torch.Tensor, valid: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        encoder = net["encoder"]
+        encoder = cast(Encoder, net["encoder"])
         pooled = masked_avg_pool(encoder(view), valid, stride=encoder.stride)
         return pooled, net["projector"](pooled)
 
@@ -186,8 +187,8 @@ class BYOL(nn.Module):
         """
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"tau must be in [0, 1], got {tau}")
-        target_params = list(self.target.parameters())
-        online_params = list(self.online.parameters())
+        target_params: list[torch.Tensor] = list(self.target.parameters())
+        online_params: list[torch.Tensor] = list(self.online.parameters())
         # lerp(t, o, 1 - τ) = t + (1 - τ)(o - t) = τ t + (1 - τ) o, fused over all tensors.
         torch._foreach_lerp_(target_params, online_params, 1.0 - tau)
         target_buffers = list(self.target.buffers())

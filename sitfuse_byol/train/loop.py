@@ -37,7 +37,7 @@ from sitfuse_byol.tile import PatchBatch, PatchSampler
 from sitfuse_byol.train.augment import AugmentConfig, make_views
 from sitfuse_byol.train.byol import BYOL, embedding_stats, tau_schedule
 from sitfuse_byol.train.checkpoint import load_checkpoint, save_checkpoint
-from sitfuse_byol.train.device import autocast, resolve_device, to_device
+from sitfuse_byol.train.device import autocast, keep_freed_heap, resolve_device, to_device
 from sitfuse_byol.train.encoders import create_encoder, resolve_norm
 from sitfuse_byol.train.metrics import COLLAPSE_STD, plot_curves, read_metrics, write_metrics
 from sitfuse_byol.train.optim import create_optimizer, param_groups, warmup_cosine
@@ -173,6 +173,7 @@ def train(
         # The sampler reads and cuts chunks in background threads; torch threads that
         # compete with them for every core stall at OpenMP barriers (seconds per step).
         torch.set_num_threads(cfg["threads"] or max(1, (os.cpu_count() or 2) - 1))
+        keep_freed_heap()
     torch.manual_seed(cfg["seed"])
     model, encoder_spec = build_model(config, in_channels=stats.n_bands, device=device)
     if ctx.world_size > 1 and encoder_spec["norm"] == "batch":

@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
 
 from sitfuse_byol.errors import ConfigError
 from sitfuse_byol.train.augment import AugmentConfig, augment_view, make_views
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # These tests run many small ops: one thread is about as fast, and unlike two
-    # it does not stall at OpenMP barriers when other processes share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 B, C, P = 16, 5, 12
 

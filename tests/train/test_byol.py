@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,16 +13,6 @@ from sitfuse_byol.train.augment import AugmentConfig, make_views
 from sitfuse_byol.train.byol import BYOL, MLPHead, embedding_stats, loss_fn, tau_schedule
 from sitfuse_byol.train.encoders import create_encoder
 from sitfuse_byol.train.optim import create_optimizer, param_groups
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # These tests run many small ops: one thread is about as fast, and unlike two
-    # it does not stall at OpenMP barriers when other processes share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(norm: str = "batch", seed: int = 0) -> BYOL:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,16 +17,6 @@ from sitfuse_byol.train.encoders import (
     list_encoders,
     masked_avg_pool,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # These tests run many small ops: one thread is about as fast, and unlike two
-    # it does not stall at OpenMP barriers when other processes share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_registry_lists_required_encoders() -> None:
