@@ -277,16 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--force", action="store_true", help="redo scenes even when unchanged")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
         sub.add_argument("--json", action="store_true", help="print the summary as JSON")
-        sub.add_argument("--workers", type=int, help="LocalCluster workers (default: CPU count)")
+        sub.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core, at most one per scene)")
         sub.add_argument("--scheduler", help="use an existing Dask scheduler, tcp://HOST:PORT")
         sub.add_argument("--gpus-per-worker", type=int, help="GPUs each worker has (GPU resource)")
         sub.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides train.device")
 
+    def add_assign_args(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--labels", help="class polygons (GPKG/SHP/GeoJSON) drawn in QGIS")
+        sub.add_argument("--field", default="class", help="polygon attribute holding the class name")
+        sub.add_argument("--threshold", type=float, default=0.51, help="share a class needs in a cluster")
+
     run = commands.add_parser("run", help="the whole pipeline: stats, train, embed, cluster, export")
     add_run_args(run)
-    run.add_argument("--labels", help="class polygons (GPKG/SHP/GeoJSON) to assign clusters to")
-    run.add_argument("--field", default="class", help="polygon attribute holding the class name")
-    run.add_argument("--threshold", type=float, default=0.51, help="share a class needs in a cluster")
+    add_assign_args(run)
     run.set_defaults(func=cmd_run)
 
     embed = commands.add_parser("embed", help="write dense embeddings of every scene (Zarr)")
@@ -303,9 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     assign = commands.add_parser("assign", help="map clusters to classes from QGIS polygons")
     _add_config_args(assign)
-    assign.add_argument("--labels", help="class polygons (GPKG/SHP/GeoJSON)")
-    assign.add_argument("--field", default="class", help="attribute holding the class name")
-    assign.add_argument("--threshold", type=float, default=0.51, help="share needed to map a cluster")
+    add_assign_args(assign)
     assign.add_argument("--apply", help="re-apply an edited mapping.yaml instead of counting")
     assign.set_defaults(func=cmd_assign)
 
