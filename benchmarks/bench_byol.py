@@ -1,0 +1,487 @@
+"""BYOL training: step cost, data wait, and embedding quality on a spatially disjoint split.
+
+* **Step efficiency** (CPU, 2 torch threads, synthetic batch): the median time of one
+  full BYOL training step as the loop takes it (``make_views`` augmentation of both
+  views, online forward+backward of both views, target forward of both views,
+  AdamW step, EMA ``update_target``) over the median time of a plain
+  forward+backward+AdamW step of the same encoder on one view of the same batch.
+  The default encoder (small_cnn: width 64, depth 4, 128 channels), 13 bands, batch 64,
+  16 x 16 patches, the default heads. Counting forward = 1 and backward = 2, BYOL does
+  2 x 3 + 2 = 8 units against 3, so the ideal ratio is about 2.67. The two kinds of
+  step alternate, so machine load hits both alike. Also reported: the median of each
+  part of the BYOL step timed on its own.
+* **Data wait**: the share of training wall time ``train()`` spends waiting for the
+  patch sampler, from ``OUTDIR/train/metrics.csv`` of a short real run on the
+  Sentinel-2 sample (13 single-band files at 10/20/60 m, resampled lazily; nodata 0)
+  with the default encoder, patch 16 and batch 64.
+* **Embedding quality on a spatially disjoint split** of the North Carolina benchmark
+  (see ``bench_quality.py``): BYOL is trained (with bench_quality's settings) on the
+  *top* half of the scene only; k-means (K=7) and a kNN classifier (k=5, fitted on
+  20k labelled top-half pixels) are fitted on the top half and scored against
+  ``strata`` on the *bottom* half, which training never saw. The same for raw
+  z-scored pixels, raw pixels averaged over the same window as the embeddings, and
+  a randomly initialised encoder of the same architecture (no training). Embeddings
+  of each half are computed from that half alone, so no context crosses the split.
+* **GPU** (only where ``torch.cuda.is_available()``): ResNet-18 BYOL training steps
+  on 64 x 64 patches in bf16 autocast, patches/s and the GPU utilisation sampled while
+  training. Skipped with a note on a machine without a GPU.
+
+Run: bash benchmarks/fetch_data.sh && .venv/bin/python benchmarks/bench_byol.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quality import NODATA, PIPELINE, SCENE, ensure_data, load_arrays  # noqa: E402
+from report import machine, markdown_table, peak_rss_mb, today, write_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / "benchmarks" / "out" / "byol"
+S2_SCENE = REPO / "data_samples" / "sentinel2_virginia.yaml"
+IDEAL_RATIO = 8 / 3
+KNN_TRAIN = 20_000
+K = 7
+
+
+def cpu_config(extra: dict | None = None):
+    """A validated config with the package defaults plus ``extra``."""
+    from sitfuse_byol.config import load_config
+
+    raw = {"data": {"scenes": [str(S2_SCENE)], "nodata": 0}, "train": {"device": "cpu"}}
+    for section, values in (extra or {}).items():
+        raw.setdefault(section, {}).update(values)
+    return load_config(raw=raw, base=REPO)
+
+
+# --- step efficiency ------------------------------------------------------------------
+
+
+def step_ratio(*, steps: int, warmup: int, batch: int = 64, patch: int = 16, bands: int = 13) -> dict:
+    import torch
+    from torch import nn
+
+    from sitfuse_byol.train.augment import AugmentConfig, make_views
+    from sitfuse_byol.train.loop import build_model
+    from sitfuse_byol.train.optim import create_optimizer, param_groups
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    config = cpu_config({"train": {"batch_size": batch}, "tiling": {"patch_size": patch}})
+    cfg = config["train"]
+    model, _ = build_model(config, in_channels=bands, device=torch.device("cpu"))
+    model.train()
+    optimizer = create_optimizer(
+        "adamw", param_groups(nn.ModuleList([model.online, model.predictor]), cfg["weight_decay"]),
+        lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+    )
+    encoder = copy.deepcopy(model.encoder)
+    plain_optimizer = create_optimizer("adamw", encoder.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    augment = AugmentConfig.from_dict(cfg["augment"])
+    x = torch.randn(batch, bands, patch, patch)
+    valid = torch.ones(batch, patch, patch, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(0)
+    parts: dict[str, list[float]] = {"augment": [], "forward+backward+step": [], "ema": []}
+
+    def byol_step() -> None:
+        t0 = time.perf_counter()
+        view1, valid1, view2, valid2 = make_views(x, valid, config=augment, generator=generator)
+        t1 = time.perf_counter()
+        output = model(view1, view2, valid1, valid2)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg["grad_clip"])
+        optimizer.step()
+        t2 = time.perf_counter()
+        model.update_target(0.99)
+        t3 = time.perf_counter()
+        parts["augment"].append(t1 - t0)
+        parts["forward+backward+step"].append(t2 - t1)
+        parts["ema"].append(t3 - t2)
+
+    def plain_step() -> None:
+        features = encoder(x)
+        plain_optimizer.zero_grad(set_to_none=True)
+        features.square().mean().backward()
+        plain_optimizer.step()
+
+    byol_times, plain_times = [], []
+    for i in range(warmup + steps):
+        for fn, times in ((byol_step, byol_times), (plain_step, plain_times)):
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    for values in parts.values():
+        del values[:warmup]
+    byol_s, plain_s = statistics.median(byol_times), statistics.median(plain_times)
+    return {
+        "ratio": byol_s / plain_s,
+        "byol_ms": 1000 * byol_s,
+        "plain_ms": 1000 * plain_s,
+        "parts_ms": {k: 1000 * statistics.median(v) for k, v in parts.items()},
+        "steps": steps,
+    }
+
+
+# --- data wait ------------------------------------------------------------------------
+
+
+def data_wait(*, epochs: int, steps: int) -> dict:
+    import torch
+
+    from sitfuse_byol.train.loop import train
+
+    torch.set_num_threads(2)
+    out = WORK / "data_wait"
+    shutil.rmtree(out, ignore_errors=True)
+    config = cpu_config({
+        "tiling": {"patch_size": 16},
+        "train": {"epochs": epochs, "steps_per_epoch": steps, "batch_size": 64},
+        "output": {"dir": str(out)},
+    })
+    start = time.perf_counter()
+    train(config)
+    wall = time.perf_counter() - start
+    rows = list(csv.DictReader((out / "train" / "metrics.csv").open()))
+    seconds = [float(r["seconds"]) for r in rows]
+    waits = [float(r["data_wait"]) * s for r, s in zip(rows, seconds, strict=True)]
+    return {
+        "share": sum(waits) / sum(seconds),
+        "share_after_first_epoch": sum(waits[1:]) / sum(seconds[1:]) if len(rows) > 1 else float("nan"),
+        "per_epoch": [float(r["data_wait"]) for r in rows],
+        "patches_per_s": statistics.mean(float(r["patches_per_s"]) for r in rows),
+        "train_wall_s": wall,
+    }
+
+
+# --- embedding quality on a disjoint split --------------------------------------------
+
+
+def split_scene(image: np.ndarray) -> dict[str, Path]:
+    """The NC scene cut into a top and a bottom half GeoTIFF."""
+    import rasterio
+    from rasterio.windows import Window
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    height = image.shape[1]
+    halves = {"top": (0, height // 2), "bottom": (height // 2, height - height // 2)}
+    paths = {}
+    with rasterio.open(SCENE) as src:
+        profile = src.profile
+        for name, (row, rows) in halves.items():
+            window = Window(0, row, src.width, rows)
+            path = WORK / f"nc_{name}.tif"
+            profile.update(height=rows, width=src.width, transform=src.window_transform(window),
+                           blockxsize=256, blockysize=256, tiled=True)
+            with rasterio.open(path, "w", **profile) as dst:
+                dst.write(src.read(window=window))
+                dst.descriptions = src.descriptions
+            paths[name] = path
+    return paths
+
+
+def train_top(top: Path, seed: int) -> Path:
+    import torch
+
+    from sitfuse_byol.config import load_config
+    from sitfuse_byol.train.loop import train
+
+    torch.set_num_threads(2)
+    out = WORK / f"split_seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    raw = copy.deepcopy(PIPELINE)
+    raw["data"]["scenes"] = [str(top)]
+    raw["train"]["seed"] = seed
+    raw["output"]["dir"] = str(out)
+    raw.pop("dask", None)
+    return train(load_config(raw=raw, base=REPO)).checkpoint
+
+
+def embed_half(path: Path, trained, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(pixels, D)`` embeddings of the valid pixels of a half, and its valid mask."""
+    from sitfuse_byol.embed import embed_scene
+    from sitfuse_byol.read import open_scene
+
+    scene = open_scene(path, nodata=NODATA)
+    data = embed_scene(scene, trained, window=window).data.compute(scheduler="sync")
+    valid = np.isfinite(data).all(axis=0)
+    return data, valid
+
+
+def random_encoder(stats, seed: int):
+    """An untrained encoder of the benchmark's architecture, wrapped like a checkpoint."""
+    import torch
+
+    from sitfuse_byol.train.checkpoint import TrainedEncoder
+    from sitfuse_byol.train.encoders import create_encoder
+
+    torch.manual_seed(seed)
+    train = PIPELINE["train"]
+    encoder = create_encoder(train["encoder"], in_channels=stats.n_bands, norm="batch", **train["encoder_args"])
+    encoder.eval().requires_grad_(False)
+    return TrainedEncoder(encoder=encoder, stats=stats, band_names=stats.band_names, checkpoint_hash=f"random{seed}")
+
+
+def raw_features(image: np.ndarray, stats, window: int) -> np.ndarray:
+    """Z-scored bands (top-half statistics), optionally averaged over a window of valid pixels."""
+    from scipy import ndimage
+
+    valid = (image != NODATA).all(axis=0)
+    mean = np.asarray(stats.mean)[:, None, None]
+    std = np.asarray(stats.std)[:, None, None]
+    z = np.where(valid, (image - mean) / std, 0.0)
+    if window > 1:
+        weight = ndimage.uniform_filter(valid.astype(np.float64), window, mode="constant")
+        z = np.stack([ndimage.uniform_filter(b, window, mode="constant") for b in z]) / np.maximum(weight, 1e-9)
+    return np.where(valid, z, np.nan).astype(np.float32)
+
+
+def split_scores(top: np.ndarray, bottom: np.ndarray, strata_top: np.ndarray, strata_bottom: np.ndarray,
+                 seed: int) -> dict[str, float]:
+    """K-means NMI and kNN accuracy: fitted on the top half, scored on the bottom half."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    def pixels(features, strata):
+        ok = np.isfinite(features).all(axis=0) & (strata > 0)
+        return features[:, ok].T, strata[ok]
+
+    x_top, y_top = pixels(top, strata_top)
+    x_bottom, y_bottom = pixels(bottom, strata_bottom)
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(len(x_top), size=min(50_000, len(x_top)), replace=False)
+    kmeans = KMeans(K, n_init=3, random_state=seed).fit(x_top[sample])
+    nmi = normalized_mutual_info_score(y_bottom, kmeans.predict(x_bottom))
+    labelled = rng.choice(len(x_top), size=min(KNN_TRAIN, len(x_top)), replace=False)
+    knn = KNeighborsClassifier(n_neighbors=5).fit(x_top[labelled], y_top[labelled])
+    accuracy = float((knn.predict(x_bottom) == y_bottom).mean())
+    return {"nmi": float(nmi), "knn": accuracy}
+
+
+def embedding_quality(seeds: list[int]) -> dict[str, dict[str, list[float]]]:
+    from sitfuse_byol.train.checkpoint import load_encoder
+
+    image, strata, _ = load_arrays()
+    paths = split_scene(image)
+    half = image.shape[1] // 2
+    strata_top, strata_bottom = strata[:half], strata[half:]
+    window = PIPELINE["embed"]["window"]
+    results: dict[str, dict[str, list[float]]] = {}
+
+    def add(name: str, scores: dict[str, float]) -> None:
+        for key, value in scores.items():
+            results.setdefault(name, {}).setdefault(key, []).append(value)
+        print(f"  {name:<28} NMI {scores['nmi']:.3f}  kNN accuracy {scores['knn']:.3f}", flush=True)
+
+    stats = None
+    for seed in seeds:
+        start = time.perf_counter()
+        trained = load_encoder(train_top(paths["top"], seed))
+        print(f"  trained seed {seed} on the top half in {time.perf_counter() - start:.0f} s", flush=True)
+        stats = trained.stats
+        top, _ = embed_half(paths["top"], trained, window)
+        bottom, _ = embed_half(paths["bottom"], trained, window)
+        add(f"ours (BYOL, window {window})", split_scores(top, bottom, strata_top, strata_bottom, seed))
+        rand = random_encoder(stats, seed)
+        top, _ = embed_half(paths["top"], rand, window)
+        bottom, _ = embed_half(paths["bottom"], rand, window)
+        add(f"random-init encoder, window {window}", split_scores(top, bottom, strata_top, strata_bottom, seed))
+        for w in (0, window):
+            name = "raw pixels" if w == 0 else f"raw pixels, window {window}"
+            add(name, split_scores(raw_features(image[:, :half], stats, w), raw_features(image[:, half:], stats, w),
+                                   strata_top, strata_bottom, seed))
+    return results
+
+
+# --- GPU ------------------------------------------------------------------------------
+
+
+def gpu_utilisation_sampler(samples: list[float], stop: threading.Event) -> None:
+    import torch
+
+    while not stop.is_set():
+        try:
+            samples.append(float(torch.cuda.utilization()))
+        except Exception:  # no pynvml: ask nvidia-smi
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                    capture_output=True, text=True, timeout=5,
+                )
+                samples.append(float(out.stdout.strip().splitlines()[0]))
+            except Exception:
+                return
+        stop.wait(0.2)
+
+
+def gpu_throughput(*, seconds: float, batch: int = 256, patch: int = 64, bands: int = 13) -> dict | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from torch import nn
+
+    from sitfuse_byol.train.augment import AugmentConfig, make_views
+    from sitfuse_byol.train.device import autocast
+    from sitfuse_byol.train.loop import build_model
+    from sitfuse_byol.train.optim import create_optimizer, param_groups
+
+    device = torch.device("cuda")
+    config = cpu_config({"train": {"encoder": "resnet18", "batch_size": batch, "device": "cuda",
+                                   "projector_hidden": 4096, "projection_dim": 256}})
+    cfg = config["train"]
+    model, _ = build_model(config, in_channels=bands, device=device)
+    optimizer = create_optimizer(
+        "adamw", param_groups(nn.ModuleList([model.online, model.predictor]), cfg["weight_decay"]),
+        lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+    )
+    augment = AugmentConfig.from_dict(cfg["augment"])
+    x = torch.randn(batch, bands, patch, patch, device=device).contiguous(memory_format=torch.channels_last)
+    valid = torch.ones(batch, patch, patch, dtype=torch.bool, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def step() -> None:
+        view1, valid1, view2, valid2 = make_views(x, valid, config=augment, generator=generator)
+        with autocast(device):
+            output = model(view1, view2, valid1, valid2)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        optimizer.step()
+        model.update_target(0.99)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    samples: list[float] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=gpu_utilisation_sampler, args=(samples, stop), daemon=True)
+    sampler.start()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        n += 1
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "patches_per_s": n * batch / elapsed,
+        "utilisation": statistics.mean(samples) if samples else float("nan"),
+        "batch": batch,
+    }
+
+
+# --- driver ---------------------------------------------------------------------------
+
+
+def mean_sd(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=2, help="training seeds for the split benchmark")
+    parser.add_argument("--ratio-steps", type=int, default=30, help="timed steps of each kind")
+    parser.add_argument("--wait-epochs", type=int, default=3, help="epochs of the data-wait run")
+    parser.add_argument("--wait-steps", type=int, default=30, help="steps per epoch of the data-wait run")
+    parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    started = time.perf_counter()
+    ensure_data()
+
+    ratio = step_ratio(steps=args.ratio_steps, warmup=5)
+    print(f"step ratio {ratio['ratio']:.2f} (BYOL {ratio['byol_ms']:.1f} ms, plain {ratio['plain_ms']:.1f} ms; "
+          f"parts {', '.join(f'{k} {v:.1f} ms' for k, v in ratio['parts_ms'].items())})", flush=True)
+    wait = data_wait(epochs=args.wait_epochs, steps=args.wait_steps)
+    print(f"data wait {wait['share']:.1%} (per epoch {', '.join(f'{w:.1%}' for w in wait['per_epoch'])}; "
+          f"{wait['patches_per_s']:.0f} patches/s)", flush=True)
+    quality = embedding_quality(list(range(args.seeds)))
+    gpu = gpu_throughput(seconds=20.0)
+    if gpu is None:
+        print("GPU: skipped, torch.cuda.is_available() is False on this machine")
+    elapsed = time.perf_counter() - started
+
+    names = list(quality)
+    ours, raw, rand = names[0], "raw pixels", names[1]
+    quality_rows = [[n, mean_sd(quality[n]["nmi"]), mean_sd(quality[n]["knn"])] for n in names]
+    quality_table = markdown_table(["features", f"NMI, k-means K={K}", "kNN (k=5) accuracy"], quality_rows)
+    parts = ", ".join(f"{k} {v:.1f} ms" for k, v in ratio["parts_ms"].items())
+    step_table = markdown_table(
+        ["measure", "value"],
+        [
+            ["BYOL step / plain step (median)", f"{ratio['ratio']:.2f} (ideal {IDEAL_RATIO:.2f})"],
+            ["BYOL step", f"{ratio['byol_ms']:.1f} ms ({parts})"],
+            ["plain forward+backward+AdamW", f"{ratio['plain_ms']:.1f} ms"],
+            ["data wait, all epochs", f"{wait['share']:.1%}"],
+            ["data wait, after the first epoch", f"{wait['share_after_first_epoch']:.1%}"],
+            ["data wait per epoch", ", ".join(f"{w:.1%}" for w in wait["per_epoch"])],
+            ["training patches/s (Sentinel-2, patch 16)", f"{wait['patches_per_s']:.0f}"],
+        ],
+    )
+    gain = np.mean(quality[ours]["nmi"]) - np.mean(quality[raw]["nmi"])
+    goals = [
+        ("step ratio <= 3.0 on CPU", f"{ratio['ratio']:.2f}", ratio["ratio"] <= 3.0),
+        ("data wait < 10%", f"{wait['share']:.1%}", wait["share"] < 0.10),
+        ("NMI(ours) - NMI(raw pixels) >= 0.10 on the held-out half", f"{gain:+.3f}", gain >= 0.10),
+    ]
+    goal_table = markdown_table(["goal", "value", "status"], [[n, v, "met" if ok else "NOT met"] for n, v, ok in goals])
+    gpu_text = (
+        f"GPU ({gpu['device']}): ResNet-18 BYOL steps on 64 x 64 patches, bf16, batch {gpu['batch']}: "
+        f"{gpu['patches_per_s']:.0f} patches/s at {gpu['utilisation']:.0f}% mean utilisation."
+        if gpu else "GPU: skipped, `torch.cuda.is_available()` is False on this machine."
+    )
+    print()
+    print(step_table)
+    print()
+    print(quality_table)
+    print()
+    print(goal_table)
+    print(gpu_text)
+
+    if not args.no_write:
+        write_section(
+            "bench_byol",
+            "## BYOL: step cost, data wait, disjoint-split quality (`benchmarks/bench_byol.py`)\n\n"
+            f"Command: `.venv/bin/python benchmarks/bench_byol.py --seeds {args.seeds} "
+            f"--ratio-steps {args.ratio_steps} --wait-epochs {args.wait_epochs} --wait-steps {args.wait_steps}`  \n"
+            f"Machine: {machine()}  \nDate: {today()}  \n"
+            f"Benchmark wall time: {elapsed / 60:.1f} min, peak RSS {peak_rss_mb():.0f} MiB\n\n"
+            "Step ratio: default small_cnn, 13 bands, batch 64, 16 x 16 patches, 2 torch threads, "
+            f"median of {args.ratio_steps} alternating steps after 5 warm-up steps. Data wait: `train()` on "
+            f"the Sentinel-2 sample, {args.wait_epochs} x {args.wait_steps} steps, default encoder, patch 16, batch 64.\n\n"
+            f"{step_table}\n\n"
+            "Disjoint split of the North Carolina benchmark: BYOL (bench_quality's settings) trained on the top "
+            "half only; k-means and kNN (20k labelled top-half pixels) fitted on the top half and scored against "
+            f"`strata` on the bottom half; mean ± sd over {args.seeds} seeds.\n\n"
+            f"{quality_table}\n\n{goal_table}\n\n{gpu_text}\n",
+        )
+    summary = {
+        "step_ratio": round(ratio["ratio"], 3),
+        "data_wait": round(wait["share"], 4),
+        "nmi_ours": round(float(np.mean(quality[ours]["nmi"])), 4),
+        "nmi_raw_kmeans": round(float(np.mean(quality[raw]["nmi"])), 4),
+        "nmi_random_init": round(float(np.mean(quality[rand]["nmi"])), 4),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
