@@ -35,6 +35,7 @@ import argparse
 import copy
 import csv
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -130,9 +131,13 @@ def step_ratio(*, steps: int, warmup: int, batch: int = 64, patch: int = 16, ban
         del values[:warmup]
     byol_s, plain_s = statistics.median(byol_times), statistics.median(plain_times)
     return {
-        "ratio": byol_s / plain_s,
+        # The fastest of each kind is the least disturbed by other processes on a shared machine.
+        "ratio": min(byol_times) / min(plain_times),
+        "median_ratio": byol_s / plain_s,
         "byol_ms": 1000 * byol_s,
         "plain_ms": 1000 * plain_s,
+        "byol_min_ms": 1000 * min(byol_times),
+        "plain_min_ms": 1000 * min(plain_times),
         "parts_ms": {k: 1000 * statistics.median(v) for k, v in parts.items()},
         "steps": steps,
     }
@@ -405,10 +410,12 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     started = time.perf_counter()
+    load_start = os.getloadavg()[0]
     ensure_data()
 
     ratio = step_ratio(steps=args.ratio_steps, warmup=5)
-    print(f"step ratio {ratio['ratio']:.2f} (BYOL {ratio['byol_ms']:.1f} ms, plain {ratio['plain_ms']:.1f} ms; "
+    print(f"step ratio {ratio['ratio']:.2f} of the fastest steps, {ratio['median_ratio']:.2f} of the medians "
+          f"(BYOL {ratio['byol_ms']:.1f} ms, plain {ratio['plain_ms']:.1f} ms; "
           f"parts {', '.join(f'{k} {v:.1f} ms' for k, v in ratio['parts_ms'].items())})", flush=True)
     wait = data_wait(epochs=args.wait_epochs, steps=args.wait_steps)
     print(f"data wait {wait['share']:.1%} (per epoch {', '.join(f'{w:.1%}' for w in wait['per_epoch'])}; "
@@ -427,9 +434,11 @@ def main() -> None:
     step_table = markdown_table(
         ["measure", "value"],
         [
-            ["BYOL step / plain step (median)", f"{ratio['ratio']:.2f} (ideal {IDEAL_RATIO:.2f})"],
-            ["BYOL step", f"{ratio['byol_ms']:.1f} ms ({parts})"],
-            ["plain forward+backward+AdamW", f"{ratio['plain_ms']:.1f} ms"],
+            ["BYOL step / plain step, fastest of each", f"{ratio['ratio']:.2f} (ideal {IDEAL_RATIO:.2f})"],
+            ["BYOL step / plain step, medians", f"{ratio['median_ratio']:.2f}"],
+            ["BYOL step, median (fastest)", f"{ratio['byol_ms']:.1f} ms ({ratio['byol_min_ms']:.1f} ms); parts: {parts}"],
+            ["plain forward+backward+AdamW, median (fastest)",
+             f"{ratio['plain_ms']:.1f} ms ({ratio['plain_min_ms']:.1f} ms)"],
             ["data wait, all epochs", f"{wait['share']:.1%}"],
             ["data wait, after the first epoch", f"{wait['share_after_first_epoch']:.1%}"],
             ["data wait per epoch", ", ".join(f"{w:.1%}" for w in wait["per_epoch"])],
@@ -463,7 +472,8 @@ def main() -> None:
             f"Command: `.venv/bin/python benchmarks/bench_byol.py --seeds {args.seeds} "
             f"--ratio-steps {args.ratio_steps} --wait-epochs {args.wait_epochs} --wait-steps {args.wait_steps}`  \n"
             f"Machine: {machine()}  \nDate: {today()}  \n"
-            f"Benchmark wall time: {elapsed / 60:.1f} min, peak RSS {peak_rss_mb():.0f} MiB\n\n"
+            f"Benchmark wall time: {elapsed / 60:.1f} min, peak RSS {peak_rss_mb():.0f} MiB; load average "
+            f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other sessions share these 2 cores)\n\n"
             "Step ratio: default small_cnn, 13 bands, batch 64, 16 x 16 patches, 2 torch threads, "
             f"median of {args.ratio_steps} alternating steps after 5 warm-up steps. Data wait: `train()` on "
             f"the Sentinel-2 sample, {args.wait_epochs} x {args.wait_steps} steps, default encoder, patch 16, batch 64.\n\n"
