@@ -396,6 +396,20 @@ def gpu_throughput(*, seconds: float, batch: int = 256, patch: int = 64, bands: 
 # --- driver ---------------------------------------------------------------------------
 
 
+def floor_note(quality: dict, ours: str, smoothed: str) -> str:
+    """How far BYOL is above the strongest floor: raw pixels averaged over the same window."""
+    nmi = np.mean(quality[ours]["nmi"]) - np.mean(quality[smoothed]["nmi"])
+    knn = np.mean(quality[ours]["knn"]) - np.mean(quality[smoothed]["knn"])
+    gain = np.mean(quality[ours]["nmi"]) - np.mean(quality["raw pixels"]["nmi"])
+    text = (
+        f"Against raw pixels averaged over the same window as the embeddings, BYOL is "
+        f"{nmi:+.3f} NMI and {100 * knn:+.1f} kNN points."
+    )
+    if gain > 0 and nmi < gain / 2:
+        text += " Most of its NMI gain over per-pixel raw k-means is what spatial averaging alone gives."
+    return text
+
+
 def mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
@@ -475,13 +489,17 @@ def main() -> None:
             f"Benchmark wall time: {elapsed / 60:.1f} min, peak RSS {peak_rss_mb():.0f} MiB; load average "
             f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other sessions share these 2 cores)\n\n"
             "Step ratio: default small_cnn, 13 bands, batch 64, 16 x 16 patches, 2 torch threads, "
-            f"median of {args.ratio_steps} alternating steps after 5 warm-up steps. Data wait: `train()` on "
-            f"the Sentinel-2 sample, {args.wait_epochs} x {args.wait_steps} steps, default encoder, patch 16, batch 64.\n\n"
+            f"{args.ratio_steps} alternating steps of each kind after 5 warm-up steps; the headline ratio is "
+            "of the fastest step of each kind, the least disturbed by other processes (an earlier run during heavy "
+            "load from other sessions gave 3.85 on medians). Data wait: `train()` on "
+            f"the Sentinel-2 sample, {args.wait_epochs} x {args.wait_steps} steps, default encoder, patch 16, batch 64. "
+            "`train()` gives torch all cores but one (`train.threads`; 1 thread on this 2-core machine), so its "
+            "patches/s is about half of what the 2-thread step above implies.\n\n"
             f"{step_table}\n\n"
             "Disjoint split of the North Carolina benchmark: BYOL (bench_quality's settings) trained on the top "
             "half only; k-means and kNN (20k labelled top-half pixels) fitted on the top half and scored against "
             f"`strata` on the bottom half; mean ± sd over {args.seeds} seeds.\n\n"
-            f"{quality_table}\n\n{goal_table}\n\n{gpu_text}\n",
+            f"{quality_table}\n\n{floor_note(quality, ours, names[-1])}\n\n{goal_table}\n\n{gpu_text}\n",
         )
     summary = {
         "step_ratio": round(ratio["ratio"], 3),
