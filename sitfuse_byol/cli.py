@@ -93,14 +93,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-TRAIN_FIELDS = (
-    "loss {task.fields[loss]:.4f}  τ {task.fields[tau]:.4f}  lr {task.fields[lr]:.2e}  "
-    "{task.fields[patches_per_s]:.0f} patches/s  data wait {task.fields[data_wait]:.0%}"
-)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sitfuse_byol.progress import stage_progress
+    from sitfuse_byol.progress import TRAIN_FIELDS, stage_progress
     from sitfuse_byol.train.loop import train
 
     config = config_from_args(args)
@@ -164,6 +160,7 @@ def _run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     options = RunOptions(
         force=getattr(args, "force", False),
         quiet=getattr(args, "quiet", False) or getattr(args, "json", False),
+        json=getattr(args, "json", False),
         device=getattr(args, "device", None),
         cluster=_cluster_options(args, config),
         labels=Path(args.labels) if getattr(args, "labels", None) else None,
@@ -203,11 +200,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     manifest = Manifest.load(config.output_dir / "run.json")
-    label_paths = [
-        Path(entry["outputs"]["labels"])
-        for entry in manifest.scenes.values()
-        if entry.get("status") == "done" and "labels" in entry.get("outputs", {})
-    ]
+    label_paths = manifest.label_paths()
     if not label_paths:
         label_paths = sorted((config.output_dir / "labels").glob("*.tif"))
         label_paths = [p for p in label_paths if not p.stem.endswith("_coarse")]

@@ -9,6 +9,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+# The training bar's extra column: the values `train()` reports after every step.
+TRAIN_FIELDS = (
+    "loss {task.fields[loss]:.4f}  τ {task.fields[tau]:.4f}  lr {task.fields[lr]:.2e}  "
+    "{task.fields[patches_per_s]:.0f} patches/s  data wait {task.fields[data_wait]:.0%}"
+)
+
 
 @contextlib.contextmanager
 def stage_progress(description: str, *, total: int, quiet: bool, fields: str = "") -> Iterator[Any]:

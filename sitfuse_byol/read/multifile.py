@@ -183,8 +183,9 @@ def _band_array(
             ).data
         method = spec.coarsen if grid.res[0] < ref.res[0] else spec.refine
         src_nodata = nodata if nodata is not None else profile["nodata"]
-        src = rasterio.open(path)
-        vrt = WarpedVRT(
+        # rioxarray keeps the VRT's parameters and reopens it per read, so these handles
+        # can close here instead of staying open for the life of the scene.
+        with rasterio.open(path) as src, WarpedVRT(
             src,
             crs=ref.crs,
             transform=ref.transform,
@@ -193,7 +194,7 @@ def _band_array(
             resampling=Resampling[method],
             src_nodata=src_nodata,
             nodata=src_nodata,
-        )
-        return rioxarray.open_rasterio(
-            vrt, chunks=dask_chunks, lock=False, mask_and_scale=False, cache=False
-        ).data
+        ) as vrt:
+            return rioxarray.open_rasterio(
+                vrt, chunks=dask_chunks, lock=False, mask_and_scale=False, cache=False
+            ).data

@@ -62,6 +62,16 @@ class Manifest:
             return False
         return all(Path(p).exists() for p in entry.get("outputs", {}).values())
 
+    def label_paths(self, scene_ids: set[str] | None = None) -> list[Path]:
+        """Label rasters of the scenes that finished (of ``scene_ids`` when given)."""
+        return [
+            Path(entry["outputs"]["labels"])
+            for scene_id, entry in self.scenes.items()
+            if entry.get("status") == "done"
+            and "labels" in entry.get("outputs", {})
+            and (scene_ids is None or scene_id in scene_ids)
+        ]
+
     def record(
         self,
         scene_id: str,

@@ -78,7 +78,11 @@ def scene_embedding(config: Config, ref: SceneRef, scene: Scene) -> SceneEmbeddi
     saved = paths.embedding(scene.id)
     if config["embed"]["save"] and saved.exists():
         embedding = open_embedding(saved)
-        return SceneEmbedding(scene_id=scene.id, data=embedding.data, valid=embedding.valid, grid=embedding.grid)
+        # The store's own mask (finite first feature) reads every chunk of every feature;
+        # the scene's mask, read from the input, is the same pixels at a fraction of the I/O.
+        stride = config["embed"]["stride"]
+        valid = scene.valid[::stride, ::stride].rechunk(embedding.data.chunks[1:])
+        return SceneEmbedding(scene_id=scene.id, data=embedding.data, valid=valid, grid=embedding.grid)
     trained = load_encoder(paths.checkpoint)
     return embed_scene(
         scene,

@@ -41,6 +41,7 @@ def test_run_writes_label_cogs_on_each_input_grid(base_run, crop_scenes):
             assert np.isnan(values[invalid]).all() and (values[~invalid] >= 0).all()
     manifest = json.loads((out / "run.json").read_text())
     assert {e["status"] for e in manifest["scenes"].values()} == {"done"}
+    assert set(manifest["stages"]["embed_seconds"]) == set(crop_scenes)
     assert (out / "config.resolved.yaml").exists() and (out / "logs" / "sitfuse.log").exists()
     assert "olinda_a" in stdout and str(out / "labels") in stdout
 
