@@ -2,7 +2,9 @@
 
 1. **Efficiency**: Mpixel/s of the embed, cluster (sample + fit) and export stages on
    the Sentinel-2 sample (and on it mosaicked 2x2), divided by the encoder's pure
-   forward throughput on the same normalized pixels in memory (no halo, no I/O).
+   forward throughput on the same normalized pixels in memory (no halo, no I/O). The
+   goal is judged on the default encoder (``small_cnn`` with its default size); the
+   demo's smaller encoder is shown beside it.
 2. **Workers**: wall time of `sitfuse run` (embed + cluster + export, trained model
    reused) over four scenes with a LocalCluster of 1 and of 2 workers.
 3. **Memory**: peak RSS of one process running a scene's embed, sample and export
@@ -33,13 +35,19 @@ WORK = REPO / "benchmarks" / "out" / "pipeline"
 SAMPLE = REPO / "data_samples" / "sentinel2_virginia.yaml"
 
 
-def base_config(scenes: list[Path], out: Path, **sections) -> dict:
-    """The demo's encoder and clustering, a very short training (speed does not need quality)."""
+#: Encoders measured for efficiency: the schema's default, and the demo's smaller one.
+ENCODERS = {"default": {}, "demo": None}
+
+
+def base_config(scenes: list[Path], out: Path, *, encoder: str = "demo", **sections) -> dict:
+    """The demo config with a very short training (speed does not need quality)."""
     import yaml
 
     raw = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     raw["data"]["scenes"] = [str(s) for s in scenes]
     raw["train"].update({"epochs": 1, "steps_per_epoch": 5})
+    if ENCODERS[encoder] is not None:
+        raw["train"]["encoder_args"] = ENCODERS[encoder]
     raw["output"] = {**raw.get("output", {}), "dir": str(out)}
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -54,14 +62,14 @@ def write_yaml(raw: dict, path: Path) -> Path:
     return path
 
 
-def train_once(out: Path) -> Path:
-    """A checkpoint shared by every measurement."""
+def train_once(out: Path, *, encoder: str = "demo") -> Path:
+    """A checkpoint shared by the measurements of one encoder."""
     from sitfuse_byol.config import load_config
     from sitfuse_byol.train.loop import train
 
     checkpoint = out / "checkpoints" / "last.pt"
     if not checkpoint.exists():
-        train(load_config(raw=base_config([SAMPLE], out), base=REPO))
+        train(load_config(raw=base_config([SAMPLE], out, encoder=encoder), base=REPO))
     return checkpoint
 
 
@@ -156,36 +164,42 @@ def main() -> None:
 
     shutil.rmtree(WORK, ignore_errors=True)
     stacks = stacked_geotiffs()
-    model_dir = WORK / "model"
-    checkpoint = train_once(model_dir)
     block = 256
 
-    rows, efficiency = [], {}
-    for name, scene in (("sample 1x", SAMPLE), ("mosaic 4x", stacks["4x"])):
-        out = WORK / name.replace(" ", "_")
-        shutil.copytree(model_dir, out, dirs_exist_ok=True)
-        config_path = write_yaml(base_config([scene], out, embed={"block_size": block}), out / "config.yaml")
-        timings = stage_seconds(config_path)
-        forward = forward_mpx_per_s(scene, checkpoint, block=block)
-        from sitfuse_byol.config import load_config
-        from sitfuse_byol.read import open_scenes_from_config, resolve_scene_list
+    from sitfuse_byol.config import load_config
+    from sitfuse_byol.read import open_scenes_from_config, resolve_scene_list
 
-        config = load_config(config_path)
-        scene_obj = open_scenes_from_config(
-            resolve_scene_list(config["data"]["scenes"], base=config.base), data=config["data"], patch_size=16
-        )[0]
-        mpx = scene_obj.grid.height * scene_obj.grid.width / 1e6
-        stages_s = timings["embed"] + timings["cluster"] + timings["export"]
-        end_to_end = mpx / stages_s
-        efficiency[name] = end_to_end / forward
-        rows.append([
-            name, f"{mpx:.2f}", f"{timings['embed']:.2f}", f"{timings['cluster']:.2f}", f"{timings['export']:.2f}",
-            f"{end_to_end:.3f}", f"{forward:.3f}", f"{end_to_end / forward:.2f}",
-        ])
+    rows, efficiency = [], {}
+    for encoder in ENCODERS:
+        model_dir = WORK / f"model_{encoder}"
+        checkpoint = train_once(model_dir, encoder=encoder)
+        for name, scene in (("sample 1x", SAMPLE), ("mosaic 4x", stacks["4x"])):
+            out = WORK / f"{encoder}_{name.replace(' ', '_')}"
+            shutil.copytree(model_dir, out, dirs_exist_ok=True)
+            config_path = write_yaml(
+                base_config([scene], out, encoder=encoder, embed={"block_size": block}), out / "config.yaml"
+            )
+            timings = stage_seconds(config_path)
+            forward = forward_mpx_per_s(scene, checkpoint, block=block)
+            config = load_config(config_path)
+            scene_obj = open_scenes_from_config(
+                resolve_scene_list(config["data"]["scenes"], base=config.base), data=config["data"], patch_size=16
+            )[0]
+            mpx = scene_obj.grid.height * scene_obj.grid.width / 1e6
+            stages_s = timings["embed"] + timings["cluster"] + timings["export"]
+            end_to_end = mpx / stages_s
+            efficiency[(encoder, name)] = end_to_end / forward
+            rows.append([
+                encoder, name, f"{mpx:.2f}", f"{timings['embed']:.2f}", f"{timings['cluster']:.2f}",
+                f"{timings['export']:.2f}", f"{end_to_end:.3f}", f"{forward:.3f}", f"{end_to_end / forward:.2f}",
+            ])
     efficiency_table = markdown_table(
-        ["scene", "Mpx", "embed s", "cluster s", "export s", "end-to-end Mpx/s", "forward Mpx/s", "ratio"], rows
+        ["encoder", "scene", "Mpx", "embed s", "cluster s", "export s", "end-to-end Mpx/s", "forward Mpx/s",
+         "ratio"],
+        rows,
     )
     print(efficiency_table)
+    model_dir = WORK / "model_demo"
 
     four = [SAMPLE, stacks["1x"], stacks["4x"], REPO / "data_samples" / "sentinel2_virginia.zarr"]
     # The zarr holds the same crop as the YAML scene; give it its own id through a copy.
@@ -216,11 +230,12 @@ def main() -> None:
     )
     print(memory_table)
 
-    ratio = efficiency["sample 1x"]
+    ratio, ratio_4x = efficiency[("default", "sample 1x")], efficiency[("default", "mosaic 4x")]
     goals = [
-        ["end-to-end / forward >= 0.8 (sample)", f"{ratio:.2f}", "met" if ratio >= 0.8 else "NOT met"],
-        ["end-to-end / forward >= 0.8 (4x)", f"{efficiency['mosaic 4x']:.2f}",
-         "met" if efficiency["mosaic 4x"] >= 0.8 else "NOT met"],
+        ["end-to-end / forward >= 0.8 (default encoder, sample)", f"{ratio:.2f}",
+         "met" if ratio >= 0.8 else "NOT met"],
+        ["end-to-end / forward >= 0.8 (default encoder, 4x)", f"{ratio_4x:.2f}",
+         "met" if ratio_4x >= 0.8 else "NOT met"],
         ["peak RSS 4x / 1x < 1.5", f"{memory['4x']['rss_mb'] / memory['1x']['rss_mb']:.2f}",
          "met" if memory["4x"]["rss_mb"] / memory["1x"]["rss_mb"] < 1.5 else "NOT met"],
     ]
@@ -238,7 +253,8 @@ def main() -> None:
         )
     print(json.dumps({
         "efficiency": round(ratio, 3),
-        "efficiency_4x": round(efficiency["mosaic 4x"], 3),
+        "efficiency_4x": round(ratio_4x, 3),
+        "efficiency_demo_encoder": round(efficiency[("demo", "sample 1x")], 3),
         "wall_s_1_worker": round(walls[1], 2),
         "wall_s_2_workers": round(walls[2], 2),
         "rss_mb_1x": round(memory["1x"]["rss_mb"], 1),

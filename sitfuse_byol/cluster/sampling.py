@@ -8,12 +8,15 @@ on how blocks are scheduled (threads, processes or cluster workers).
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import dask
 import numpy as np
 
 from sitfuse_byol.embed import SceneEmbedding
 from sitfuse_byol.errors import InputError
+from sitfuse_byol.export.atomic import atomic_path
 
 NEIGHBOUR_RADIUS = 2
 
@@ -33,6 +36,45 @@ def _block_sample(
     return block[:, rows, cols].T.copy(), block[:, n_rows, n_cols].T.copy()
 
 
+def valid_pixel_count(embedding: SceneEmbedding) -> int:
+    """Valid pixels of a scene's embeddings (computed from its lazy mask).
+
+    Raises:
+        InputError: The scene has no valid pixel.
+    """
+    count = int(embedding.valid.sum().compute())
+    if count == 0:
+        raise InputError("no valid pixel to sample embeddings from", where=embedding.scene_id)
+    return count
+
+
+def block_sampler(
+    scene_id: str, *, n: int, seed: int, valid_count: int
+) -> Callable[[np.ndarray, tuple[int, int]], tuple[np.ndarray, np.ndarray]]:
+    """A hook drawing a block's share of the scene sample from its embeddings ``(D, h, w)``.
+
+    For :func:`sitfuse_byol.embed.save_embedding`: invalid pixels are NaN there, so the
+    mask comes from the block itself. Same seeds as :func:`sample_embeddings`, hence the
+    same sample as drawing from the saved store.
+    """
+    probability = min(1.0, n / valid_count)
+    scene_key = zlib.crc32(scene_id.encode())
+
+    def sample(block: np.ndarray, index: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        return _block_sample(
+            block, np.isfinite(block[0]), probability=probability, seed=[seed, scene_key, *index]
+        )
+
+    return sample
+
+
+def combine_samples(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate per-block samples in block order."""
+    samples = np.concatenate([p[0] for p in parts]).astype(np.float32)
+    neighbours = np.concatenate([p[1] for p in parts]).astype(np.float32)
+    return samples, neighbours
+
+
 def sample_embeddings(
     embedding: SceneEmbedding, *, n: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -44,10 +86,7 @@ def sample_embeddings(
     Raises:
         InputError: The scene has no valid pixel.
     """
-    valid_count = int(embedding.valid.sum().compute())
-    if valid_count == 0:
-        raise InputError("no valid pixel to sample embeddings from", where=embedding.scene_id)
-    probability = min(1.0, n / valid_count)
+    probability = min(1.0, n / valid_pixel_count(embedding))
     scene_key = zlib.crc32(embedding.scene_id.encode())
     data = embedding.data.rechunk({0: -1})
     valid = embedding.valid.rechunk(data.chunks[1:])
@@ -62,7 +101,21 @@ def sample_embeddings(
         for i in range(valid_blocks.shape[0])
         for j in range(valid_blocks.shape[1])
     ]
-    parts = dask.compute(*tasks)
-    samples = np.concatenate([p[0] for p in parts]).astype(np.float32)
-    neighbours = np.concatenate([p[1] for p in parts]).astype(np.float32)
-    return samples, neighbours
+    return combine_samples(dask.compute(*tasks))
+
+
+def save_samples(path: Path, samples: np.ndarray, neighbours: np.ndarray, *, n: int, seed: int) -> Path:
+    """Keep a scene's sample beside its embeddings (``.npz``, no pickle), written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        np.savez(file, samples=samples, neighbours=neighbours, n=np.int64(n), seed=np.int64(seed))
+    return path
+
+
+def load_samples(path: Path, *, n: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A sample saved by :func:`save_samples` for the same ``n`` and ``seed``, else ``None``."""
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        if int(saved["n"]) != n or int(saved["seed"]) != seed:
+            return None
+        return saved["samples"], saved["neighbours"]

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import torch
 import torch.nn.functional as F
 import xarray as xr
+import zarr
 from scipy import ndimage
 
 from sitfuse_byol.errors import InputError
@@ -156,10 +160,35 @@ def grid_coords(grid: Grid) -> dict[str, np.ndarray]:
     }
 
 
-def save_embedding(embedding: SceneEmbedding, path: Path) -> Path:
-    """Write embeddings to a Zarr v3 store (atomically), CRS and transform included."""
+#: Called with each block of embeddings ``(D, h, w)`` and its block index ``(i, j)``
+#: while the block is written; see :func:`save_embedding`.
+BlockHook = Callable[[np.ndarray, tuple[int, int]], Any]
+
+
+def _store_block(
+    block: np.ndarray, *, store: str, region: tuple[slice, slice], index: tuple[int, int], hook: BlockHook | None
+) -> Any:
+    zarr.open_array(store, mode="r+")[(slice(None), *region)] = block
+    return hook(block, index) if hook is not None else None
+
+
+def save_embedding(embedding: SceneEmbedding, path: Path, *, block_hook: BlockHook | None = None) -> list[Any]:
+    """Write embeddings to a Zarr v3 store (atomically), CRS and transform included.
+
+    Each block is computed once and written to its own Zarr chunk; ``block_hook`` sees
+    it on the way (e.g. to draw the cluster sample without reading the store back).
+
+    Args:
+        embedding: The lazy embeddings.
+        path: The ``.zarr`` store to create or replace.
+        block_hook: Optional ``hook(block, (i, j))`` run on every block.
+
+    Returns:
+        The hook's results in block order (row-major); empty without a hook.
+    """
+    data = embedding.data.rechunk({0: -1})
     array = xr.DataArray(
-        embedding.data,
+        data,
         dims=("feature", "y", "x"),
         coords={"feature": np.arange(embedding.dim), **grid_coords(embedding.grid)},
         name="embedding",
@@ -167,13 +196,29 @@ def save_embedding(embedding: SceneEmbedding, path: Path) -> Path:
     if embedding.grid.crs is not None:
         array = array.rio.write_crs(embedding.grid.crs)
     array = array.rio.write_transform(embedding.grid.transform)
+    blocks = data.to_delayed()
+    row_edges, col_edges = np.cumsum((0, *data.chunks[1])), np.cumsum((0, *data.chunks[2]))
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Float embeddings barely compress; compressing them cost 4x the write time. Set
         # on the variable's own encoding, which also holds rioxarray's grid mapping.
         array.encoding["compressors"] = None
-        array.to_dataset().to_zarr(tmp, zarr_format=3, consolidated=False, mode="w")
-    return path
+        # Metadata and coordinates now; the chunks equal the blocks, so each block task
+        # writes whole chunks of its own and the tasks never touch the same file.
+        array.to_dataset().to_zarr(tmp, zarr_format=3, consolidated=False, mode="w", compute=False)
+        tasks = [
+            dask.delayed(_store_block, pure=False)(
+                blocks[0, i, j],
+                store=str(tmp / "embedding"),
+                region=(slice(row_edges[i], row_edges[i + 1]), slice(col_edges[j], col_edges[j + 1])),
+                index=(i, j),
+                hook=block_hook,
+            )
+            for i in range(blocks.shape[1])
+            for j in range(blocks.shape[2])
+        ]
+        results = list(dask.compute(*tasks))
+    return results if block_hook is not None else []
 
 
 def open_embedding(path: Path) -> SceneEmbedding:

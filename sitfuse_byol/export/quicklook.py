@@ -131,5 +131,6 @@ def write_quicklook(
 
     path_png = Path(path_png)
     with atomic_path(path_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=_DPI, facecolor="white")
+        # zlib level 1: a third of the default's encoding time for a few % more bytes.
+        fig.savefig(tmp, format="png", dpi=_DPI, facecolor="white", pil_kwargs={"compress_level": 1})
     return path_png

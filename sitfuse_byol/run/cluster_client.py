@@ -57,10 +57,14 @@ def dask_client(options: ClusterOptions, *, quiet: bool = False) -> Iterator:
             raise ConfigError(f"cannot reach the Dask scheduler: {err}", where=options.scheduler) from err
         cluster = None
     else:
+        workers = options.workers or 1
         cluster = LocalCluster(
-            n_workers=options.workers or 1,
+            n_workers=workers,
             threads_per_worker=options.threads_per_worker or 1,
-            processes=True,
+            # A lone worker gains nothing from its own process but a start-up of seconds
+            # (imports) and pickled results; several workers need processes, since torch's
+            # thread count is per process.
+            processes=workers > 1,
             dashboard_address=":0",
             resources={"GPU": options.gpus_per_worker} if options.gpus_per_worker else None,
             silence_logs=logging.ERROR,

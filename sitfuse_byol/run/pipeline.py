@@ -457,6 +457,8 @@ class Pipeline:
 
 def _preload() -> None:
     importlib.import_module("sitfuse_byol.run.tasks")
+    # matplotlib (quicklooks) takes half a second to import; better now than in export.
+    importlib.import_module("sitfuse_byol.export.quicklook")
 
 
 def run_pipeline(config: Config, options: RunOptions) -> RunSummary:

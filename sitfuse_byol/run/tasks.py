@@ -21,7 +21,14 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from sitfuse_byol.cluster.model import ClusterModel
-from sitfuse_byol.cluster.sampling import sample_embeddings
+from sitfuse_byol.cluster.sampling import (
+    block_sampler,
+    combine_samples,
+    load_samples,
+    sample_embeddings,
+    save_samples,
+    valid_pixel_count,
+)
 from sitfuse_byol.config import Config
 from sitfuse_byol.embed import SceneEmbedding, embed_scene, open_embedding, save_embedding
 from sitfuse_byol.export.scene_outputs import OutputOptions, write_scene_outputs
@@ -49,6 +56,9 @@ class Paths:
 
     def embedding(self, scene_id: str) -> Path:
         return self.out / "embeddings" / f"{scene_id}.zarr"
+
+    def samples(self, scene_id: str) -> Path:
+        return self.out / "embeddings" / f"{scene_id}.samples.npz"
 
 
 @contextlib.contextmanager
@@ -94,11 +104,21 @@ def scene_embedding(config: Config, ref: SceneRef, scene: Scene) -> SceneEmbeddi
 
 
 def embed_task(config: Config, ref: SceneRef, threads: int = 1) -> dict[str, float | str]:
-    """Write one scene's embeddings to ``OUTDIR/embeddings/<id>.zarr``."""
+    """Write one scene's embeddings to ``OUTDIR/embeddings/<id>.zarr``, and its cluster sample.
+
+    The sample is drawn from the blocks while they are written, so clustering need not
+    read every embedding back; it is the same sample :func:`sample_task` draws from the
+    saved store (same blocks, same seeds).
+    """
     start = time.perf_counter()
+    paths = Paths(config.output_dir)
+    n, seed = config["cluster"]["samples_per_scene"], config["cluster"]["seed"]
+    # A sample left from older embeddings must never pair with the new ones, even if
+    # this task dies between writing the two.
+    paths.samples(ref.id).unlink(missing_ok=True)
     with local_compute(threads):
         scene = _open(config, ref)
-        trained = load_encoder(Paths(config.output_dir).checkpoint)
+        trained = load_encoder(paths.checkpoint)
         embedding = embed_scene(
             scene,
             trained,
@@ -106,18 +126,24 @@ def embed_task(config: Config, ref: SceneRef, threads: int = 1) -> dict[str, flo
             window=config["embed"]["window"],
             block_size=config["embed"]["block_size"],
         )
-        path = save_embedding(embedding, Paths(config.output_dir).embedding(scene.id))
-    return {"path": str(path), "seconds": time.perf_counter() - start}
+        hook = block_sampler(scene.id, n=n, seed=seed, valid_count=valid_pixel_count(embedding))
+        parts = save_embedding(embedding, paths.embedding(scene.id), block_hook=hook)
+        save_samples(paths.samples(scene.id), *combine_samples(parts), n=n, seed=seed)
+    return {"path": str(paths.embedding(scene.id)), "seconds": time.perf_counter() - start}
 
 
 def sample_task(config: Config, ref: SceneRef, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """About ``cluster.samples_per_scene`` valid embeddings of a scene, with neighbours."""
+    paths = Paths(config.output_dir)
+    n, seed = config["cluster"]["samples_per_scene"], config["cluster"]["seed"]
+    if config["embed"]["save"] and paths.embedding(ref.id).exists():
+        saved = load_samples(paths.samples(ref.id), n=n, seed=seed)
+        if saved is not None:
+            return saved
     with local_compute(threads):
         scene = _open(config, ref)
         embedding = scene_embedding(config, ref, scene)
-        return sample_embeddings(
-            embedding, n=config["cluster"]["samples_per_scene"], seed=config["cluster"]["seed"]
-        )
+        return sample_embeddings(embedding, n=n, seed=seed)
 
 
 @functools.lru_cache(maxsize=4)

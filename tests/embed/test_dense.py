@@ -46,7 +46,8 @@ def test_zarr_roundtrip_keeps_grid(tmp_path, landsat_path, tiny_checkpoint):
     trained = load_encoder(tiny_checkpoint)
     scene = open_scene(landsat_path)
     embedding = embed_scene(scene, trained, block_size=128)
-    path = save_embedding(embedding, tmp_path / "embeddings" / f"{scene.id}.zarr")
+    path = tmp_path / "embeddings" / f"{scene.id}.zarr"
+    assert save_embedding(embedding, path) == []
     reopened = open_embedding(path)
     assert reopened.scene_id == "landsat7_olinda"
     assert reopened.grid.crs == scene.grid.crs
