@@ -34,7 +34,17 @@ def machine() -> str:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB."""
+    """This process's peak resident set size in MiB.
+
+    Linux's ``VmHWM`` first: ``ru_maxrss`` survives ``exec``, so a child started from a
+    large parent would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
