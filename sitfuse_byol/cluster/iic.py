@@ -16,7 +16,7 @@ Training needs torch; the fitted head is stored as plain float32 arrays in a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -202,6 +202,9 @@ def fit_iic(
     net.eval()
     head_losses = _eval_losses(net, xt, xt_prime)
     best = int(np.argmin(head_losses))
+    head = cast(nn.Linear, net.heads[best])  # ModuleList items are typed as plain modules
+    # BatchNorm1d tracks running statistics by default, so both buffers exist.
+    assert net.norm.running_mean is not None and net.norm.running_var is not None
     weights = {
         "w1": net.linear.weight,
         "b1": net.linear.bias,
@@ -209,8 +212,8 @@ def fit_iic(
         "bn_bias": net.norm.bias,
         "bn_mean": net.norm.running_mean,
         "bn_var": net.norm.running_var,
-        "w2": net.heads[best].weight,
-        "b2": net.heads[best].bias,
+        "w2": head.weight,
+        "b2": head.bias,
     }
     arrays = {
         key: value.detach().cpu().numpy().astype(np.float32) for key, value in weights.items()
@@ -262,7 +265,8 @@ def _restart_dead_clusters(
         How many clusters were restarted.
     """
     restarted = 0
-    for head, head_counts in zip(net.heads, counts, strict=True):
+    for module, head_counts in zip(net.heads, counts, strict=True):
+        head = cast(nn.Linear, module)  # ModuleList items are typed as plain modules
         dead = torch.nonzero(head_counts == 0).flatten().tolist()
         busiest = torch.argsort(head_counts, descending=True, stable=True).tolist()
         donors = [k for k in busiest if head_counts[k] > 0]
@@ -278,7 +282,7 @@ def _restart_dead_clusters(
 @torch.no_grad()
 def _eval_losses(net: _IICNet, x: torch.Tensor, x_prime: torch.Tensor) -> list[float]:
     """Each sub-head's IIC loss on all pairs, accumulating the joint in chunks."""
-    joints = [0.0] * len(net.heads)
+    joints = [torch.zeros((), device=x.device)] * len(net.heads)
     for rows in torch.arange(len(x), device=x.device).split(_EVAL_CHUNK):
         pairs = zip(net(x[rows]), net(x_prime[rows]), strict=True)
         for index, (logits, logits_prime) in enumerate(pairs):

@@ -206,7 +206,7 @@ class ClusterModel:
                 coarse[rows], distance[rows] = _nearest(slab, self.centroids, centroid_sqnorms)
             if fine is not None and fine_sqnorms is not None:
                 fine[rows], distance[rows] = self._fine(slab, coarse[rows], fine_sqnorms)
-        levels = {"coarse": coarse, "distance": distance}
+        levels: dict[str, np.ndarray] = {"coarse": coarse, "distance": distance}
         if fine is not None:
             levels["fine"] = fine
         return levels

@@ -129,7 +129,7 @@ def embed_scene(
     def normalize(raw: np.ndarray) -> np.ndarray:
         return stats.normalize(raw, scene.valid_of(raw))
 
-    normalized = scene.data.map_blocks(normalize, dtype=np.float32)
+    normalized = da.map_blocks(normalize, scene.data, dtype=np.float32)
     normalized = normalized.rechunk((-1, block, block))
     dim = trained.encoder.out_channels
     features = apply_blocks(

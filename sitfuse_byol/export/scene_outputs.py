@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dask.array as da
 import numpy as np
+import numpy.typing as npt
 
 from sitfuse_byol.cluster.model import ClusterModel
 from sitfuse_byol.embed import SceneEmbedding
@@ -113,7 +114,7 @@ def write_scene_outputs(
         stored = da.from_zarr(str(work))
         valid = scene.valid
 
-        def layer(index: int, kind: type) -> da.Array:
+        def layer(index: int, kind: npt.DTypeLike) -> da.Array:
             expanded = _to_scene_grid(stored[index], stride=stride, scene=scene)
             return expanded.astype(kind)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict
 
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.read.chunking import DEFAULT_CHUNK_TARGET
@@ -23,6 +24,16 @@ __all__ = [
     "resolve_scene_list",
     "valid_block",
 ]
+
+
+class _OpenOptions(TypedDict):
+    """The options every reader takes, passed on unchanged by :func:`open_scene`."""
+
+    bands: Sequence[int | str] | None
+    nodata: float | None
+    valid_range: Sequence[float] | None
+    patch_size: int
+    chunk_target: int
 
 
 def open_scene(
@@ -51,7 +62,7 @@ def open_scene(
             ``scene`` is a :class:`SceneRef`, the message names the list entry.
     """
     spec = scene.spec if isinstance(scene, SceneRef) else scene
-    common = {
+    common: _OpenOptions = {
         "bands": bands,
         "nodata": nodata,
         "valid_range": valid_range,

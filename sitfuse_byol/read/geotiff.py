@@ -5,9 +5,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import rasterio
 import rioxarray
+import xarray as xr
 from rasterio.errors import RasterioError
 
 from sitfuse_byol.errors import InputError
@@ -91,12 +93,16 @@ def open_geotiff(
     with warnings.catch_warnings():
         # An ungeoreferenced file is allowed; inspect warns about it once, explicitly.
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        array = rioxarray.open_rasterio(
-            path,
-            chunks={"band": -1, "y": chunks[0], "x": chunks[1]},
-            lock=False,
-            mask_and_scale=False,
-            cache=False,
+        # One raster without subdatasets opens as a DataArray; the stubs give every case.
+        array = cast(
+            xr.DataArray,
+            rioxarray.open_rasterio(
+                path,
+                chunks={"band": -1, "y": chunks[0], "x": chunks[1]},
+                lock=False,
+                mask_and_scale=False,
+                cache=False,
+            ),
         )
     return build_scene(
         id=scene_id or path.stem,

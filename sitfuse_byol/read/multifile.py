@@ -18,10 +18,12 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import dask.array as da
 import rasterio
 import rioxarray
+import xarray as xr
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 
@@ -175,11 +177,15 @@ def _band_array(
 ) -> da.Array:
     dask_chunks = {"band": 1, "y": chunks[0], "x": chunks[1]}
     grid: Grid = profile["grid"]
+    # One single-band raster opens as a DataArray; the stubs give every case, hence the casts.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         if grid.same_as(ref):
-            return rioxarray.open_rasterio(
-                path, chunks=dask_chunks, lock=False, mask_and_scale=False, cache=False
+            return cast(
+                xr.DataArray,
+                rioxarray.open_rasterio(
+                    path, chunks=dask_chunks, lock=False, mask_and_scale=False, cache=False
+                ),
             ).data
         method = spec.coarsen if grid.res[0] < ref.res[0] else spec.refine
         src_nodata = nodata if nodata is not None else profile["nodata"]
@@ -195,6 +201,9 @@ def _band_array(
             src_nodata=src_nodata,
             nodata=src_nodata,
         ) as vrt:
-            return rioxarray.open_rasterio(
-                vrt, chunks=dask_chunks, lock=False, mask_and_scale=False, cache=False
+            return cast(
+                xr.DataArray,
+                rioxarray.open_rasterio(
+                    vrt, chunks=dask_chunks, lock=False, mask_and_scale=False, cache=False
+                ),
             ).data

@@ -65,7 +65,7 @@ def valid_mask(
     def block_valid(block: np.ndarray) -> np.ndarray:
         return valid_block(block, nodata=nodata, valid_range=valid_range)
 
-    return data.map_blocks(block_valid, drop_axis=0, dtype=bool)
+    return da.map_blocks(block_valid, data, drop_axis=0, dtype=bool)
 
 
 def valid_block(
@@ -131,6 +131,6 @@ def build_scene(
         grid=grid,
         band_names=names,
         nodata=nodata_used,
-        valid_range=tuple(valid_range) if valid_range is not None else None,
+        valid_range=(valid_range[0], valid_range[1]) if valid_range is not None else None,
         source=source,
     )

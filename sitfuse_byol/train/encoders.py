@@ -102,6 +102,9 @@ class TrackedGroupNorm(nn.GroupNorm):
     mode the layer is a fixed per-channel affine map, local like BatchNorm's.
     """
 
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5, momentum: float = 0.1) -> None:
         super().__init__(num_groups, num_channels, eps=eps)
         self.momentum = momentum

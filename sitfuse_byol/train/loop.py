@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -123,7 +123,8 @@ def build_model(config: Config, *, in_channels: int, device: torch.device) -> tu
         tau_base=train["tau_base"],
     ).to(device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to accepts memory_format at run time; torch's overloads leave it out.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model, encoder_spec
 
 
@@ -220,7 +221,8 @@ def train(
             model, device_ids=[ctx.local_rank] if device.type == "cuda" else None
         )
     if compile_model if compile_model is not None else cfg["compile"]:
-        step_model = torch.compile(step_model)
+        # Compiling a module gives an OptimizedModule; the stubs only promise a callable.
+        step_model = cast(nn.Module, torch.compile(step_model))
 
     streams = EpochStreams(sampler)
     end_epoch = cfg["epochs"]
@@ -412,7 +414,7 @@ def _run_epoch(
                     "step": step,
                     "loss": loss,
                     "tau": tau,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": float(scheduler.get_last_lr()[0]),
                     "patches_per_s": patches * ctx.world_size / max(elapsed, 1e-9),
                     "data_wait": wait / max(elapsed, 1e-9),
                 }
@@ -424,7 +426,7 @@ def _run_epoch(
         "step": step,
         "loss": sum(losses) / len(losses),
         "tau": tau,
-        "lr": scheduler.get_last_lr()[0],
+        "lr": float(scheduler.get_last_lr()[0]),
         "std_sqrt_d": diagnostics["std_sqrt_d"],
         "effective_rank": diagnostics["effective_rank"],
         "patches_per_s": patches * ctx.world_size / elapsed,
