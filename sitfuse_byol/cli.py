@@ -17,7 +17,7 @@ from pathlib import Path
 from sitfuse_byol.config import Config, load_config
 from sitfuse_byol.errors import ConfigError, InputError, SitfuseError
 
-EXIT_OK, EXIT_FAILED_SCENES, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_USAGE = 0, 2
 log = logging.getLogger("sitfuse_byol")
 
 
@@ -44,9 +44,9 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Config:
     """Load the config named by ``-c`` with ``--set``, ``--scenes`` and ``--out`` applied."""
     overrides = list(args.overrides)
-    if getattr(args, "scenes", None):
+    if args.scenes:
         overrides.append(f"data.scenes={json.dumps(args.scenes)}")
-    if getattr(args, "out", None):
+    if args.out:
         overrides.append(f"output.dir={json.dumps(str(Path(args.out).resolve()))}")
     return load_config(args.config, overrides=overrides)
 
@@ -93,8 +93,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from sitfuse_byol.progress import TRAIN_FIELDS, stage_progress
     from sitfuse_byol.train.loop import train
@@ -130,13 +128,11 @@ def _cluster_options(args: argparse.Namespace, config: Config):
 
     dask_cfg = config["dask"]
     return ClusterOptions(
-        scheduler=getattr(args, "scheduler", None) or dask_cfg["scheduler"],
-        workers=getattr(args, "workers", None) or dask_cfg["workers"],
+        scheduler=args.scheduler or dask_cfg["scheduler"],
+        workers=args.workers or dask_cfg["workers"],
         threads_per_worker=dask_cfg["threads_per_worker"],
         gpus_per_worker=(
-            args.gpus_per_worker
-            if getattr(args, "gpus_per_worker", None) is not None
-            else dask_cfg["gpus_per_worker"]
+            args.gpus_per_worker if args.gpus_per_worker is not None else dask_cfg["gpus_per_worker"]
         ),
         retries=dask_cfg["retries"],
     )
@@ -152,46 +148,32 @@ def _setup_run_logging(config: Config) -> None:
     log.setLevel(logging.INFO)
 
 
-def _run_stages(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
+def _run_stages(args: argparse.Namespace) -> int:
+    """Run the pipeline stages of a run-family command (``args.stages``, see the parser)."""
     from sitfuse_byol.run.pipeline import RunOptions, run_pipeline
 
+    # After the user's --set, so that they win over it.
+    args.overrides = [*args.overrides, *args.forced_overrides]
     config = config_from_args(args)
     _setup_run_logging(config)
     options = RunOptions(
-        force=getattr(args, "force", False),
-        quiet=getattr(args, "quiet", False) or getattr(args, "json", False),
-        json=getattr(args, "json", False),
-        device=getattr(args, "device", None),
+        force=args.force,
+        quiet=args.quiet or args.json,
+        json=args.json,
+        device=args.device,
         cluster=_cluster_options(args, config),
+        # Only `run` takes the assign options; the other commands never assign.
         labels=Path(args.labels) if getattr(args, "labels", None) else None,
         label_field=getattr(args, "field", "class"),
         threshold=getattr(args, "threshold", 0.51),
-        stages=stages,
+        stages=args.stages,
     )
     summary = run_pipeline(config, options)
-    if getattr(args, "json", False):
+    if args.json:
         print(summary.to_json())
     else:
         print(summary.table())
     return summary.exit_code
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    return _run_stages(args, ("stats", "train", "embed", "cluster", "export", "assign"))
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    # Asking for embeddings means keeping them, whatever embed.save says.
-    args.overrides.append("embed.save=true")
-    return _run_stages(args, ("embed",))
-
-
-def cmd_cluster(args: argparse.Namespace) -> int:
-    return _run_stages(args, ("cluster", "export"))
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    return _run_stages(args, ("export",))
 
 
 def cmd_assign(args: argparse.Namespace) -> int:
@@ -280,22 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--field", default="class", help="polygon attribute holding the class name")
         sub.add_argument("--threshold", type=float, default=0.51, help="share a class needs in a cluster")
 
-    run = commands.add_parser("run", help="the whole pipeline: stats, train, embed, cluster, export")
-    add_run_args(run)
-    add_assign_args(run)
-    run.set_defaults(func=cmd_run)
-
-    embed = commands.add_parser("embed", help="write dense embeddings of every scene (Zarr)")
-    add_run_args(embed)
-    embed.set_defaults(func=cmd_embed)
-
-    cluster = commands.add_parser("cluster", help="fit one clustering over all scenes and export labels")
-    add_run_args(cluster)
-    cluster.set_defaults(func=cmd_cluster)
-
-    export = commands.add_parser("export", help="re-export label rasters with the current model")
-    add_run_args(export)
-    export.set_defaults(func=cmd_export)
+    # The run family: one pipeline (_run_stages), each command running some of its stages,
+    # with config overrides it forces after the user's own.
+    run_family = (
+        (
+            "run",
+            "the whole pipeline: stats, train, embed, cluster, export",
+            ("stats", "train", "embed", "cluster", "export", "assign"),
+            (),
+        ),
+        # Asking for embeddings means keeping them, whatever embed.save says.
+        ("embed", "write dense embeddings of every scene (Zarr)", ("embed",), ("embed.save=true",)),
+        ("cluster", "fit one clustering over all scenes and export labels", ("cluster", "export"), ()),
+        ("export", "re-export label rasters with the current model", ("export",), ()),
+    )
+    for name, help_text, stages, forced_overrides in run_family:
+        sub = commands.add_parser(name, help=help_text)
+        add_run_args(sub)
+        if name == "run":
+            add_assign_args(sub)
+        sub.set_defaults(func=_run_stages, stages=stages, forced_overrides=forced_overrides)
 
     assign = commands.add_parser("assign", help="map clusters to classes from QGIS polygons")
     _add_config_args(assign)

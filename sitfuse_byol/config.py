@@ -22,7 +22,48 @@ import yaml
 from sitfuse_byol.errors import ConfigError
 
 REQUIRED = object()
-_YAML11_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads floats the YAML 1.2 way.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so
+    ``5e-4``, ``1e5`` and ``1.0e6`` load as strings. People write those all the time
+    (learning rates, augmentation strengths), at any depth of a config, an override or
+    a scene list, so the float resolver is replaced here instead of patching values
+    after loading. Everything else is ``yaml.safe_load``'s behaviour.
+    """
+
+
+# Copy the resolver table before editing it, so yaml.SafeLoader itself is left alone.
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)
+        |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely, with YAML 1.2 floats (see :class:`YamlLoader`).
+
+    Raises:
+        yaml.YAMLError: The text is not valid YAML.
+    """
+    # A safe loader: only plain data, never arbitrary Python objects.
+    return yaml.load(text, Loader=YamlLoader)
 
 
 @dataclass(frozen=True)
@@ -30,8 +71,8 @@ class Key:
     """One configuration key.
 
     Attributes:
-        kind: ``int``, ``float``, ``bool``, ``str``, ``list``, ``mapping``, ``any`` or
-            ``scenes`` (a list or a string).
+        kind: ``int``, ``float``, ``bool``, ``str``, ``list``, ``mapping`` or ``scenes``
+            (a list or a string).
         default: The default value, or :data:`REQUIRED`.
         doc: One line for the config reference.
         nullable: Whether ``null`` is accepted.
@@ -166,11 +207,6 @@ def _check_value(dotted: str, key: Key, value: Any) -> Any:
     def fail(message: str) -> ConfigError:
         return ConfigError(f"config: {dotted}: {message} (got {value!r})")
 
-    # YAML 1.1 reads `5e-4` or `1.0e6` (no sign) as strings; people write them all the time.
-    if key.kind == "float" and isinstance(value, str) and _YAML11_EXPONENT.match(value):
-        value = float(value)
-    if key.check is _pair and isinstance(value, list):
-        value = [float(v) if isinstance(v, str) and _YAML11_EXPONENT.match(v) else v for v in value]
     if value is None:
         if key.nullable:
             return None
@@ -183,7 +219,6 @@ def _check_value(dotted: str, key: Key, value: Any) -> Any:
         "list": isinstance(value, list),
         "mapping": isinstance(value, Mapping),
         "scenes": isinstance(value, list | str) and bool(value),
-        "any": True,
     }[key.kind]
     if not ok:
         raise fail(f"must be {_describe(key)}")
@@ -259,7 +294,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"config: --set {dotted!r}: expected section.key")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = load_yaml(text) if text.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"config: --set {dotted}: value is not valid YAML ({text!r})") from err
     section = raw.setdefault(parts[0], {})
@@ -275,12 +310,10 @@ class Config:
     Attributes:
         values: Sections of resolved keys, defaults filled in.
         base: Folder relative paths are taken from (the config file's folder).
-        source: The config file, or ``None``.
     """
 
     values: dict[str, dict[str, Any]]
     base: Path
-    source: Path | None = None
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.values[section]
@@ -319,7 +352,7 @@ def load_config(
         if not path.exists():
             raise ConfigError("config file not found", where=str(path))
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = load_yaml(path.read_text())
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f" at line {mark.line + 1}" if mark is not None else ""
@@ -333,7 +366,7 @@ def load_config(
         raise ConfigError("config: the top level must be a mapping of sections", where=str(path))
     for assignment in overrides:
         apply_override(data, assignment)
-    return Config(values=validate(data), base=base, source=path)
+    return Config(values=validate(data), base=base)
 
 
 def reference_markdown() -> str:

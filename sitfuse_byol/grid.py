@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from affine import Affine
 from rasterio.crs import CRS
+
+if TYPE_CHECKING:
+    from rasterio.io import DatasetReader
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,11 @@ class Grid:
     width: int
     transform: Affine
     crs: CRS | None
+
+    @classmethod
+    def of_dataset(cls, src: DatasetReader) -> Grid:
+        """The grid of an open rasterio dataset (a file or a warped VRT)."""
+        return cls(height=src.height, width=src.width, transform=src.transform, crs=src.crs)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -78,10 +86,14 @@ class Grid:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The grid as JSON-ready values: ``shape``, ``crs``, ``transform``, ``res``, ``bounds``.
+
+        ``transform`` holds the six coefficients ``a, b, c, d, e, f`` of the affine.
+        """
         return {
             "shape": list(self.shape),
             "crs": self.crs_string,
-            "transform": list(self.transform)[:6],
-            "res": list(self.res),
-            "bounds": list(self.bounds),
+            "transform": [float(v) for v in list(self.transform)[:6]],
+            "res": [float(v) for v in self.res],
+            "bounds": [float(v) for v in self.bounds],
         }

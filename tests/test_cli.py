@@ -121,6 +121,14 @@ def test_scene_list_with_one_bad_entry_names_it(capsys, tmp_path, landsat_path):
     assert_one_line_error(code, err, "scenes.txt:3", "file not found")
 
 
+def test_malformed_yaml_scene_list_is_a_one_line_error(capsys, tmp_path):
+    (tmp_path / "scenes.yaml").write_text("- a.tif\n- [b.tif\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"scenes": "scenes.yaml"}, "output": {"dir": "out"}}))
+    code, _, err = run_cli(capsys, "stats", "-c", str(config))
+    assert_one_line_error(code, err, "invalid YAML", "scenes.yaml")
+
+
 def test_stats_command_writes_stats_json(capsys, tmp_path, landsat_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data": {"scenes": [str(landsat_path)]}, "output": {"dir": "out"}}))

@@ -31,6 +31,24 @@ def test_overrides_are_typed_as_yaml(tmp_path):
     assert config["data"]["nodata"] is None
 
 
+def test_exponent_floats_are_numbers_at_any_depth(tmp_path):
+    # YAML 1.1 reads 5e-2 (no dot, no exponent sign) as a string; the loader must not,
+    # neither inside a mapping value nor in a list, from a file or from --set.
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "data:\n  scenes: [a.tif]\n  valid_range: [0, 1e4]\ntrain:\n  augment: {band_gain: 5e-2}\n"
+    )
+    config = load_config(path)
+    assert config["train"]["augment"] == {"band_gain": pytest.approx(0.05)}
+    assert config["data"]["valid_range"] == [0, 10000.0]
+    overridden = load_config(
+        write(tmp_path, {"data": {"scenes": ["a.tif"]}}),
+        overrides=["train.augment={band_gain: 5e-2}", "train.weight_decay=1e-5"],
+    )
+    assert overridden["train"]["augment"] == {"band_gain": pytest.approx(0.05)}
+    assert overridden["train"]["weight_decay"] == pytest.approx(1e-5)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -59,16 +77,12 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "none.yaml")
 
 
-def test_digest_changes_with_values_and_reference_lists_every_key(tmp_path):
+def test_digest_changes_with_values(tmp_path):
     path = write(tmp_path, {"data": {"scenes": ["a.tif"]}})
     a = load_config(path)
     b = load_config(path, overrides=["train.epochs=2"])
     assert a.digest("train") != b.digest("train")
     assert a.digest("data") == b.digest("data")
-    table = reference_markdown()
-    for section, keys in SCHEMA.items():
-        for name in keys:
-            assert f"`{section}.{name}`" in table
 
 
 def test_readme_config_reference_is_generated_from_the_schema():

@@ -24,7 +24,7 @@ import dask
 import numpy as np
 
 from sitfuse_byol.errors import InputError
-from sitfuse_byol.read import Scene, reading
+from sitfuse_byol.read import Scene, reading, valid_block
 
 MAX_BINS = 65536
 PERCENTILES = (2.0, 98.0)
@@ -82,8 +82,11 @@ class BandStats:
         return cls.from_dict(json.loads(path.read_text()))
 
 
-def _moments(block: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def _moments(
+    block: np.ndarray, *, nodata: float | None, valid_range: tuple[float, float] | None
+) -> np.ndarray:
     """``(band, 5)`` rows of count, mean, M2, min, max over the valid pixels of a block."""
+    valid = valid_block(block, nodata=nodata, valid_range=valid_range)
     out = np.zeros((block.shape[0], 5))
     n = int(valid.sum())
     out[:, 3], out[:, 4] = np.inf, -np.inf
@@ -120,9 +123,16 @@ def _merge_moments(parts: Iterable[np.ndarray]) -> np.ndarray:
 
 
 def _histogram(
-    block: np.ndarray, valid: np.ndarray, *, lows: np.ndarray, widths: np.ndarray, bins: np.ndarray
+    block: np.ndarray,
+    *,
+    nodata: float | None,
+    valid_range: tuple[float, float] | None,
+    lows: np.ndarray,
+    widths: np.ndarray,
+    bins: np.ndarray,
 ) -> np.ndarray:
     """``(band, MAX_BINS)`` counts; bin ``i`` of band ``b`` starts at ``lows[b] + i*widths[b]``."""
+    valid = valid_block(block, nodata=nodata, valid_range=valid_range)
     out = np.zeros((block.shape[0], MAX_BINS), dtype=np.int64)
     for b in range(block.shape[0]):
         values = block[b][valid].astype(np.float64)
@@ -132,14 +142,15 @@ def _histogram(
     return out
 
 
-def _blocks(scene: Scene) -> list[tuple]:
-    data_blocks = scene.data.to_delayed()
-    valid_blocks = scene.valid.to_delayed()
-    return [
-        (data_blocks[0, i, j], valid_blocks[i, j])
-        for i in range(valid_blocks.shape[0])
-        for j in range(valid_blocks.shape[1])
-    ]
+def _blocks(scene: Scene) -> list:
+    """The delayed ``(band, y, x)`` data blocks of a scene, one per spatial chunk.
+
+    Only the data is handed out: the per-block functions derive the valid mask from the
+    pixels in hand, because ``scene.valid`` is its own graph over the same reads and
+    computing it beside the data would decode every chunk twice. Every reader puts all
+    bands in one chunk, hence the single band index.
+    """
+    return list(scene.data.to_delayed()[0].ravel())
 
 
 def _percentile_from_histogram(
@@ -179,7 +190,10 @@ def compute_stats(scenes: Sequence[Scene]) -> BandStats:
             )
     parts = []
     for scene in scenes:
-        tasks = [dask.delayed(_moments)(d, v) for d, v in _blocks(scene)]
+        tasks = [
+            dask.delayed(_moments)(d, nodata=scene.nodata, valid_range=scene.valid_range)
+            for d in _blocks(scene)
+        ]
         with reading(scene.source):
             parts.extend(dask.compute(*tasks))
     moments = _merge_moments(parts)
@@ -201,8 +215,15 @@ def compute_stats(scenes: Sequence[Scene]) -> BandStats:
     histogram = np.zeros((first.n_bands, MAX_BINS), dtype=np.int64)
     for scene in scenes:
         tasks = [
-            dask.delayed(_histogram)(d, v, lows=lows, widths=widths, bins=bins)
-            for d, v in _blocks(scene)
+            dask.delayed(_histogram)(
+                d,
+                nodata=scene.nodata,
+                valid_range=scene.valid_range,
+                lows=lows,
+                widths=widths,
+                bins=bins,
+            )
+            for d in _blocks(scene)
         ]
         with reading(scene.source):
             for part in dask.compute(*tasks):

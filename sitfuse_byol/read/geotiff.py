@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
+import dask.array as da
 import rasterio
 import rioxarray
 import xarray as xr
 from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
 
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.grid import Grid
@@ -55,6 +57,33 @@ def check_not_truncated(src: rasterio.DatasetReader, *, where: str) -> None:
             )
 
 
+def open_lazy(source: Path | WarpedVRT, *, chunks: Mapping[str, int]) -> da.Array:
+    """The pixels of a raster file or warped VRT as a lazy ``(band, y, x)`` Dask array.
+
+    Args:
+        source: The file, or a warped VRT over one.
+        chunks: Chunk length per dimension, ``band``, ``y`` and ``x`` (``-1``: whole axis).
+    """
+    with warnings.catch_warnings():
+        # An ungeoreferenced file is allowed; inspect warns about it once, explicitly.
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        # One raster without subdatasets opens as a DataArray; the stubs give every case.
+        array = cast(
+            xr.DataArray,
+            rioxarray.open_rasterio(
+                source,
+                chunks=dict(chunks),
+                # No lock: chunks read fully in parallel (each read opens its own
+                # handle); no masking or scaling, so the file's dtype is kept; no cache,
+                # so a chunk is not held in memory after use.
+                lock=False,
+                mask_and_scale=False,
+                cache=False,
+            ),
+        )
+    return array.data
+
+
 def band_names_of(src: rasterio.DatasetReader) -> list[str]:
     """Band descriptions where the file has them, ``B1``, ``B2``... otherwise."""
     return [desc or f"B{i}" for i, desc in enumerate(src.descriptions, start=1)]
@@ -84,29 +113,16 @@ def open_geotiff(
     where = str(path)
     with open_dataset(path) as src:
         check_not_truncated(src, where=where)
-        grid = Grid(height=src.height, width=src.width, transform=src.transform, crs=src.crs)
+        grid = Grid.of_dataset(src)
         names = band_names_of(src)
         file_nodata = src.nodata
         chunks = aligned_chunks(
             shape=grid.shape, block=src.block_shapes[0], patch=patch_size, target=chunk_target
         )
-    with warnings.catch_warnings():
-        # An ungeoreferenced file is allowed; inspect warns about it once, explicitly.
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        # One raster without subdatasets opens as a DataArray; the stubs give every case.
-        array = cast(
-            xr.DataArray,
-            rioxarray.open_rasterio(
-                path,
-                chunks={"band": -1, "y": chunks[0], "x": chunks[1]},
-                lock=False,
-                mask_and_scale=False,
-                cache=False,
-            ),
-        )
+    array = open_lazy(path, chunks={"band": -1, "y": chunks[0], "x": chunks[1]})
     return build_scene(
         id=scene_id or path.stem,
-        data=array.data,
+        data=array,
         grid=grid,
         band_names=names,
         file_nodata=file_nodata,

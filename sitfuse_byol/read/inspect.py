@@ -14,16 +14,18 @@ def describe_scene(scene: Scene) -> dict[str, Any]:
     with reading(scene.source):
         valid_fraction = float(scene.valid.mean().compute()) if scene.valid.size else 0.0
     nodata = scene.nodata
+    grid = scene.grid.to_dict()
     return {
         "id": scene.id,
         "bands": list(scene.band_names),
         "dtype": str(scene.dtype),
+        # The grid's shape is (y, x); inspect shows the band axis too.
         "shape": [int(v) for v in scene.data.shape],
         "chunks": [scene.n_bands, *scene.chunks],
-        "crs": scene.grid.crs_string,
-        "transform": [float(v) for v in list(scene.grid.transform)[:6]],
-        "res": [float(v) for v in scene.grid.res],
-        "bounds": [float(v) for v in scene.grid.bounds],
+        "crs": grid["crs"],
+        "transform": grid["transform"],
+        "res": grid["res"],
+        "bounds": grid["bounds"],
         "nodata": None if nodata is None or np.isnan(nodata) else nodata,
         "valid_fraction": valid_fraction,
     }

@@ -18,19 +18,16 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import dask.array as da
 import rasterio
-import rioxarray
-import xarray as xr
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.grid import Grid
 from sitfuse_byol.read.chunking import DEFAULT_CHUNK_TARGET, aligned_chunks
-from sitfuse_byol.read.geotiff import check_not_truncated, open_dataset
+from sitfuse_byol.read.geotiff import check_not_truncated, open_dataset, open_lazy
 from sitfuse_byol.read.scene import Scene, build_scene
 
 RESAMPLING_NAMES = {r.name for r in Resampling}
@@ -115,7 +112,7 @@ def open_multifile(
                 raise InputError(f"expected a single-band file, found {src.count} bands", where=str(path))
             profiles.append(
                 {
-                    "grid": Grid(height=src.height, width=src.width, transform=src.transform, crs=src.crs),
+                    "grid": Grid.of_dataset(src),
                     "nodata": src.nodata,
                     "block": src.block_shapes[0],
                     "dtype": src.dtypes[0],
@@ -177,20 +174,14 @@ def _band_array(
 ) -> da.Array:
     dask_chunks = {"band": 1, "y": chunks[0], "x": chunks[1]}
     grid: Grid = profile["grid"]
-    # One single-band raster opens as a DataArray; the stubs give every case, hence the casts.
+    if grid.same_as(ref):
+        return open_lazy(path, chunks=dask_chunks)
+    method = spec.coarsen if grid.res[0] < ref.res[0] else spec.refine
+    src_nodata = nodata if nodata is not None else profile["nodata"]
+    # rioxarray keeps the VRT's parameters and reopens it per read, so these handles
+    # can close here instead of staying open for the life of the scene.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        if grid.same_as(ref):
-            return cast(
-                xr.DataArray,
-                rioxarray.open_rasterio(
-                    path, chunks=dask_chunks, lock=False, mask_and_scale=False, cache=False
-                ),
-            ).data
-        method = spec.coarsen if grid.res[0] < ref.res[0] else spec.refine
-        src_nodata = nodata if nodata is not None else profile["nodata"]
-        # rioxarray keeps the VRT's parameters and reopens it per read, so these handles
-        # can close here instead of staying open for the life of the scene.
         with rasterio.open(path) as src, WarpedVRT(
             src,
             crs=ref.crs,
@@ -201,9 +192,4 @@ def _band_array(
             src_nodata=src_nodata,
             nodata=src_nodata,
         ) as vrt:
-            return cast(
-                xr.DataArray,
-                rioxarray.open_rasterio(
-                    vrt, chunks=dask_chunks, lock=False, mask_and_scale=False, cache=False
-                ),
-            ).data
+            return open_lazy(vrt, chunks=dask_chunks)

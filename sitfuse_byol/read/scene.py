@@ -12,6 +12,7 @@ from rasterio.errors import RasterioError
 
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.grid import Grid
+from sitfuse_byol.read.bands import select_bands
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,6 @@ def build_scene(
 
     A configured ``nodata`` overrides the file's.
     """
-    from sitfuse_byol.read.bands import select_bands
-
     positions = select_bands(band_names, bands, where=source)
     if positions != list(range(len(band_names))):
         data = data[positions]

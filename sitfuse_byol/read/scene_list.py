@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from sitfuse_byol.config import load_yaml
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.read.multifile import MultiFileSpec
 
@@ -49,16 +50,34 @@ def parse_scene_entry(entry: object, *, base: Path, where: str) -> SceneSpec:
     raise InputError(f"scene entry {entry!r} is neither a path nor a multi-file scene", where=where)
 
 
-def _load_scene_yaml(path: Path, *, where: str) -> MultiFileSpec:
+def _read_yaml(path: Path, *, where: str) -> object:
+    """The parsed content of a scene YAML or YAML scene list.
+
+    Args:
+        path: The YAML file.
+        where: Where the file was named, for the not-found message.
+
+    Raises:
+        InputError: The file is missing or is not valid YAML.
+    """
     if not path.exists():
         raise InputError("file not found", where=f"{where}: {path}")
     try:
-        content = yaml.safe_load(path.read_text())
+        return load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise InputError(f"invalid YAML: {str(err).splitlines()[0]}", where=str(path)) from err
+
+
+def _multifile_from_yaml(content: object, *, path: Path) -> MultiFileSpec:
+    """The multi-file scene a scene YAML holds; band files are relative to its folder."""
     if not isinstance(content, Mapping):
         raise InputError("a scene YAML must hold a mapping {id, bands}", where=str(path))
     return MultiFileSpec.from_mapping(content, base=path.parent, where=str(path))
+
+
+def _load_scene_yaml(path: Path, *, where: str) -> MultiFileSpec:
+    """The multi-file scene in the YAML file ``path``, named at ``where``."""
+    return _multifile_from_yaml(_read_yaml(path, where=where), path=path)
 
 
 def resolve_scene_list(scenes: object, *, base: Path) -> list[SceneRef]:
@@ -82,11 +101,12 @@ def resolve_scene_list(scenes: object, *, base: Path) -> list[SceneRef]:
         elif path.suffix in LIST_SUFFIXES:
             refs = _read_text_list(path)
         elif path.suffix in YAML_SUFFIXES and path.exists():
-            content = yaml.safe_load(path.read_text())
+            content = _read_yaml(path, where=text)
             if isinstance(content, list):
                 refs = _entries(content, base=path.parent, label=str(path))
             else:
-                refs = [SceneRef(spec=parse_scene_entry(path, base=base, where=text), entry=text)]
+                # One multi-file scene: built from the content in hand, not parsed again.
+                refs = [SceneRef(spec=_multifile_from_yaml(content, path=path), entry=text)]
         else:
             refs = [SceneRef(spec=parse_scene_entry(path, base=base, where=text), entry=text)]
     elif isinstance(scenes, Sequence):

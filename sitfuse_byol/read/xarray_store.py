@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
-from affine import Affine
 
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.grid import Grid
@@ -80,14 +79,27 @@ def _select_array(ds: xr.Dataset, variable: str | None, *, where: str) -> xr.Dat
 
 
 def grid_of(array: xr.DataArray, *, where: str) -> Grid:
+    """The grid of a ``(band, y, x)`` array, from its CRS and (y, x) coordinates.
+
+    rioxarray itself falls back to the identity transform where the coordinates are
+    missing or an axis is one pixel long, as GDAL does for an ungeoreferenced file.
+
+    Raises:
+        InputError: The coordinates cannot be read as a grid (e.g. they are not numbers).
+    """
     y, x = array.dims[1], array.dims[2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         crs = array.rio.crs
         try:
             transform = array.rio.set_spatial_dims(x_dim=x, y_dim=y).rio.transform(recalc=True)
-        except Exception:  # a 1-pixel axis or irregular coordinates
-            transform = Affine.identity()
+        # rioxarray and numpy raise assorted types for unusable coordinates; an identity
+        # transform here would silently misplace every output.
+        except Exception as err:
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise InputError(
+                f"cannot derive the grid from the {y}/{x} coordinates: {detail}", where=where
+            ) from err
     return Grid(height=array.sizes[y], width=array.sizes[x], transform=transform, crs=crs)
 
 

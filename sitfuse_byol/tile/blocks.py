@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import dask.array as da
 import numpy as np
+from dask.array.overlap import ensure_minimum_chunksize
 
 
 def apply_blocks(
@@ -27,34 +28,38 @@ def apply_blocks(
     *,
     halo: int,
     out_channels: int,
-    dtype: np.dtype | type = np.float32,
-    block_size: int | None = None,
 ) -> da.Array:
     """Apply ``func`` over a ``(C, Y, X)`` array block by block, with a halo.
 
     Args:
-        func: Maps a ``(C, h, w)`` block to ``(out_channels, h, w)``; sees padded blocks.
-        array: The input, chunked in (y, x); all channels must be in one chunk.
+        func: Maps a ``(C, h, w)`` block to a float32 ``(out_channels, h, w)`` one; sees
+            padded blocks.
+        array: The input, chunked in (y, x).
         halo: Pixels of context each side; at least ``func``'s receptive-field radius.
         out_channels: Channels ``func`` returns.
-        dtype: The dtype ``func`` returns.
-        block_size: Rechunk (y, x) to this edge first; ``None`` keeps the chunks.
 
     Returns:
-        A lazy ``(out_channels, Y, X)`` array with the same (y, x) chunks as the input.
+        A lazy float32 ``(out_channels, Y, X)`` array with the (y, x) chunks of the input,
+        except that a chunk narrower than ``halo`` (a ragged last one) is merged into its
+        neighbour.
+
+    Raises:
+        ValueError: ``halo`` is negative or larger than the array.
     """
     if halo < 0:
         raise ValueError("halo must be non-negative")
-    if block_size is not None:
-        array = array.rechunk((-1, block_size, block_size))
-    elif len(array.chunks[0]) > 1:
-        array = array.rechunk({0: -1})
-    # Dask can only borrow a halo from a neighbour at least as large as the halo.
-    min_chunk = min(min(array.chunks[1]), min(array.chunks[2]))
-    if halo > min_chunk:
-        array = array.rechunk((-1, max(halo, 64), max(halo, 64)))
     if halo > min(array.shape[1:]):
         raise ValueError(f"halo {halo} exceeds the scene size {array.shape[1:]}")
+    # func needs every channel of a pixel at once.
+    if len(array.chunks[0]) > 1:
+        array = array.rechunk({0: -1})
+    # Dask can only borrow a halo from a neighbour at least as large as the halo.
+    # map_overlap would merge narrower chunks itself, but then the output chunks declared
+    # below (needed because the channel count changes) would no longer match the blocks,
+    # so the same merge is done here, first.
+    array = array.rechunk(
+        {axis: ensure_minimum_chunksize(halo, array.chunks[axis]) for axis in (1, 2)}
+    )
 
     def run(block: np.ndarray) -> np.ndarray:
         out = func(block)
@@ -67,6 +72,6 @@ def apply_blocks(
         boundary={1: "reflect", 2: "reflect"},
         trim=False,
         chunks=((out_channels,), array.chunks[1], array.chunks[2]),
-        dtype=dtype,
-        meta=np.empty((0, 0, 0), dtype=dtype),
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), dtype=np.float32),
     )

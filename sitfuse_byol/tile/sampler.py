@@ -123,7 +123,6 @@ class PatchSampler:
         self.patches_per_chunk = patches_per_chunk
         self.prefetch_chunks = prefetch_chunks
         self.rank = rank
-        self.world_size = world_size
         self.index = PatchIndex.from_scenes(self.scenes, patch_size=patch_size).shard(
             rank=rank, world_size=world_size
         )

@@ -108,3 +108,41 @@ def test_memory_does_not_grow_with_the_number_of_scenes(landsat_path):
 
     two, twelve = peak_for(2), peak_for(12)
     assert twelve < 1.5 * two, (two, twelve)
+
+
+def test_each_chunk_is_read_once_per_pass():
+    # The valid mask is derived from the data block in hand; computing scene.valid
+    # beside the data would decode every chunk a second time.
+    import threading
+
+    import dask.array as da
+    from affine import Affine
+
+    from sitfuse_byol.grid import Grid
+    from sitfuse_byol.read.scene import build_scene
+
+    reads = []
+    lock = threading.Lock()
+
+    def read(block: np.ndarray) -> np.ndarray:
+        with lock:
+            reads.append(block.shape)
+        return block
+
+    pixels = np.random.default_rng(0).integers(0, 100, (3, 64, 64)).astype(np.uint16)
+    data = da.from_array(pixels, chunks=(3, 32, 32)).map_blocks(read, dtype=np.uint16)
+    scene = build_scene(
+        id="counted",
+        data=data,
+        grid=Grid(64, 64, Affine.identity(), None),
+        band_names=["a", "b", "c"],
+        file_nodata=None,
+        nodata=5,
+        valid_range=None,
+        bands=None,
+        source="counted",
+    )
+    reads.clear()
+    stats = compute_stats([scene])
+    assert reads.count((3, 32, 32)) == 2 * 4  # two passes over four chunks
+    assert stats.count == (int((pixels != 5).all(axis=0).sum()),) * 3

@@ -46,3 +46,19 @@ def test_duplicate_ids_and_empty_glob(three_tifs):
         resolve_scene_list(["a.tif", "a.tif"], base=three_tifs)
     with pytest.raises(InputError, match="glob matches no file"):
         resolve_scene_list("*.zarr", base=three_tifs)
+
+
+def test_malformed_yaml_list_is_an_input_error_naming_the_file(three_tifs):
+    (three_tifs / "list.yaml").write_text("- a.tif\n- [b.tif\n")
+    with pytest.raises(InputError, match="invalid YAML") as err:
+        resolve_scene_list("list.yaml", base=three_tifs)
+    assert err.value.where == str(three_tifs / "list.yaml")
+
+
+def test_yaml_holding_one_multifile_scene(three_tifs):
+    (three_tifs / "scene.yaml").write_text("{id: multi, bands: [a.tif, c.tif], reference: c}\n")
+    (ref,) = resolve_scene_list("scene.yaml", base=three_tifs)
+    assert isinstance(ref.spec, MultiFileSpec)
+    assert ref.id == "multi" and ref.entry == "scene.yaml"
+    assert ref.spec.files == (three_tifs / "a.tif", three_tifs / "c.tif")
+    assert ref.spec.reference == 1

@@ -46,3 +46,15 @@ def test_missing_store_and_unknown_variable(tmp_path, sentinel2_zarr):
         open_scene(tmp_path / "none.zarr")
     with pytest.raises(InputError, match="no variable 'radiance'"):
         open_scene(sentinel2_zarr, variable="radiance")
+
+
+def test_coordinates_that_are_not_a_grid_are_an_input_error(tmp_path):
+    ds = xr.Dataset(
+        {"v": (("band", "y", "x"), np.zeros((2, 3, 4), np.float32))},
+        coords={"y": ["a", "b", "c"], "x": np.arange(4.0)},
+    )
+    path = tmp_path / "strings.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    with pytest.raises(InputError, match="cannot derive the grid") as err:
+        open_scene(path)
+    assert err.value.where == str(path)

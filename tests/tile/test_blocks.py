@@ -46,3 +46,16 @@ def test_channel_count_can_change():
     )
     assert out.shape == (7, 30, 30)
     np.testing.assert_array_equal(out.compute(), 4.0)
+
+
+def test_chunks_narrower_than_the_halo_are_merged_consistently():
+    # A ragged last chunk (4 and 2 pixels) narrower than the halo: the declared chunks
+    # must match the blocks, or slicing the edge would read the wrong pixels.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 100, 130)).astype(np.float32)
+    func = conv5x5(rng.normal(size=(5, 5)).astype(np.float32))
+    tiled = apply_blocks(func, da.from_array(x, chunks=(3, 48, 64)), halo=5, out_channels=3)
+    whole = func(np.pad(x, ((0, 0), (5, 5), (5, 5)), mode="symmetric"))[:, 5:-5, 5:-5]
+    assert min(tiled.chunks[1] + tiled.chunks[2]) >= 5
+    np.testing.assert_array_equal(tiled.compute(), whole)
+    np.testing.assert_array_equal(tiled[:, -3:, -3:].compute(), whole[:, -3:, -3:])
