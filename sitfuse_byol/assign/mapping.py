@@ -15,18 +15,19 @@ import dataclasses
 import difflib
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import dask
 import dask.array as da
 import numpy as np
 import rasterio
+import rioxarray
+import xarray as xr
 import yaml
-from rasterio.errors import RasterioIOError
-from rasterio.windows import Window
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from sitfuse_byol.assign.polygons import (
     UNCERTAIN,
@@ -592,11 +593,9 @@ def load_mapping(path: Path, *, n_labels: int) -> ClusterMapping:
 
 
 def _reclassified(
-    path: Path, info: _LabelInfo, lut: np.ndarray, valid: np.ndarray, window: Window
+    labels: np.ndarray, *, lut: np.ndarray, valid: np.ndarray, info: _LabelInfo, path: Path
 ) -> np.ndarray:
-    # Each piece opens the file itself: a rasterio dataset must not be shared across threads.
-    with rasterio.open(path) as src:
-        labels = src.read(1, window=window)
+    """One piece of a class raster: the labels through ``lut``, refusing unknown labels."""
     bad = ~np.take(valid, labels)
     if bad.any():
         raise _invalid_label_error(int(labels[bad].flat[0]), info, path)
@@ -612,17 +611,24 @@ def _class_array(path: Path, info: _LabelInfo, mapping: ClusterMapping) -> da.Ar
     valid = np.zeros(size, dtype=bool)
     valid[: info.n_labels] = True
     valid[info.nodata] = True
-    height, width = info.grid.shape
-    rows = []
-    for top in range(0, height, APPLY_CHUNK):
-        h = min(APPLY_CHUNK, height - top)
-        row = []
-        for left in range(0, width, APPLY_CHUNK):
-            w = min(APPLY_CHUNK, width - left)
-            piece = dask.delayed(_reclassified)(path, info, lut, valid, Window(left, top, w, h))
-            row.append(da.from_delayed(piece, shape=(h, w), dtype=out_dtype))
-        rows.append(row)
-    return da.block(rows)
+    with warnings.catch_warnings():
+        # Class rasters need no CRS; a label raster without one is applied all the same.
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        # Raw values (no masking or scaling); without a lock every thread opens the
+        # file itself, as a rasterio dataset must not be shared across threads.
+        array = cast(
+            xr.DataArray,
+            rioxarray.open_rasterio(
+                path,
+                chunks={"band": 1, "y": APPLY_CHUNK, "x": APPLY_CHUNK},
+                lock=False,
+                mask_and_scale=False,
+                cache=False,
+            ),
+        )
+    return array.data[0].map_blocks(
+        _reclassified, lut=lut, valid=valid, info=info, path=path, dtype=out_dtype
+    )
 
 
 def class_colors(mapping: ClusterMapping) -> np.ndarray:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
-import rasterio
-import rasterio.shutil
+from rasterio.io import DatasetWriter
 from rasterio.windows import Window
 
-from sitfuse_byol.export.atomic import atomic_path
+from sitfuse_byol.export.cog import write_cog
 from sitfuse_byol.grid import Grid
 
 
@@ -24,37 +22,40 @@ def write_float_raster(
     description: str,
     tags: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a 2-D float32 dask array as a COG with NaN nodata, one row of chunks at a time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profile = {
-        "driver": "GTiff",
-        "width": grid.width,
-        "height": grid.height,
-        "count": 1,
-        "dtype": "float32",
-        "nodata": float("nan"),
-        "transform": grid.transform,
-        "tiled": True,
-        "blockxsize": 512,
-        "blockysize": 512,
-        "compress": "deflate",
-        "predictor": 3,
-    }
-    if grid.crs is not None:
-        profile["crs"] = grid.crs
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.staging-") as work:
-        staging = Path(work) / "staging.tif"
-        with rasterio.open(staging, "w", **profile) as dst:
-            row = 0
-            for i in range(values.numblocks[0]):
-                band = values.blocks[i, :].compute().astype(np.float32)
-                dst.write(band, 1, window=Window(0, row, grid.width, band.shape[0]))
-                row += band.shape[0]
-            dst.set_band_description(1, description)
-            dst.update_tags(**(tags or {}))
-        with atomic_path(path) as tmp:
-            rasterio.shutil.copy(
-                staging, tmp, driver="COG", COMPRESS="DEFLATE", PREDICTOR="FLOATING_POINT",
-                OVERVIEW_RESAMPLING="AVERAGE", BLOCKSIZE=512,
-            )
-    return path
+    """Write a 2-D float32 dask array as a COG with NaN nodata, one row of chunks at a time.
+
+    The COG is DEFLATE-compressed with the floating-point predictor, tiled like the
+    label rasters, and has overviews averaged from the full resolution.
+
+    Args:
+        values: ``(H, W)`` values on ``grid``, NaN where there are none.
+        grid: The pixel grid; its CRS may be ``None``.
+        path: The ``.tif`` to create or replace.
+        description: The band description.
+        tags: Dataset tags.
+
+    Returns:
+        ``path``.
+    """
+
+    def fill(dst: DatasetWriter) -> None:
+        row = 0
+        for i in range(values.numblocks[0]):
+            band = values.blocks[i, :].compute().astype(np.float32)
+            dst.write(band, 1, window=Window(0, row, grid.width, band.shape[0]))
+            row += band.shape[0]
+        dst.set_band_description(1, description)
+        dst.update_tags(**(tags or {}))
+
+    return write_cog(
+        path,
+        grid=grid,
+        staging_options={
+            "dtype": "float32",
+            "nodata": float("nan"),
+            "compress": "deflate",
+            "predictor": 3,
+        },
+        fill=fill,
+        cog_options={"PREDICTOR": "FLOATING_POINT", "OVERVIEW_RESAMPLING": "AVERAGE"},
+    )

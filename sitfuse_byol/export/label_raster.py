@@ -1,36 +1,28 @@
 """Write label rasters as Cloud-Optimized GeoTIFFs with colours and class names.
 
-GDAL's COG driver cannot be written window by window, so the labels go block
-by block into a tiled staging GTiff first, which the COG driver then copies
-with categorical (MODE) overviews. Colour table, nodata, band description and
-tags are set on the staging file and survive the copy; class names go into
-sidecar files (see :mod:`sitfuse_byol.export.sidecars`).
+The labels go block by block into a tiled staging GTiff, which the COG driver
+copies with categorical (MODE) overviews (:func:`~sitfuse_byol.export.cog.write_cog`).
+Colour table, nodata, band description and tags are set on the staging file and
+survive the copy; class names go into sidecar files (see
+:mod:`sitfuse_byol.export.sidecars`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import dask
 import dask.array as da
 import numpy as np
-import rasterio
-import rasterio.shutil
 from rasterio.enums import Resampling
-from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import DatasetWriter
 from rasterio.windows import Window
 
-from sitfuse_byol.export.atomic import atomic_path, remove_path
+from sitfuse_byol.export.cog import BLOCK_SIZE, write_cog
 from sitfuse_byol.export.palette import MAX_LABELS, label_colors
 from sitfuse_byol.export.sidecars import aux_xml_path_for, qml_path_for, write_qml, write_rat
 from sitfuse_byol.grid import Grid
-
-#: Tile size of the staging GTiff and of the COG.
-BLOCK_SIZE = 512
 
 
 def label_dtype_and_nodata(n_labels: int) -> tuple[np.dtype, int]:
@@ -95,64 +87,31 @@ def _checked_block(block: np.ndarray, *, n_labels: int, nodata: int, dtype: np.d
     return block.astype(dtype, copy=False)
 
 
-@contextlib.contextmanager
-def _ungeoreferenced_ok(grid: Grid) -> Iterator[None]:
-    """Silence rasterio's warning about a missing geotransform for a grid without CRS.
-
-    An ungeoreferenced scene is legitimate here. Only then, because
-    :func:`warnings.catch_warnings` changes process-wide state.
-    """
-    if grid.crs is not None:
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        yield
-
-
-def _write_staging(
+def _fill_staging(
+    dst: DatasetWriter,
     labels: np.ndarray | da.Array,
-    staging: Path,
     *,
-    grid: Grid,
     n_labels: int,
     colors: np.ndarray,
     tags: Mapping[str, str],
     description: str,
     overview_levels: Sequence[int] | None,
 ) -> None:
+    """Write the labels, colour table, description, tags and overviews into the staging file."""
     dtype, nodata = label_dtype_and_nodata(n_labels)
-    profile = {
-        "driver": "GTiff",
-        "height": grid.height,
-        "width": grid.width,
-        "count": 1,
-        "dtype": dtype.name,
-        "nodata": nodata,
-        "crs": grid.crs,
-        "transform": grid.transform,
-        "tiled": True,
-        "blockxsize": BLOCK_SIZE,
-        "blockysize": BLOCK_SIZE,
-        "compress": "DEFLATE",
-        # The staging file is temporary; fast compression is enough.
-        "zlevel": 1,
-        "BIGTIFF": "IF_SAFER",
-    }
-    with rasterio.open(staging, "w", **profile) as dst:
-        for window, block in _blocks(labels):
-            dst.write(
-                _checked_block(block, n_labels=n_labels, nodata=nodata, dtype=dtype),
-                1,
-                window=window,
-            )
-        colormap = {i: (*map(int, colors[i]), 255) for i in range(n_labels)}
-        colormap[nodata] = (0, 0, 0, 0)
-        dst.write_colormap(1, colormap)
-        dst.set_band_description(1, description)
-        dst.update_tags(**({str(k): str(v) for k, v in tags.items()} | {"K": str(n_labels)}))
-        if overview_levels:
-            dst.build_overviews(list(overview_levels), Resampling.mode)
+    for window, block in _blocks(labels):
+        dst.write(
+            _checked_block(block, n_labels=n_labels, nodata=nodata, dtype=dtype),
+            1,
+            window=window,
+        )
+    colormap = {i: (*map(int, colors[i]), 255) for i in range(n_labels)}
+    colormap[nodata] = (0, 0, 0, 0)
+    dst.write_colormap(1, colormap)
+    dst.set_band_description(1, description)
+    dst.update_tags(**({str(k): str(v) for k, v in tags.items()} | {"K": str(n_labels)}))
+    if overview_levels:
+        dst.build_overviews(list(overview_levels), Resampling.mode)
 
 
 def write_label_raster(
@@ -223,40 +182,29 @@ def write_label_raster(
     else:
         overview_options = {"OVERVIEWS": "NONE"}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The staging file lives beside the output, not in /tmp: scenes can be large
-    # and /tmp on compute nodes small.
-    with (
-        tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.staging-") as work,
-        _ungeoreferenced_ok(grid),
-    ):
-        staging = Path(work) / "staging.tif"
-        _write_staging(
+    write_cog(
+        path,
+        grid=grid,
+        staging_options={
+            "dtype": dtype.name,
+            "nodata": nodata,
+            "compress": "DEFLATE",
+            # The staging file is temporary; fast compression is enough.
+            "zlevel": 1,
+        },
+        fill=lambda dst: _fill_staging(
+            dst,
             labels,
-            staging,
-            grid=grid,
             n_labels=n_labels,
             colors=colors,
             tags=tags or {},
             description=description,
             overview_levels=overview_levels,
-        )
-        with atomic_path(path) as tmp:
-            rasterio.shutil.copy(
-                staging,
-                tmp,
-                driver="COG",
-                COMPRESS="DEFLATE",
-                BLOCKSIZE=BLOCK_SIZE,
-                OVERVIEW_RESAMPLING="MODE",
-                BIGTIFF="IF_SAFER",
-                **overview_options,
-            )
-            # A PAM file GDAL left beside the temporary would not follow the rename.
-            remove_path(aux_xml_path_for(tmp))
-            # Sidecars of a previous file at this path describe other labels.
-            remove_path(aux_xml_path_for(path))
-            remove_path(qml_path_for(path))
+        ),
+        cog_options={"OVERVIEW_RESAMPLING": "MODE", **overview_options},
+        # Sidecars of a previous file at this path describe other labels.
+        stale_sidecars=[qml_path_for(path)],
+    )
 
     if sidecars:
         values = list(range(n_labels))

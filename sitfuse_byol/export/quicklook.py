@@ -21,6 +21,26 @@ _TITLE_IN = 0.4  # height of the title strip, inches
 _GAP_IN = 0.1  # gap between the two panels, inches
 _MIN_PANEL_PX = 256  # small scenes are enlarged to this long side to stay legible
 
+#: Longest side of each quicklook panel, in pixels.
+MAX_SIZE = 1024
+
+
+def quicklook_step(shape: tuple[int, ...], *, max_size: int = MAX_SIZE) -> int:
+    """The subsampling step that fits a scene of ``shape`` into a ``max_size`` panel.
+
+    Callers holding a lazy scene subsample with it before computing, so that only
+    what the PNG shows is read; :func:`write_quicklook` then finds nothing left to
+    subsample.
+
+    Args:
+        shape: ``(H, W)`` of the scene.
+        max_size: Longest side of each panel, in pixels.
+
+    Returns:
+        Keep every ``step``-th row and column (1: all).
+    """
+    return max(1, math.ceil(max(shape) / max_size))
+
 
 def stretch_rgb(rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Stretch each band linearly between its 2nd and 98th percentile over valid pixels.
@@ -75,7 +95,7 @@ def write_quicklook(
     nodata: int,
     colors: np.ndarray,
     title: str,
-    max_size: int = 1024,
+    max_size: int = MAX_SIZE,
 ) -> Path:
     """Write a PNG with the stretched RGB scene on the left and the label map on the right.
 
@@ -106,12 +126,8 @@ def write_quicklook(
         raise ValueError(f"rgb must have shape (3, H, W), got {rgb.shape}")
     if valid.shape != rgb.shape[1:] or labels.shape != rgb.shape[1:]:
         raise ValueError(f"rgb {rgb.shape}, valid {valid.shape} and labels {labels.shape} disagree")
-    stride = max(1, math.ceil(max(labels.shape) / max_size))
-    rgb, valid, labels = (
-        rgb[:, ::stride, ::stride],
-        valid[::stride, ::stride],
-        labels[::stride, ::stride],
-    )
+    step = quicklook_step(labels.shape, max_size=max_size)
+    rgb, valid, labels = rgb[:, ::step, ::step], valid[::step, ::step], labels[::step, ::step]
     height, width = labels.shape
 
     zoom = max(1.0, _MIN_PANEL_PX / max(height, width))

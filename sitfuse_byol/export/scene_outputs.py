@@ -3,7 +3,9 @@
 Labels are predicted once into a temporary Zarr store beside the outputs (bounded
 memory, one pass over the embeddings), then written as COGs on the input's exact grid:
 with ``embed.stride`` > 1 each label covers a stride x stride cell (nearest), and
-nodata follows the input's valid mask pixel for pixel.
+nodata follows the input's valid mask pixel for pixel. That mask reads every input
+band, so it is stored beside the predictions in the same pass, and only with a stride:
+at stride 1 the embeddings already carry it (see :func:`_to_scene_grid`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
-import numpy.typing as npt
 
 from sitfuse_byol.cluster.model import ClusterModel
 from sitfuse_byol.embed import SceneEmbedding
@@ -51,23 +53,57 @@ class OutputOptions:
         )
 
 
-def _predict_block(block: np.ndarray, *, model: ClusterModel, nodata: int) -> np.ndarray:
-    valid = np.isfinite(block[0])
-    filled = np.where(valid[None], block, 0).astype(np.float32)
-    labels, confidence = model.predict_block(filled, valid, nodata=nodata)
-    layers = [labels.astype(np.float32), confidence.astype(np.float32)]
+def _predict_block(
+    block: np.ndarray, *, model: ClusterModel, nodata: int, coarse_nodata: int
+) -> np.ndarray:
+    """Labels, confidence and (hierarchical models) coarse labels of one embedding block.
+
+    Args:
+        block: ``(D, h, w)`` embeddings, NaN where the input is invalid.
+        model: The clustering model.
+        nodata: Nodata of the (finest) label raster.
+        coarse_nodata: Nodata of the coarse label raster.
+
+    Returns:
+        ``(2 or 3, h, w)`` float32: labels, confidence and coarse labels, each
+        already holding its own raster's nodata (NaN for confidence).
+    """
+    # No NaN-free copy of the block: predict_block masks non-finite pixels itself, and
+    # the copy cost 2-3x the prediction (see ClusterModel.predict_block).
+    labels, confidence = model.predict_block(block, np.isfinite(block[0]), nodata=nodata)
+    layers = [labels.astype(np.float32), confidence]
     if model.n_fine:
-        coarse = np.where(labels == nodata, nodata, labels // model.n_fine)
+        # The coarse raster's own nodata, not the fine one cast down to its dtype.
+        coarse = np.where(labels == nodata, coarse_nodata, labels // model.n_fine)
         layers.append(coarse.astype(np.float32))
     return np.stack(layers)
 
 
-def _to_scene_grid(layer: da.Array, *, stride: int, scene: Scene) -> da.Array:
-    """Nearest-neighbour expansion of a strided layer back onto the scene's pixels."""
+def _to_scene_grid(
+    layer: da.Array, *, stride: int, valid: da.Array, fill: float | np.generic
+) -> da.Array:
+    """A strided layer on the scene's pixels: nearest-neighbour expansion, then the mask.
+
+    This is the only place the scene's valid mask is applied. At stride 1 it changes
+    nothing: embeddings are NaN exactly where the input is invalid, and prediction
+    already wrote nodata there; skipping it spares a read of every input band. At a
+    larger stride a value covers a stride x stride cell whose pixels need not all be
+    valid, so invalid pixels get ``fill`` here.
+
+    Args:
+        layer: ``(h, w)`` values on the embedding grid, in the output dtype.
+        stride: The embedding stride.
+        valid: ``(H, W)`` bool valid mask of the scene; not read at stride 1.
+        fill: Value of invalid pixels, in the output dtype.
+
+    Returns:
+        ``(H, W)`` values on the scene grid, chunked like ``valid`` when ``stride`` > 1.
+    """
     if stride == 1:
         return layer
     full = da.repeat(da.repeat(layer, stride, axis=0), stride, axis=1)
-    return full[: scene.grid.height, : scene.grid.width].rechunk(scene.valid.chunks)
+    full = full[: valid.shape[0], : valid.shape[1]].rechunk(valid.chunks)
+    return da.where(valid, full, fill)
 
 
 def _rgb_positions(scene: Scene, rgb_bands: Sequence[int | str] | None) -> list[int]:
@@ -91,45 +127,68 @@ def write_scene_outputs(
     options: OutputOptions,
     tags: Mapping[str, str],
 ) -> dict[str, str]:
-    """Predict labels for one scene and write all of its outputs; returns their paths by kind."""
+    """Predict labels for one scene and write all of its outputs.
+
+    Args:
+        scene: The scene; outputs are written on its grid.
+        embedding: The scene's embeddings, NaN where the input is invalid.
+        model: The clustering model.
+        out_dir: The run's output directory; a temporary ``.work`` folder is used
+            there and emptied again.
+        stride: The embedding stride (1: one embedding per scene pixel).
+        options: Which extra outputs to write.
+        tags: Dataset tags of the rasters.
+
+    Returns:
+        The paths written, by kind: ``labels``, ``confidence``, and when asked for
+        ``labels_coarse``, ``quicklook``, ``polygons``, ``labels_zarr``.
+    """
     n_labels = model.n_labels
     dtype, nodata = label_dtype_and_nodata(n_labels)
+    coarse_dtype, coarse_nodata = label_dtype_and_nodata(model.n_clusters)
     layers = 3 if model.n_fine else 2
     data = embedding.data.rechunk({0: -1})
     predicted = data.map_blocks(
         _predict_block,
         model=model,
         nodata=nodata,
+        coarse_nodata=coarse_nodata,
         chunks=((layers,), *data.chunks[1:]),
         dtype=np.float32,
     )
-    work = out_dir / ".work" / f"{scene.id}.predicted.zarr"
+    work = out_dir / ".work" / f"{scene.id}.export"
     shutil.rmtree(work, ignore_errors=True)
-    work.parent.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True)
     outputs: dict[str, str] = {}
     try:
+        stores = [predicted.to_zarr(str(work / "predicted.zarr"), compute=False, compressors=None)]
+        if stride > 1:
+            # Every expanded layer needs the full-resolution mask, which reads every
+            # input band; stored once (beside the predictions, sharing the input read
+            # when the embeddings are computed on the fly), it is read back cheaply.
+            stores.append(scene.valid.to_zarr(str(work / "valid.zarr"), compute=False))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            predicted.to_zarr(str(work), overwrite=True, compressors=None)
-        stored = da.from_zarr(str(work))
-        valid = scene.valid
+            dask.compute(*stores)
+        stored = da.from_zarr(str(work / "predicted.zarr"))
+        valid = da.from_zarr(str(work / "valid.zarr")) if stride > 1 else scene.valid
 
-        def layer(index: int, kind: npt.DTypeLike) -> da.Array:
-            expanded = _to_scene_grid(stored[index], stride=stride, scene=scene)
-            return expanded.astype(kind)
+        def layer(index: int, kind: np.dtype, fill: float | np.generic) -> da.Array:
+            # Cast on the strided grid: stride**2 fewer values than after expanding.
+            return _to_scene_grid(stored[index].astype(kind), stride=stride, valid=valid, fill=fill)
 
         names = list(options.class_names) if options.class_names else None
         if names is not None and len(names) != n_labels:
             names = None
         colors = hierarchical_colors(model.n_clusters, model.n_fine) if model.n_fine else label_colors(n_labels)
-        labels = da.where(valid, layer(0, dtype), dtype.type(nodata))
+        labels = layer(0, dtype, dtype.type(nodata))
         label_path = out_dir / "labels" / f"{scene.id}.tif"
         write_label_raster(
             labels, grid=scene.grid, path=label_path, n_labels=n_labels,
             class_names=names, colors=colors, tags=dict(tags), description="cluster",
         )
         outputs["labels"] = str(label_path)
-        confidence = da.where(valid, layer(1, np.float32), np.float32(np.nan))
+        confidence = layer(1, np.dtype(np.float32), np.float32(np.nan))
         confidence_path = out_dir / "confidence" / f"{scene.id}.tif"
         write_float_raster(
             confidence, grid=scene.grid, path=confidence_path,
@@ -137,8 +196,7 @@ def write_scene_outputs(
         )
         outputs["confidence"] = str(confidence_path)
         if model.n_fine:
-            coarse_dtype, coarse_nodata = label_dtype_and_nodata(model.n_clusters)
-            coarse = da.where(valid, layer(2, coarse_dtype), coarse_dtype.type(coarse_nodata))
+            coarse = layer(2, coarse_dtype, coarse_dtype.type(coarse_nodata))
             coarse_path = out_dir / "labels" / f"{scene.id}_coarse.tif"
             write_label_raster(
                 coarse, grid=scene.grid, path=coarse_path, n_labels=model.n_clusters,
@@ -168,16 +226,21 @@ def write_scene_outputs(
 def _write_quicklook(
     scene: Scene, labels: da.Array, *, nodata: int, colors: np.ndarray, out_dir: Path, options: OutputOptions
 ) -> Path:
-    from sitfuse_byol.export.quicklook import write_quicklook
+    from sitfuse_byol.export.quicklook import quicklook_step, write_quicklook
 
-    step = max(1, -(-max(scene.grid.shape) // 1024))
+    # Subsampled here, lazily, with write_quicklook's own step, so only what the PNG
+    # shows is computed and write_quicklook has nothing left to subsample.
+    step = quicklook_step(scene.grid.shape)
     positions = _rgb_positions(scene, options.rgb_bands)
-    rgb = scene.data[positions][:, ::step, ::step].compute()
-    valid = scene.valid[::step, ::step].compute()
+    # One compute: the RGB and the mask come from the same input chunks, read once.
+    rgb, valid, shown = dask.compute(
+        scene.data[positions][:, ::step, ::step],
+        scene.valid[::step, ::step],
+        labels[::step, ::step],
+    )
     path = out_dir / "labels" / f"{scene.id}.png"
     write_quicklook(
-        path, rgb=rgb, valid=valid, labels=labels[::step, ::step].compute(), nodata=nodata,
-        colors=colors, title=scene.id,
+        path, rgb=rgb, valid=valid, labels=shown, nodata=nodata, colors=colors, title=scene.id,
     )
     return path
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import warnings
 from pathlib import Path
 
 import dask.array as da
@@ -16,6 +17,7 @@ from rasterio.crs import CRS
 from rio_cogeo.cogeo import cog_validate
 
 from sitfuse_byol.export.atomic import atomic_path, atomic_write_json, atomic_write_text
+from sitfuse_byol.export.float_raster import write_float_raster
 from sitfuse_byol.export.label_raster import label_dtype_and_nodata, write_label_raster
 from sitfuse_byol.export.palette import hierarchical_colors, label_colors
 from sitfuse_byol.grid import Grid
@@ -329,3 +331,47 @@ def test_rewrite_replaces_file_and_sidecars(tmp_path: Path) -> None:
                        sidecars=False)  # fmt: skip
     # Stale sidecars would describe the five labels of the previous file.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+
+
+# --- float rasters ----------------------------------------------------------------------
+
+
+def test_float_cog_carries_grid_nan_nodata_and_average_overviews(tmp_path: Path) -> None:
+    grid = utm_grid(1100, 1300)
+    rows, cols = np.indices(grid.shape)
+    values = (rows + cols / 1000).astype(np.float32)
+    values[900:, :300] = np.nan
+    path = write_float_raster(
+        da.from_array(values, chunks=(400, 700)), grid=grid, path=tmp_path / "conf.tif",
+        description="distance", tags={"scene": "S2 tile"},
+    )  # fmt: skip
+    assert cog_validate(str(path)) == (True, [], [])
+    with rasterio.open(path) as src:
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert src.tags(ns="IMAGE_STRUCTURE")["COMPRESSION"] == "DEFLATE"
+        assert src.tags(ns="IMAGE_STRUCTURE")["PREDICTOR"] == "3"
+        assert src.block_shapes == [(512, 512)]
+        assert src.dtypes == ("float32",) and np.isnan(src.nodata)
+        assert src.crs == grid.crs and src.transform == grid.transform
+        assert src.descriptions == ("distance",) and src.tags()["scene"] == "S2 tile"
+        np.testing.assert_array_equal(src.read(1), values)
+        assert src.overviews(1) == [2, 4]
+    with rasterio.open(path, overview_level=0) as ovr:
+        # AVERAGE: a 2 x 2 mean, between the extremes of the full resolution.
+        assert 0 < np.nanmean(ovr.read(1)) < np.nanmax(values)
+    assert leftovers(tmp_path, {"conf.tif"}) == []
+
+
+def test_float_cog_without_crs_and_over_a_stale_pam_file(tmp_path: Path) -> None:
+    grid = Grid(50, 60, Affine.identity(), None)
+    path = tmp_path / "conf.tif"
+    (tmp_path / "conf.tif.aux.xml").write_text("<PAMDataset/>")
+    values = np.linspace(0, 1, 50 * 60, dtype=np.float32).reshape(50, 60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_float_raster(da.from_array(values), grid=grid, path=path, description="d")
+    with rasterio.open(path) as src:
+        assert src.crs is None and src.transform == Affine.identity()
+        np.testing.assert_array_equal(src.read(1), values)
+    # The PAM file described the file replaced.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf.tif"]

@@ -1,0 +1,166 @@
+"""A scene's outputs from real embeddings of a real scene, at stride 1 and 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+from matplotlib.image import imread
+
+from sitfuse_byol.cluster import fit_kmeans
+from sitfuse_byol.cluster.model import ClusterModel
+from sitfuse_byol.embed import SceneEmbedding, embed_scene
+from sitfuse_byol.export.label_raster import label_dtype_and_nodata
+from sitfuse_byol.export.scene_outputs import OutputOptions, write_scene_outputs
+from sitfuse_byol.read import Scene, open_scene
+from sitfuse_byol.train.checkpoint import load_encoder
+from tests.conftest import write_tif
+
+
+@pytest.fixture(scope="module")
+def holed_scene(tmp_path_factory, landsat_path) -> Scene:
+    """The Landsat sample with nodata 0 in a corner, in single pixels and in one band only.
+
+    The single pixels sit at odd and even rows and columns, so at stride 2 some stride
+    cells are valid at the sampled (top-left) pixel and invalid elsewhere, and the other
+    way round. Scene chunks (128) and embedding chunks (96, see :func:`fixed_embedding`)
+    differ, as they may in a run, and the outputs must not care.
+    """
+    with rasterio.open(landsat_path) as src:
+        data, profile = src.read(), src.profile
+    data[data == 0] = 1
+    data[:, :21, :31] = 0
+    for row, col in [(100, 100), (101, 151), (150, 201), (201, 251), (300, 348)]:
+        data[:, row, col] = 0
+    data[3, 250, 60:70] = 0  # invalid in one band: invalid
+    path = tmp_path_factory.mktemp("holed") / "holed.tif"
+    write_tif(
+        path, data, crs=profile["crs"], transform=profile["transform"], nodata=0, blocksize=128
+    )
+    return open_scene(path, chunk_target=128)
+
+
+def fixed_embedding(scene: Scene, checkpoint: Path, *, stride: int) -> SceneEmbedding:
+    """Real embeddings, computed once so the test and the export see the same values."""
+    embedding = embed_scene(scene, load_encoder(checkpoint), stride=stride, block_size=128)
+    values = embedding.data.compute()
+    return SceneEmbedding(
+        scene_id=embedding.scene_id,
+        data=da.from_array(values, chunks=(-1, 96, 96)),
+        valid=embedding.valid,
+        grid=embedding.grid,
+    )
+
+
+def expand(layer: np.ndarray, *, stride: int, shape: tuple[int, int]) -> np.ndarray:
+    """Each strided pixel repeated over its stride x stride cell, cropped to the scene."""
+    full = np.repeat(np.repeat(layer, stride, axis=0), stride, axis=1)
+    return full[: shape[0], : shape[1]]
+
+
+@pytest.mark.parametrize(("stride", "n_fine"), [(1, 0), (2, 0), (2, 3)])
+def test_outputs_follow_the_model_and_the_scene_mask(
+    tmp_path: Path, holed_scene: Scene, tiny_checkpoint: Path, stride: int, n_fine: int
+) -> None:
+    scene = holed_scene
+    embedding = fixed_embedding(scene, tiny_checkpoint, stride=stride)
+    values = embedding.data.compute()
+    samples = values.reshape(values.shape[0], -1).T
+    model = fit_kmeans(samples, n_clusters=4, seed=0, n_fine=n_fine)
+    _, nodata = label_dtype_and_nodata(model.n_labels)
+
+    outputs = write_scene_outputs(
+        scene=scene, embedding=embedding, model=model, out_dir=tmp_path, stride=stride,
+        options=OutputOptions(polygons=True, zarr=True, quicklook=True), tags={"scene": scene.id},
+    )  # fmt: skip
+
+    expected_keys = {"labels", "confidence", "quicklook", "polygons", "labels_zarr"}
+    assert set(outputs) == expected_keys | ({"labels_coarse"} if n_fine else set())
+    valid = scene.valid.compute()
+    assert (~valid).sum() > 21 * 31  # the corner, the specks and the one-band stripe
+    predicted, confidence = model.predict_block(values, np.isfinite(values[0]), nodata=nodata)
+    expected = np.where(valid, expand(predicted, stride=stride, shape=scene.grid.shape), nodata)
+    expected_confidence = np.where(
+        valid, expand(confidence, stride=stride, shape=scene.grid.shape), np.nan
+    )
+
+    with rasterio.open(outputs["labels"]) as src:
+        labels = src.read(1)
+        assert (src.height, src.width) == scene.grid.shape
+        assert src.transform == scene.grid.transform
+        assert src.crs == scene.grid.crs
+        assert src.nodata == nodata
+    np.testing.assert_array_equal(labels, expected)
+    assert (labels[~valid] == nodata).all()
+    if stride == 1:
+        np.testing.assert_array_equal(labels == nodata, ~valid)
+    else:
+        # A valid pixel is labelled exactly when the pixel its cell was sampled at is valid.
+        sampled_valid = expand(valid[::stride, ::stride], stride=stride, shape=scene.grid.shape)
+        np.testing.assert_array_equal(labels != nodata, valid & sampled_valid)
+        assert (valid & ~sampled_valid).any() and (~valid & sampled_valid).any()
+
+    with rasterio.open(outputs["confidence"]) as src:
+        assert (src.height, src.width) == scene.grid.shape and src.transform == scene.grid.transform
+        written = src.read(1)
+    np.testing.assert_array_equal(np.isnan(written), np.isnan(expected_confidence))
+    np.testing.assert_allclose(written, expected_confidence, rtol=1e-6, equal_nan=True)
+
+    if n_fine:
+        coarse_dtype, coarse_nodata = label_dtype_and_nodata(model.n_clusters)
+        with rasterio.open(outputs["labels_coarse"]) as src:
+            assert src.dtypes[0] == coarse_dtype.name and src.nodata == coarse_nodata
+            assert src.transform == scene.grid.transform
+            coarse = src.read(1)
+        np.testing.assert_array_equal(
+            coarse, np.where(labels == nodata, coarse_nodata, labels // n_fine)
+        )
+
+    store = xr.open_zarr(outputs["labels_zarr"], consolidated=False, mask_and_scale=False)
+    stored = store["labels"]
+    assert stored.dtype == labels.dtype
+    np.testing.assert_array_equal(stored.values, labels)
+    assert imread(outputs["quicklook"]).shape[1] > 2 * scene.grid.width
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".work", "confidence", "labels"]
+    assert not any((tmp_path / ".work").iterdir())
+
+
+def test_hierarchical_model_keeps_coarse_nodata_in_uint8(
+    tmp_path: Path, holed_scene: Scene
+) -> None:
+    """More than 255 fine labels (uint16) over at most 255 coarse clusters (uint8)."""
+    rng = np.random.default_rng(0)
+    dim = 4
+    model = ClusterModel(
+        method="kmeans",
+        centroids=rng.normal(size=(2, dim)).astype(np.float32),
+        fine_centroids=rng.normal(size=(2, 150, dim)).astype(np.float32),
+    )
+    assert label_dtype_and_nodata(model.n_labels)[1] == 65535
+    height, width = scene_shape = holed_scene.grid.shape
+    strided = (-(-height // 2), -(-width // 2))
+    values = rng.normal(size=(dim, *strided)).astype(np.float32)
+    valid = holed_scene.valid.compute()
+    values[:, ~valid[::2, ::2]] = np.nan
+    embedding = SceneEmbedding(
+        scene_id=holed_scene.id,
+        data=da.from_array(values, chunks=(-1, 64, 64)),
+        valid=da.from_array(np.isfinite(values[0])),
+        grid=holed_scene.grid.coarsened(stride=2),
+    )
+    outputs = write_scene_outputs(
+        scene=holed_scene, embedding=embedding, model=model, out_dir=tmp_path, stride=2,
+        options=OutputOptions(quicklook=False), tags={},
+    )  # fmt: skip
+    with rasterio.open(outputs["labels_coarse"]) as src:
+        coarse = src.read(1)
+        assert src.dtypes[0] == "uint8" and src.nodata == 255
+    with rasterio.open(outputs["labels"]) as src:
+        labels = src.read(1)
+    assert coarse.shape == scene_shape
+    np.testing.assert_array_equal(coarse == 255, labels == 65535)
+    np.testing.assert_array_equal(coarse[labels != 65535], labels[labels != 65535] // 150)
