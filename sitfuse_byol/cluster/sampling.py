@@ -53,9 +53,9 @@ def block_sampler(
 ) -> Callable[[np.ndarray, tuple[int, int]], tuple[np.ndarray, np.ndarray]]:
     """A hook drawing a block's share of the scene sample from its embeddings ``(D, h, w)``.
 
-    For :func:`sitfuse_byol.embed.save_embedding`: invalid pixels are NaN there, so the
-    mask comes from the block itself. Same seeds as :func:`sample_embeddings`, hence the
-    same sample as drawing from the saved store.
+    Invalid pixels are NaN in embeddings, so the mask comes from the block itself. Used as
+    :func:`sitfuse_byol.embed.save_embedding`'s hook while embeddings are written, and by
+    :func:`sample_embeddings` afterwards: the same blocks and seeds give the same sample.
     """
     probability = min(1.0, n / valid_count)
     scene_key = zlib.crc32(scene_id.encode())
@@ -86,20 +86,12 @@ def sample_embeddings(
     Raises:
         InputError: The scene has no valid pixel.
     """
-    probability = min(1.0, n / valid_pixel_count(embedding))
-    scene_key = zlib.crc32(embedding.scene_id.encode())
-    data = embedding.data.rechunk({0: -1})
-    valid = embedding.valid.rechunk(data.chunks[1:])
-    data_blocks, valid_blocks = data.to_delayed(), valid.to_delayed()
+    sample = block_sampler(embedding.scene_id, n=n, seed=seed, valid_count=valid_pixel_count(embedding))
+    blocks = embedding.data.rechunk({0: -1}).to_delayed()
     tasks = [
-        dask.delayed(_block_sample)(
-            data_blocks[0, i, j],
-            valid_blocks[i, j],
-            probability=probability,
-            seed=[seed, scene_key, i, j],
-        )
-        for i in range(valid_blocks.shape[0])
-        for j in range(valid_blocks.shape[1])
+        dask.delayed(sample)(blocks[0, i, j], (i, j))
+        for i in range(blocks.shape[1])
+        for j in range(blocks.shape[2])
     ]
     return combine_samples(dask.compute(*tasks))
 
@@ -111,11 +103,17 @@ def save_samples(path: Path, samples: np.ndarray, neighbours: np.ndarray, *, n: 
     return path
 
 
+def sample_matches(path: Path, *, n: int, seed: int) -> bool:
+    """Whether ``path`` holds a sample saved for this ``n`` and ``seed`` (arrays left unread)."""
+    if not path.exists():
+        return False
+    with np.load(path, allow_pickle=False) as saved:
+        return int(saved["n"]) == n and int(saved["seed"]) == seed
+
+
 def load_samples(path: Path, *, n: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
     """A sample saved by :func:`save_samples` for the same ``n`` and ``seed``, else ``None``."""
-    if not path.exists():
+    if not sample_matches(path, n=n, seed=seed):
         return None
     with np.load(path, allow_pickle=False) as saved:
-        if int(saved["n"]) != n or int(saved["seed"]) != seed:
-            return None
         return saved["samples"], saved["neighbours"]

@@ -60,10 +60,11 @@ def dask_client(options: ClusterOptions, *, quiet: bool = False) -> Iterator:
         workers = options.workers or 1
         cluster = LocalCluster(
             n_workers=workers,
-            threads_per_worker=options.threads_per_worker or 1,
+            # One scene at a time per worker; the scene's blocks then use the worker's
+            # `threads_per_worker` threads (passed to each task), never threads x threads.
+            threads_per_worker=1,
             # A lone worker gains nothing from its own process but a start-up of seconds
-            # (imports) and pickled results; several workers need processes, since torch's
-            # thread count is per process.
+            # (imports) and pickled results.
             processes=workers > 1,
             dashboard_address=":0",
             resources={"GPU": options.gpus_per_worker} if options.gpus_per_worker else None,

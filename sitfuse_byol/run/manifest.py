@@ -16,11 +16,19 @@ from sitfuse_byol.export.atomic import atomic_write_json
 from sitfuse_byol.read import SceneRef
 from sitfuse_byol.read.multifile import MultiFileSpec
 
+#: Zarr v3 and v2 metadata files: rewritten whenever the store (or one of its arrays) is.
+ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray", ".zattrs", ".zmetadata")
+
+
+def _store_metadata(store: Path) -> list[Path]:
+    """Metadata files of a store's root and arrays; chunk files are never walked."""
+    folders = [store, *sorted(p for p in store.iterdir() if p.is_dir())]
+    return [folder / name for folder in folders for name in ZARR_METADATA if (folder / name).is_file()]
+
 
 def _file_fingerprint(path: Path) -> list:
     if path.is_dir():
-        # A Zarr store or similar: its metadata files change whenever it is rewritten.
-        parts = sorted(p for p in path.rglob("*.json"))
+        parts = _store_metadata(path)
         return [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in parts]
     if path.exists():
         stat = path.stat()

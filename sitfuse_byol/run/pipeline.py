@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from sitfuse_byol.cluster.sampling import sample_matches
 from sitfuse_byol.config import Config
 from sitfuse_byol.errors import InputError, SitfuseError
 from sitfuse_byol.export.atomic import atomic_write_text, remove_path
@@ -29,7 +30,15 @@ from sitfuse_byol.progress import TRAIN_FIELDS, stage_progress
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config, resolve_scene_list
 from sitfuse_byol.run.cluster_client import ClusterOptions, dask_client
 from sitfuse_byol.run.manifest import Manifest, scene_fingerprint
-from sitfuse_byol.run.tasks import Paths, embed_task, export_task, sample_task
+from sitfuse_byol.run.tasks import (
+    Paths,
+    TaskFailure,
+    embed_task,
+    export_task,
+    run_scene_task,
+    sample_task,
+    saved_sample,
+)
 
 log = logging.getLogger("sitfuse_byol.run")
 # Fitting memory: 1M samples of 64 features is 256 MB, whatever the number of scenes;
@@ -185,7 +194,7 @@ class Pipeline:
     def _require_models(self, stages: tuple[str, ...]) -> None:
         """A stage run on its own needs what earlier stages leave behind."""
         from sitfuse_byol.errors import ModelError
-        from sitfuse_byol.train.checkpoint import file_hash, load_encoder
+        from sitfuse_byol.train.checkpoint import load_encoder
 
         if "train" in stages:
             return
@@ -206,8 +215,22 @@ class Pipeline:
 
         load_cluster_model(self.paths.cluster_model).check_compatible(
             dim=trained.encoder.out_channels,
-            encoder_hash=file_hash(self.paths.checkpoint),
+            encoder_hash=trained.checkpoint_hash,
             where=str(self.paths.cluster_model),
+        )
+
+    def _encoder_hash(self) -> str:
+        """The trained encoder's identity (its checkpoint's hash, from the cached load)."""
+        from sitfuse_byol.train.checkpoint import load_encoder
+
+        return load_encoder(self.paths.checkpoint).checkpoint_hash
+
+    def _sample_saved(self, scene_id: str) -> bool:
+        cfg = self.config["cluster"]
+        return (
+            bool(self.config["embed"]["save"])
+            and self.paths.embedding(scene_id).exists()
+            and sample_matches(self.paths.samples(scene_id), n=cfg["samples_per_scene"], seed=cfg["seed"])
         )
 
     def _require_scenes(self) -> None:
@@ -289,29 +312,34 @@ class Pipeline:
         """Run ``func(config, ref, threads)`` for every scene not yet done under its key."""
         from distributed import as_completed
 
-        threads = self.options.cluster.threads_per_worker or min(client.nthreads().values(), default=1)
+        # LocalClusters get their shape from ClusterOptions.sized_for; on an existing
+        # cluster a scene's blocks run on one thread unless the config says otherwise.
+        threads = self.options.cluster.threads_per_worker or 1
         todo = [ref for ref in self.refs if ref.id in self.scenes and ref.id in keys]
         if not todo:
             return
         futures = {}
         for ref in todo:
             future = client.submit(
-                func, self.config, ref, threads,
+                run_scene_task, func, self.config, ref, threads,
                 key=f"{name}-{ref.id}-{keys[ref.id]}-{time.time_ns()}",
                 retries=self.options.cluster.retries,
                 resources=self.options.cluster.resources,
                 pure=False,
             )
-            futures[future] = (ref, time.perf_counter())
+            futures[future] = ref
         with stage_progress(name, total=len(futures), quiet=self.options.quiet) as advance:
             for future in as_completed(futures):
-                ref, started = futures[future]
+                ref = futures[future]
                 try:
-                    result = future.result()
-                except Exception as err:  # a worker error arrives as the task's own exception
+                    result, seconds = future.result()
+                except Exception as err:  # retries spent: a lost worker, a transient error
                     self._fail(ref.id, err, stage=name)
                 else:
-                    on_result(ref.id, result, time.perf_counter() - started)
+                    if isinstance(result, TaskFailure):
+                        self._fail(ref.id, result.error, stage=name)
+                    else:
+                        on_result(ref.id, result, seconds)
                 finally:
                     future.release()
                 advance(1)
@@ -319,9 +347,7 @@ class Pipeline:
     def stage_embed(self, client: Any) -> None:
         if not self.config["embed"]["save"]:
             return
-        from sitfuse_byol.train.checkpoint import file_hash
-
-        model_key = file_hash(self.paths.checkpoint) + self.config.digest("embed")
+        model_key = self._encoder_hash() + self.config.digest("embed")
         keys = {}
         for scene_id in self.scenes:
             key = f"{self.fingerprints[scene_id]}:{model_key}"
@@ -338,9 +364,9 @@ class Pipeline:
 
     def stage_cluster(self, client: Any) -> None:
         from sitfuse_byol.cluster.kmeans import EmbeddingReservoir, fit_kmeans
-        from sitfuse_byol.train.checkpoint import file_hash, load_encoder
+        from sitfuse_byol.train.checkpoint import load_encoder
 
-        encoder_hash = file_hash(self.paths.checkpoint)
+        encoder_hash = self._encoder_hash()
         key = self._stage_key(
             "cluster", encoder_hash, self.config.digest("cluster", "embed"),
             *sorted(self.fingerprints[s] for s in self.scenes),
@@ -353,25 +379,29 @@ class Pipeline:
             capacity=max(min(cfg["samples_per_scene"] * len(self.scenes), MAX_CLUSTER_SAMPLES), cfg["n_clusters"]),
             seed=cfg["seed"],
         )
-        samples: dict[str, Any] = {}
+        # Samples kept by the embed stage are read here one scene at a time; only scenes
+        # without one (embed.save: false, an older run) go to workers, and only their
+        # samples wait in memory for their turn.
+        computed: dict[str, Any] = {}
         self._scene_tasks(
             client,
             name="sample",
             func=sample_task,
-            keys={s: "sample" for s in self.scenes},
-            on_result=lambda scene_id, result, seconds: samples.__setitem__(scene_id, result),
+            keys={s: "sample" for s in self.scenes if not self._sample_saved(s)},
+            on_result=lambda scene_id, result, seconds: computed.__setitem__(scene_id, result),
         )
         # Added in scene-list order, so the sample does not depend on task completion order.
         for ref in self.refs:
-            if ref.id in samples:
-                embeddings, neighbours = samples.pop(ref.id)
-                reservoir.add(embeddings, neighbours=neighbours)
+            if ref.id in self.scenes:
+                sample = computed.pop(ref.id) if ref.id in computed else saved_sample(self.config, ref.id)
+                if sample is not None:
+                    reservoir.add(sample[0], neighbours=sample[1])
         self._require_scenes()
         n_fine = cfg["n_fine"] if cfg["hierarchical"] else 0
         if cfg["method"] == "iic":
             from sitfuse_byol.cluster.iic import fit_iic
 
-            model = fit_iic(reservoir, n_clusters=cfg["n_clusters"], seed=cfg["seed"])
+            model = fit_iic(reservoir, n_clusters=cfg["n_clusters"], seed=cfg["seed"], n_fine=n_fine)
         else:
             model = fit_kmeans(reservoir, n_clusters=cfg["n_clusters"], seed=cfg["seed"], n_fine=n_fine)
         trained = load_encoder(self.paths.checkpoint)

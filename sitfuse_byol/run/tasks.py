@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dask
 import numpy as np
@@ -31,6 +33,7 @@ from sitfuse_byol.cluster.sampling import (
 )
 from sitfuse_byol.config import Config
 from sitfuse_byol.embed import SceneEmbedding, embed_scene, open_embedding, save_embedding
+from sitfuse_byol.errors import SitfuseError
 from sitfuse_byol.export.scene_outputs import OutputOptions, write_scene_outputs
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config
 from sitfuse_byol.train.checkpoint import load_encoder
@@ -61,6 +64,34 @@ class Paths:
         return self.out / "embeddings" / f"{scene_id}.samples.npz"
 
 
+_torch_threads_lock = threading.Lock()
+_torch_threads_holders = 0
+_torch_threads_before = 1
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Hold torch at one thread while any task of this process computes.
+
+    New threads (Dask's block threads) start from torch's shared default, so a task that
+    restored the default while another was still starting threads would hand those two
+    threads each; the first task in sets it, the last one out restores it.
+    """
+    global _torch_threads_holders, _torch_threads_before
+    with _torch_threads_lock:
+        if _torch_threads_holders == 0:
+            _torch_threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _torch_threads_holders += 1
+    try:
+        yield
+    finally:
+        with _torch_threads_lock:
+            _torch_threads_holders -= 1
+            if _torch_threads_holders == 0:
+                torch.set_num_threads(_torch_threads_before)
+
+
 @contextlib.contextmanager
 def local_compute(threads: int) -> Iterator[None]:
     """Local threads for Dask, each running torch and BLAS on one thread.
@@ -69,23 +100,31 @@ def local_compute(threads: int) -> Iterator[None]:
     keeps every sum in the same order wherever the task runs (same labels locally and
     on any cluster).
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1), dask.config.set(scheduler="threads", num_workers=max(1, threads)):
-            yield
-    finally:
-        torch.set_num_threads(previous)
+    with (
+        _one_torch_thread(),
+        threadpool_limits(limits=1),
+        dask.config.set(scheduler="threads", num_workers=max(1, threads)),
+    ):
+        yield
 
 
 def _open(config: Config, ref: SceneRef) -> Scene:
     return open_scene_from_config(ref, data=config["data"], patch_size=config["tiling"]["patch_size"])
 
 
-def scene_embedding(config: Config, ref: SceneRef, scene: Scene) -> SceneEmbedding:
+def _embed(config: Config, scene: Scene) -> SceneEmbedding:
+    return embed_scene(
+        scene,
+        load_encoder(Paths(config.output_dir).checkpoint),
+        stride=config["embed"]["stride"],
+        window=config["embed"]["window"],
+        block_size=config["embed"]["block_size"],
+    )
+
+
+def scene_embedding(config: Config, scene: Scene) -> SceneEmbedding:
     """Saved embeddings when present (and wanted), else computed on the fly."""
-    paths = Paths(config.output_dir)
-    saved = paths.embedding(scene.id)
+    saved = Paths(config.output_dir).embedding(scene.id)
     if config["embed"]["save"] and saved.exists():
         embedding = open_embedding(saved)
         # The store's own mask (finite first feature) reads every chunk of every feature;
@@ -93,24 +132,40 @@ def scene_embedding(config: Config, ref: SceneRef, scene: Scene) -> SceneEmbeddi
         stride = config["embed"]["stride"]
         valid = scene.valid[::stride, ::stride].rechunk(embedding.data.chunks[1:])
         return SceneEmbedding(scene_id=scene.id, data=embedding.data, valid=valid, grid=embedding.grid)
-    trained = load_encoder(paths.checkpoint)
-    return embed_scene(
-        scene,
-        trained,
-        stride=config["embed"]["stride"],
-        window=config["embed"]["window"],
-        block_size=config["embed"]["block_size"],
-    )
+    return _embed(config, scene)
 
 
-def embed_task(config: Config, ref: SceneRef, threads: int = 1) -> dict[str, float | str]:
-    """Write one scene's embeddings to ``OUTDIR/embeddings/<id>.zarr``, and its cluster sample.
+@dataclass(frozen=True)
+class TaskFailure:
+    """A scene task's bad-input error, returned instead of raised (see :func:`run_scene_task`)."""
+
+    error: SitfuseError
+
+
+def run_scene_task(
+    func: Callable[[Config, SceneRef, int], Any], config: Config, ref: SceneRef, threads: int
+) -> tuple[Any, float]:
+    """Run ``func(config, ref, threads)``; return its result (or failure) and its own seconds.
+
+    Bad input fails the same way every time, so it comes back as a :class:`TaskFailure`
+    value: Dask retries only what raises (a lost worker, a transient I/O error). The
+    seconds exclude time spent queued behind other scenes.
+    """
+    start = time.perf_counter()
+    try:
+        result = func(config, ref, threads)
+    except SitfuseError as err:
+        result = TaskFailure(err)
+    return result, time.perf_counter() - start
+
+
+def embed_task(config: Config, ref: SceneRef, threads: int = 1) -> str:
+    """Write one scene's embeddings to ``OUTDIR/embeddings/<id>.zarr`` (returned), and its cluster sample.
 
     The sample is drawn from the blocks while they are written, so clustering need not
     read every embedding back; it is the same sample :func:`sample_task` draws from the
     saved store (same blocks, same seeds).
     """
-    start = time.perf_counter()
     paths = Paths(config.output_dir)
     n, seed = config["cluster"]["samples_per_scene"], config["cluster"]["seed"]
     # A sample left from older embeddings must never pair with the new ones, even if
@@ -118,32 +173,32 @@ def embed_task(config: Config, ref: SceneRef, threads: int = 1) -> dict[str, flo
     paths.samples(ref.id).unlink(missing_ok=True)
     with local_compute(threads):
         scene = _open(config, ref)
-        trained = load_encoder(paths.checkpoint)
-        embedding = embed_scene(
-            scene,
-            trained,
-            stride=config["embed"]["stride"],
-            window=config["embed"]["window"],
-            block_size=config["embed"]["block_size"],
-        )
+        embedding = _embed(config, scene)
         hook = block_sampler(scene.id, n=n, seed=seed, valid_count=valid_pixel_count(embedding))
         parts = save_embedding(embedding, paths.embedding(scene.id), block_hook=hook)
         save_samples(paths.samples(scene.id), *combine_samples(parts), n=n, seed=seed)
-    return {"path": str(paths.embedding(scene.id)), "seconds": time.perf_counter() - start}
+    return str(paths.embedding(scene.id))
+
+
+def saved_sample(config: Config, scene_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The sample ``embed_task`` kept beside the scene's embeddings, if it fits this config."""
+    paths = Paths(config.output_dir)
+    if not (config["embed"]["save"] and paths.embedding(scene_id).exists()):
+        return None
+    cfg = config["cluster"]
+    return load_samples(paths.samples(scene_id), n=cfg["samples_per_scene"], seed=cfg["seed"])
 
 
 def sample_task(config: Config, ref: SceneRef, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """About ``cluster.samples_per_scene`` valid embeddings of a scene, with neighbours."""
-    paths = Paths(config.output_dir)
-    n, seed = config["cluster"]["samples_per_scene"], config["cluster"]["seed"]
-    if config["embed"]["save"] and paths.embedding(ref.id).exists():
-        saved = load_samples(paths.samples(ref.id), n=n, seed=seed)
-        if saved is not None:
-            return saved
+    saved = saved_sample(config, ref.id)
+    if saved is not None:
+        return saved
     with local_compute(threads):
-        scene = _open(config, ref)
-        embedding = scene_embedding(config, ref, scene)
-        return sample_embeddings(embedding, n=n, seed=seed)
+        embedding = scene_embedding(config, _open(config, ref))
+        return sample_embeddings(
+            embedding, n=config["cluster"]["samples_per_scene"], seed=config["cluster"]["seed"]
+        )
 
 
 @functools.lru_cache(maxsize=4)
@@ -165,7 +220,7 @@ def export_task(config: Config, ref: SceneRef, threads: int = 1) -> dict[str, st
         trained = load_encoder(paths.checkpoint)
         trained.check_bands(scene.n_bands, where=scene.source)
         model = load_cluster_model(paths.cluster_model)
-        embedding = scene_embedding(config, ref, scene)
+        embedding = scene_embedding(config, scene)
         model.check_compatible(dim=embedding.dim, encoder_hash=trained.checkpoint_hash)
         tags = {
             "model_hash": model.model_hash,

@@ -71,6 +71,20 @@ def test_rerun_skips_done_scenes_and_force_redoes_them(base_run, tmp_path):
     assert label.stat().st_mtime_ns != before
 
 
+def test_cluster_fit_from_kept_samples_equals_fit_from_the_stores(base_run, tmp_path, crop_scenes):
+    folder, _, *_ = base_run
+    shutil.copytree(folder / "out", tmp_path / "out")
+    kept = [tmp_path / "out" / "embeddings" / f"{name}.samples.npz" for name in crop_scenes]
+    assert all(path.exists() for path in kept)
+    centroids = np.load(tmp_path / "out" / "cluster" / "centroids.npy")
+    # Without the kept samples, workers draw them again from the saved embeddings.
+    for path in kept:
+        path.unlink()
+    config = write_config(tmp_path, crop_scenes.values())
+    assert main(["cluster", "-c", str(config), "--quiet", "--force"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "cluster" / "centroids.npy"), centroids)
+
+
 def test_a_bad_scene_does_not_stop_the_others(tmp_path, crop_scenes, capsys):
     broken = tmp_path / "broken.tif"
     data = crop_scenes["olinda_a"].read_bytes()
@@ -114,9 +128,11 @@ def test_scene_with_other_bands_and_model_from_other_encoder(base_run, tmp_path,
 
 
 @pytest.mark.slow
-def test_hierarchical_levels_and_streamed_embeddings(tmp_path, crop_scenes):
+@pytest.mark.parametrize("method", ["kmeans", "iic"])
+def test_hierarchical_levels_and_streamed_embeddings(tmp_path, crop_scenes, method):
     config = write_config(
-        tmp_path, [crop_scenes["olinda_a"]], cluster={"hierarchical": True, "n_clusters": 3, "n_fine": 2},
+        tmp_path, [crop_scenes["olinda_a"]],
+        cluster={"hierarchical": True, "n_clusters": 3, "n_fine": 2, "method": method},
         embed={"save": False},
     )
     assert main(["run", "-c", str(config), "--quiet"]) == 0

@@ -1,0 +1,54 @@
+"""Scene-task plumbing: bad input comes back as a value, torch threads held while tasks run."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from sitfuse_byol.errors import InputError
+from sitfuse_byol.run.tasks import TaskFailure, _one_torch_thread, run_scene_task
+
+
+def _torch_threads_of_a_new_thread() -> int:
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_bad_input_is_returned_not_raised_so_dask_does_not_retry_it():
+    def corrupt(config, ref, threads):
+        raise InputError("not a raster", where="scene.tif")
+
+    result, seconds = run_scene_task(corrupt, None, None, 1)
+    assert isinstance(result, TaskFailure)
+    assert str(result.error) == "not a raster (scene.tif)"
+    assert seconds >= 0
+
+    def lost(config, ref, threads):
+        raise OSError("connection reset")
+
+    with pytest.raises(OSError, match="connection reset"):
+        run_scene_task(lost, None, None, 1)
+
+    assert run_scene_task(lambda config, ref, threads: threads * 2, None, None, 3)[0] == 6
+
+
+def test_torch_stays_at_one_thread_until_the_last_overlapping_task_leaves():
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = _one_torch_thread(), _one_torch_thread()
+        first.__enter__()
+        second.__enter__()
+        assert _torch_threads_of_a_new_thread() == 1
+        # The first task leaving must not hand the second task's new threads two threads.
+        first.__exit__(None, None, None)
+        assert _torch_threads_of_a_new_thread() == 1
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
