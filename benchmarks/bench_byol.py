@@ -1,15 +1,17 @@
 """BYOL training: step cost, data wait, and embedding quality on a spatially disjoint split.
 
 * **Step efficiency** (CPU, 2 torch threads, synthetic batch): the median time of one
-  full BYOL training step as the loop takes it (``make_views`` augmentation of both
-  views, online forward+backward of both views, target forward of both views,
-  AdamW step, EMA ``update_target``) over the median time of a plain
+  full BYOL training step as the loop takes it (the loop's own ``train_step``:
+  ``make_views`` augmentation of both views, online forward+backward of both views,
+  target forward of both views, gradient clipping, AdamW step, lr schedule step, EMA
+  ``update_target``) over the median time of a plain
   forward+backward+AdamW step of the same encoder on one view of the same batch.
   The default encoder (small_cnn: width 64, depth 4, 128 channels), 13 bands, batch 64,
   16 x 16 patches, the default heads. Counting forward = 1 and backward = 2, BYOL does
   2 x 3 + 2 = 8 units against 3, so the ideal ratio is about 2.67. The two kinds of
   step alternate, so machine load hits both alike. Also reported: the median of each
-  part of the BYOL step timed on its own.
+  part of the BYOL step (augmentation and EMA timed around their calls inside the
+  step, forward+backward+step as the remainder).
 * **Data wait**: the share of training wall time ``train()`` spends waiting for the
   patch sampler, from ``OUTDIR/train/metrics.csv`` of a short real run on the
   Sentinel-2 sample (13 single-band files at 10/20/60 m, resampled lazily; nodata 0)
@@ -23,7 +25,7 @@
   a randomly initialised encoder of the same architecture (no training). Embeddings
   of each half are computed from that half alone, so no context crosses the split.
 * **GPU** (only where ``torch.cuda.is_available()``): ResNet-18 BYOL training steps
-  on 64 x 64 patches in bf16 autocast, patches/s and the GPU utilisation sampled while
+  (the loop's ``train_step``) on 64 x 64 patches in bf16 autocast, patches/s and the GPU utilisation sampled while
   training. Skipped with a note on a machine without a GPU.
 
 Run: bash benchmarks/fetch_data.sh && .venv/bin/python benchmarks/bench_byol.py
@@ -44,6 +46,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -74,45 +77,40 @@ def cpu_config(extra: dict | None = None):
 
 def step_ratio(*, steps: int, warmup: int, batch: int = 64, patch: int = 16, bands: int = 13) -> dict:
     import torch
-    from torch import nn
 
-    from sitfuse_byol.train.augment import AugmentConfig, make_views
-    from sitfuse_byol.train.loop import build_model
-    from sitfuse_byol.train.optim import create_optimizer, param_groups
+    from sitfuse_byol.train import loop
+    from sitfuse_byol.train.augment import AugmentConfig
+    from sitfuse_byol.train.optim import create_optimizer
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
     config = cpu_config({"train": {"batch_size": batch}, "tiling": {"patch_size": patch}})
     cfg = config["train"]
-    model, _ = build_model(config, in_channels=bands, device=torch.device("cpu"))
+    model, _ = loop.build_model(config, in_channels=bands, device=torch.device("cpu"))
     model.train()
-    optimizer = create_optimizer(
-        "adamw", param_groups(nn.ModuleList([model.online, model.predictor]), cfg["weight_decay"]),
-        lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+    optimizer, scheduler = loop.build_optimizer(model, train_config=cfg, total_steps=warmup + steps)
+    parts = loop.StepParts(
+        model=model, step_model=model, optimizer=optimizer, scheduler=scheduler,
+        augment=AugmentConfig.from_dict(cfg["augment"]), grad_clip=cfg["grad_clip"],
     )
     encoder = copy.deepcopy(model.encoder)
     plain_optimizer = create_optimizer("adamw", encoder.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    augment = AugmentConfig.from_dict(cfg["augment"])
     x = torch.randn(batch, bands, patch, patch)
     valid = torch.ones(batch, patch, patch, dtype=torch.bool)
     generator = torch.Generator().manual_seed(0)
-    parts: dict[str, list[float]] = {"augment": [], "forward+backward+step": [], "ema": []}
+    part_times: dict[str, list[float]] = {"augment": [], "ema": []}
+
+    def timed(fn, key: str):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            part_times[key].append(time.perf_counter() - t0)
+            return out
+
+        return wrapper
 
     def byol_step() -> None:
-        t0 = time.perf_counter()
-        view1, valid1, view2, valid2 = make_views(x, valid, config=augment, generator=generator)
-        t1 = time.perf_counter()
-        output = model(view1, view2, valid1, valid2)
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg["grad_clip"])
-        optimizer.step()
-        t2 = time.perf_counter()
-        model.update_target(0.99)
-        t3 = time.perf_counter()
-        parts["augment"].append(t1 - t0)
-        parts["forward+backward+step"].append(t2 - t1)
-        parts["ema"].append(t3 - t2)
+        loop.train_step(parts, x, valid, generator=generator, tau=0.99)
 
     def plain_step() -> None:
         features = encoder(x)
@@ -121,14 +119,24 @@ def step_ratio(*, steps: int, warmup: int, batch: int = 64, patch: int = 16, ban
         plain_optimizer.step()
 
     byol_times, plain_times = [], []
-    for i in range(warmup + steps):
-        for fn, times in ((byol_step, byol_times), (plain_step, plain_times)):
-            start = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    for values in parts.values():
-        del values[:warmup]
+    # The step is the loop's own train_step; its augmentation and EMA calls are timed
+    # from outside by wrapping them for the run, and the rest is the step's remainder.
+    with (
+        mock.patch.object(loop, "make_views", timed(loop.make_views, "augment")),
+        mock.patch.object(model, "update_target", timed(model.update_target, "ema")),
+    ):
+        for i in range(warmup + steps):
+            for fn, times in ((byol_step, byol_times), (plain_step, plain_times)):
+                start = time.perf_counter()
+                fn()
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+    augment_s, ema_s = part_times["augment"][warmup:], part_times["ema"][warmup:]
+    parts_s = {
+        "augment": augment_s,
+        "forward+backward+step": [t - a - e for t, a, e in zip(byol_times, augment_s, ema_s, strict=True)],
+        "ema": ema_s,
+    }
     byol_s, plain_s = statistics.median(byol_times), statistics.median(plain_times)
     return {
         # The fastest of each kind is the least disturbed by other processes on a shared machine.
@@ -138,7 +146,8 @@ def step_ratio(*, steps: int, warmup: int, batch: int = 64, patch: int = 16, ban
         "plain_ms": 1000 * plain_s,
         "byol_min_ms": 1000 * min(byol_times),
         "plain_min_ms": 1000 * min(plain_times),
-        "parts_ms": {k: 1000 * statistics.median(v) for k, v in parts.items()},
+        "byol_patches_per_s": batch / byol_s,
+        "parts_ms": {k: 1000 * statistics.median(v) for k, v in parts_s.items()},
         "steps": steps,
     }
 
@@ -217,15 +226,13 @@ def train_top(top: Path, seed: int) -> Path:
     return train(load_config(raw=raw, base=REPO)).checkpoint
 
 
-def embed_half(path: Path, trained, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(pixels, D)`` embeddings of the valid pixels of a half, and its valid mask."""
+def embed_half(path: Path, trained, window: int) -> np.ndarray:
+    """``(D, H, W)`` embeddings of a half, NaN where its pixels are nodata."""
     from sitfuse_byol.embed import embed_scene
     from sitfuse_byol.read import open_scene
 
     scene = open_scene(path, nodata=NODATA)
-    data = embed_scene(scene, trained, window=window).data.compute(scheduler="sync")
-    valid = np.isfinite(data).all(axis=0)
-    return data, valid
+    return embed_scene(scene, trained, window=window).data.compute(scheduler="sync")
 
 
 def random_encoder(stats, seed: int):
@@ -300,12 +307,12 @@ def embedding_quality(seeds: list[int]) -> dict[str, dict[str, list[float]]]:
         trained = load_encoder(train_top(paths["top"], seed))
         print(f"  trained seed {seed} on the top half in {time.perf_counter() - start:.0f} s", flush=True)
         stats = trained.stats
-        top, _ = embed_half(paths["top"], trained, window)
-        bottom, _ = embed_half(paths["bottom"], trained, window)
+        top = embed_half(paths["top"], trained, window)
+        bottom = embed_half(paths["bottom"], trained, window)
         add(f"ours (BYOL, window {window})", split_scores(top, bottom, strata_top, strata_bottom, seed))
         rand = random_encoder(stats, seed)
-        top, _ = embed_half(paths["top"], rand, window)
-        bottom, _ = embed_half(paths["bottom"], rand, window)
+        top = embed_half(paths["top"], rand, window)
+        bottom = embed_half(paths["bottom"], rand, window)
         add(f"random-init encoder, window {window}", split_scores(top, bottom, strata_top, strata_bottom, seed))
         for w in (0, window):
             name = "raw pixels" if w == 0 else f"raw pixels, window {window}"
@@ -340,35 +347,26 @@ def gpu_throughput(*, seconds: float, batch: int = 256, patch: int = 64, bands: 
 
     if not torch.cuda.is_available():
         return None
-    from torch import nn
-
-    from sitfuse_byol.train.augment import AugmentConfig, make_views
-    from sitfuse_byol.train.device import autocast
-    from sitfuse_byol.train.loop import build_model
-    from sitfuse_byol.train.optim import create_optimizer, param_groups
+    from sitfuse_byol.train import loop
+    from sitfuse_byol.train.augment import AugmentConfig
 
     device = torch.device("cuda")
     config = cpu_config({"train": {"encoder": "resnet18", "batch_size": batch, "device": "cuda",
                                    "projector_hidden": 4096, "projection_dim": 256}})
     cfg = config["train"]
-    model, _ = build_model(config, in_channels=bands, device=device)
-    optimizer = create_optimizer(
-        "adamw", param_groups(nn.ModuleList([model.online, model.predictor]), cfg["weight_decay"]),
-        lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+    model, _ = loop.build_model(config, in_channels=bands, device=device)
+    # A schedule far longer than any timed run, so its cosine never ends mid-run.
+    optimizer, scheduler = loop.build_optimizer(model, train_config=cfg, total_steps=100_000)
+    parts = loop.StepParts(
+        model=model, step_model=model, optimizer=optimizer, scheduler=scheduler,
+        augment=AugmentConfig.from_dict(cfg["augment"]), grad_clip=cfg["grad_clip"],
     )
-    augment = AugmentConfig.from_dict(cfg["augment"])
     x = torch.randn(batch, bands, patch, patch, device=device).contiguous(memory_format=torch.channels_last)
     valid = torch.ones(batch, patch, patch, dtype=torch.bool, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def step() -> None:
-        view1, valid1, view2, valid2 = make_views(x, valid, config=augment, generator=generator)
-        with autocast(device):
-            output = model(view1, view2, valid1, valid2)
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        optimizer.step()
-        model.update_target(0.99)
+        loop.train_step(parts, x, valid, generator=generator, tau=0.99)
 
     for _ in range(5):
         step()
@@ -432,8 +430,12 @@ def main() -> None:
           f"(BYOL {ratio['byol_ms']:.1f} ms, plain {ratio['plain_ms']:.1f} ms; "
           f"parts {', '.join(f'{k} {v:.1f} ms' for k, v in ratio['parts_ms'].items())})", flush=True)
     wait = data_wait(epochs=args.wait_epochs, steps=args.wait_steps)
+    # train() gives torch all cores but one (1 thread on 2 cores), the step above 2:
+    # how much of the 2-thread step's rate (batch / median BYOL step) the real run reaches.
+    train_vs_step = wait["patches_per_s"] / ratio["byol_patches_per_s"]
     print(f"data wait {wait['share']:.1%} (per epoch {', '.join(f'{w:.1%}' for w in wait['per_epoch'])}; "
-          f"{wait['patches_per_s']:.0f} patches/s)", flush=True)
+          f"{wait['patches_per_s']:.0f} patches/s, {train_vs_step:.2f} of the 2-thread step's "
+          f"{ratio['byol_patches_per_s']:.0f})", flush=True)
     quality = embedding_quality(list(range(args.seeds)))
     gpu = gpu_throughput(seconds=20.0)
     if gpu is None:
@@ -457,6 +459,8 @@ def main() -> None:
             ["data wait, after the first epoch", f"{wait['share_after_first_epoch']:.1%}"],
             ["data wait per epoch", ", ".join(f"{w:.1%}" for w in wait["per_epoch"])],
             ["training patches/s (Sentinel-2, patch 16)", f"{wait['patches_per_s']:.0f}"],
+            ["training patches/s / the 2-thread BYOL step's (batch / median step)",
+             f"{train_vs_step:.2f} ({ratio['byol_patches_per_s']:.0f} patches/s)"],
         ],
     )
     gain = np.mean(quality[ours]["nmi"]) - np.mean(quality[raw]["nmi"])
@@ -490,11 +494,11 @@ def main() -> None:
             f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other sessions share these 2 cores)\n\n"
             "Step ratio: default small_cnn, 13 bands, batch 64, 16 x 16 patches, 2 torch threads, "
             f"{args.ratio_steps} alternating steps of each kind after 5 warm-up steps; the headline ratio is "
-            "of the fastest step of each kind, the least disturbed by other processes (an earlier run during heavy "
-            "load from other sessions gave 3.85 on medians). Data wait: `train()` on "
+            "of the fastest step of each kind, the least disturbed by other processes. Data wait: `train()` on "
             f"the Sentinel-2 sample, {args.wait_epochs} x {args.wait_steps} steps, default encoder, patch 16, batch 64. "
             "`train()` gives torch all cores but one (`train.threads`; 1 thread on this 2-core machine), so its "
-            "patches/s is about half of what the 2-thread step above implies.\n\n"
+            f"patches/s is {train_vs_step:.2f} of what the 2-thread step above implies "
+            f"({ratio['byol_patches_per_s']:.0f} patches/s).\n\n"
             f"{step_table}\n\n"
             "Disjoint split of the North Carolina benchmark: BYOL (bench_quality's settings) trained on the top "
             "half only; k-means and kNN (20k labelled top-half pixels) fitted on the top half and scored against "

@@ -58,9 +58,10 @@ class BYOLOutput:
     Attributes:
         loss: Scalar symmetric BYOL loss, in [0, 8]; backpropagate this.
         online_embedding: Detached ``(B, D)`` pooled encoder output of view 1,
-            the representation that is later clustered; feed it to
-            :func:`embedding_stats` to watch for collapse.
-        online_projection: Detached ``(B, projection_dim)`` projection of view 1.
+            the representation that is later clustered.
+        online_projection: Detached ``(B, projection_dim)`` projection of view 1,
+            the one the training loop feeds to :func:`embedding_stats` to watch
+            for collapse.
     """
 
     loss: torch.Tensor
@@ -87,11 +88,18 @@ def tau_schedule(step: int, total_steps: int, tau_base: float) -> float:
     τ is ``tau_base`` at step 0 and rises to 1 at ``total_steps``; steps past
     the end stay at 1.
 
+    Args:
+        step: The optimizer step k, counted from 0.
+        total_steps: Steps K of the whole run.
+        tau_base: EMA rate at step 0 (0.996 for long runs, 0.99 for short).
+
     Raises:
-        ConfigError: ``total_steps`` is not positive.
+        ConfigError: ``total_steps`` is not positive, or ``tau_base`` is outside [0, 1].
     """
     if total_steps <= 0:
         raise ConfigError(f"total_steps must be positive, got {total_steps}", where="train.steps")
+    if not 0.0 <= tau_base <= 1.0:
+        raise ConfigError(f"tau_base must be in [0, 1], got {tau_base}", where="train.tau_base")
     k = min(max(step, 0), total_steps)
     return 1 - (1 - tau_base) * (math.cos(math.pi * k / total_steps) + 1) / 2
 
@@ -99,25 +107,21 @@ def tau_schedule(step: int, total_steps: int, tau_base: float) -> float:
 class BYOL(nn.Module):
     """Online and target networks with the symmetric BYOL loss.
 
+    The EMA rate is the caller's: pass :func:`tau_schedule`'s value to
+    :meth:`update_target` after every optimizer step.
+
     Args:
         encoder: The online encoder; its deep copy becomes the target encoder.
         projector_hidden: Hidden width of the projector.
         projection_dim: Output width of projector and predictor.
         predictor_hidden: Hidden width of the predictor.
-        tau_base: EMA rate at step 0 (0.996 for long runs, 0.99 for short).
-
-    Raises:
-        ConfigError: ``tau_base`` is outside [0, 1].
     """
 
     def __init__(
         self, encoder: Encoder, *, projector_hidden: int = 4096, projection_dim: int = 256,
-        predictor_hidden: int = 4096, tau_base: float = 0.996,
+        predictor_hidden: int = 4096,
     ) -> None:
         super().__init__()
-        if not 0.0 <= tau_base <= 1.0:
-            raise ConfigError(f"tau_base must be in [0, 1], got {tau_base}", where="train.tau_base")
-        self.tau_base = tau_base
         self.online = nn.ModuleDict({
             "encoder": encoder,
             "projector": MLPHead(encoder.out_channels, hidden=projector_hidden, out=projection_dim),

@@ -81,9 +81,20 @@ class TrainedEncoder:
             )
 
 
-def build_encoder(state: dict[str, Any]) -> Encoder:
-    """Rebuild the encoder a checkpoint was trained with (weights not loaded)."""
-    spec = state["encoder"]
+def build_encoder(spec: dict[str, Any]) -> Encoder:
+    """Build the encoder an encoder spec describes, with fresh weights.
+
+    Training builds its encoder from the spec it then stores in the checkpoint
+    (``state["encoder"]``), and loading rebuilds it from there, both through
+    this function, so the two constructions cannot drift apart.
+
+    Args:
+        spec: ``{"name", "in_channels", "norm", "kwargs"}``, ``norm`` already
+            resolved to ``"batch"`` or ``"group"``.
+
+    Returns:
+        The encoder, in training mode.
+    """
     return create_encoder(
         spec["name"], in_channels=spec["in_channels"], norm=spec["norm"], **spec["kwargs"]
     )
@@ -92,7 +103,7 @@ def build_encoder(state: dict[str, Any]) -> Encoder:
 @functools.lru_cache(maxsize=4)
 def _load_encoder_cached(path: str, mtime_ns: int) -> TrainedEncoder:
     state = load_checkpoint(Path(path))
-    encoder = build_encoder(state)
+    encoder = build_encoder(state["encoder"])
     prefix = "online.encoder."
     weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
     encoder.load_state_dict(weights)

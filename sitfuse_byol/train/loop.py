@@ -13,11 +13,13 @@ ranks together), and only rank 0 writes checkpoints and metrics.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,14 +33,15 @@ from torch import nn
 
 from sitfuse_byol.config import Config
 from sitfuse_byol.errors import ConfigError, ModelError
+from sitfuse_byol.export.atomic import atomic_path
 from sitfuse_byol.normalize import BandStats, compute_stats
 from sitfuse_byol.read import Scene, open_scenes_from_config, resolve_scene_list
 from sitfuse_byol.tile import PatchBatch, PatchSampler
 from sitfuse_byol.train.augment import AugmentConfig, make_views
-from sitfuse_byol.train.byol import BYOL, embedding_stats, tau_schedule
-from sitfuse_byol.train.checkpoint import load_checkpoint, save_checkpoint
+from sitfuse_byol.train.byol import BYOL, BYOLOutput, embedding_stats, tau_schedule
+from sitfuse_byol.train.checkpoint import build_encoder, load_checkpoint, save_checkpoint
 from sitfuse_byol.train.device import autocast, keep_freed_heap, resolve_device, to_device
-from sitfuse_byol.train.encoders import create_encoder, resolve_norm
+from sitfuse_byol.train.encoders import resolve_norm
 from sitfuse_byol.train.metrics import COLLAPSE_STD, plot_curves, read_metrics, write_metrics
 from sitfuse_byol.train.optim import create_optimizer, param_groups, warmup_cosine
 
@@ -104,28 +107,158 @@ def _warmup_steps(config_warmup: int, total_steps: int) -> int:
 
 
 def build_model(config: Config, *, in_channels: int, device: torch.device) -> tuple[BYOL, dict]:
+    """The BYOL model of the config's ``train`` section, and the spec of its encoder.
+
+    The encoder is built from the spec by :func:`build_encoder`, the function that
+    rebuilds it from a checkpoint, so training and inference cannot construct it
+    differently.
+
+    Args:
+        config: The validated config.
+        in_channels: Bands of the training data.
+        device: Where the model lives (channels-last on CUDA).
+
+    Returns:
+        The model in training mode, and the encoder spec a checkpoint stores.
+    """
     train = config["train"]
-    norm = resolve_norm(train["norm"], train["batch_size"])
     encoder_spec = {
         "name": train["encoder"],
         "in_channels": in_channels,
-        "norm": norm,
+        "norm": resolve_norm(train["norm"], train["batch_size"]),
         "kwargs": dict(train["encoder_args"]),
     }
-    encoder = create_encoder(
-        encoder_spec["name"], in_channels=in_channels, norm=norm, **encoder_spec["kwargs"]
-    )
     model = BYOL(
-        encoder,
+        build_encoder(encoder_spec),
         projector_hidden=train["projector_hidden"],
         projection_dim=train["projection_dim"],
         predictor_hidden=train["projector_hidden"],
-        tau_base=train["tau_base"],
     ).to(device)
     if device.type == "cuda":
         # Module.to accepts memory_format at run time; torch's overloads leave it out.
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model, encoder_spec
+
+
+def build_optimizer(
+    model: BYOL, *, train_config: dict[str, Any], total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer of the online network and predictor, and its warm-up + cosine schedule.
+
+    The target network is frozen, so :func:`param_groups` leaves it out; the remaining
+    parameters come in the order online, predictor, which a resumed optimizer state
+    relies on.
+
+    Args:
+        model: The BYOL model (after any SyncBatchNorm conversion).
+        train_config: The config's ``train`` section.
+        total_steps: Optimizer steps of the whole run, the end of the cosine.
+
+    Returns:
+        The optimizer and its learning-rate scheduler.
+    """
+    optimizer = create_optimizer(
+        train_config["optimizer"],
+        param_groups(model, train_config["weight_decay"]),
+        lr=train_config["lr"],
+        weight_decay=train_config["weight_decay"],
+    )
+    warmup = _warmup_steps(train_config["warmup_steps"], total_steps)
+    return optimizer, warmup_cosine(optimizer, warmup, total_steps)
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """What one BYOL training step updates, and how.
+
+    Attributes:
+        model: The BYOL model; its target network follows the online one by EMA.
+        step_model: What the forward pass runs through: ``model`` itself, or its
+            DistributedDataParallel or compiled wrapper.
+        optimizer: Optimises the online network and the predictor.
+        scheduler: The learning-rate schedule, stepped after every optimizer step.
+        augment: The augmentations that make the two views.
+        grad_clip: Largest gradient norm; ``None`` disables clipping.
+    """
+
+    model: BYOL
+    step_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    augment: AugmentConfig
+    grad_clip: float | None
+
+    @functools.cached_property
+    def clip_params(self) -> list[torch.Tensor]:
+        """The parameters whose gradients clipping rescales: the optimizer's, in its order.
+
+        Gathered once rather than at every step. The order sets the summation order
+        of the total norm, so keeping the optimizer's keeps clipping bit-exact.
+        """
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+def train_step(
+    parts: StepParts, x: torch.Tensor, valid: torch.Tensor, *, generator: torch.Generator, tau: float
+) -> BYOLOutput:
+    """One BYOL training step, the same for the training loop and the benchmarks.
+
+    Augments the batch into two views, computes the loss (bf16 autocast on CUDA),
+    backpropagates, clips the gradient norm, steps the optimizer and then the
+    learning-rate schedule, and moves the target network by EMA.
+
+    Args:
+        parts: The model, optimizer, schedule and augmentations.
+        x: ``(B, C, P, P)`` patches on the training device.
+        valid: ``(B, P, P)`` bool validity of their pixels.
+        generator: Draws the augmentations, on the device of ``x``.
+        tau: EMA rate of this step, from :func:`tau_schedule`.
+
+    Returns:
+        The forward pass's output: the loss, and the detached view-1 embedding and
+        projection the loop monitors for collapse.
+    """
+    view1, valid1, view2, valid2 = make_views(x, valid, config=parts.augment, generator=generator)
+    with autocast(x.device):
+        output: BYOLOutput = parts.step_model(view1, view2, valid1, valid2)
+    parts.optimizer.zero_grad(set_to_none=True)
+    output.loss.backward()
+    if parts.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(parts.clip_params, parts.grad_clip)
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.model.update_target(tau)
+    return output
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every epoch of one :func:`train` call shares.
+
+    Attributes:
+        parts: Model, optimizer, schedule and augmentations of the training step.
+        streams: The epochs' batch streams.
+        device: The training device.
+        config: The validated config.
+        ctx: This process's place in a distributed run.
+        progress: Called after every step, or ``None``.
+        total_steps: Optimizer steps of the whole run (τ and lr schedules).
+        ckpt_dir: Where rank 0 writes ``epoch_NNN.pt`` and ``last.pt``.
+        metrics_path: Where rank 0 writes the per-epoch metrics CSV.
+        state_extra: Stored in every checkpoint besides the training state
+            (band statistics, band names, encoder spec).
+    """
+
+    parts: StepParts
+    streams: EpochStreams
+    device: torch.device
+    config: Config
+    ctx: DistributedContext
+    progress: Callable[[dict[str, Any]], None] | None
+    total_steps: int
+    ckpt_dir: Path
+    metrics_path: Path
+    state_extra: dict[str, Any]
 
 
 def train(
@@ -180,13 +313,7 @@ def train(
     if ctx.world_size > 1 and encoder_spec["norm"] == "batch":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     total_steps = cfg["epochs"] * cfg["steps_per_epoch"]
-    optimizer = create_optimizer(
-        cfg["optimizer"],
-        param_groups(nn.ModuleList([model.online, model.predictor]), cfg["weight_decay"]),
-        lr=cfg["lr"],
-        weight_decay=cfg["weight_decay"],
-    )
-    scheduler = warmup_cosine(optimizer, _warmup_steps(cfg["warmup_steps"], total_steps), total_steps)
+    optimizer, scheduler = build_optimizer(model, train_config=cfg, total_steps=total_steps)
 
     ckpt_dir = checkpoint_dir(config)
     metrics_path = config.output_dir / "train" / "metrics.csv"
@@ -214,7 +341,6 @@ def train(
         rank=ctx.rank,
         world_size=ctx.world_size,
     )
-    augment = AugmentConfig.from_dict(cfg["augment"])
     step_model: nn.Module = model
     if ctx.world_size > 1:
         step_model = nn.parallel.DistributedDataParallel(
@@ -228,29 +354,32 @@ def train(
     end_epoch = cfg["epochs"]
     if stop_after_epochs is not None:
         end_epoch = min(end_epoch, start_epoch + stop_after_epochs)
-    try:
-        history, collapsed, step = _run_epochs(
-            range(start_epoch, end_epoch),
-            step=step,
-            history=history,
-            streams=streams,
+    run = _Run(
+        parts=StepParts(
             model=model,
             step_model=step_model,
             optimizer=optimizer,
             scheduler=scheduler,
-            augment=augment,
-            device=device,
-            config=config,
-            ctx=ctx,
-            progress=progress,
-            total_steps=total_steps,
-            state_extra={
-                "stats": _stats_dict(stats),
-                "band_names": list(stats.band_names),
-                "encoder": encoder_spec,
-            },
-            ckpt_dir=ckpt_dir,
-            metrics_path=metrics_path,
+            augment=AugmentConfig.from_dict(cfg["augment"]),
+            grad_clip=cfg["grad_clip"],
+        ),
+        streams=streams,
+        device=device,
+        config=config,
+        ctx=ctx,
+        progress=progress,
+        total_steps=total_steps,
+        ckpt_dir=ckpt_dir,
+        metrics_path=metrics_path,
+        state_extra={
+            "stats": _stats_dict(stats),
+            "band_names": list(stats.band_names),
+            "encoder": encoder_spec,
+        },
+    )
+    try:
+        history, collapsed, step = _run_epochs(
+            run, epochs=range(start_epoch, end_epoch), step=step, history=history
         )
     finally:
         streams.close()
@@ -258,44 +387,17 @@ def train(
 
 
 def _run_epochs(
-    epochs: range,
-    *,
-    step: int,
-    history: list[dict[str, float]],
-    streams: EpochStreams,
-    model: BYOL,
-    step_model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    augment: AugmentConfig,
-    device: torch.device,
-    config: Config,
-    ctx: DistributedContext,
-    progress: Callable[[dict[str, Any]], None] | None,
-    total_steps: int,
-    state_extra: dict[str, Any],
-    ckpt_dir: Path,
-    metrics_path: Path,
+    run: _Run, *, epochs: range, step: int, history: list[dict[str, float]]
 ) -> tuple[list[dict[str, float]], bool, int]:
     """Train ``epochs``; after each, rank 0 writes checkpoints, metrics and curves."""
     collapsed = False
-    end_epoch = epochs.stop
+    parts = run.parts
     for epoch in epochs:
         row, step = _run_epoch(
+            run,
             epoch=epoch,
             step=step,
-            total_steps=total_steps,
-            model=model,
-            step_model=step_model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            streams=streams,
-            next_epoch=epoch + 1 if epoch + 1 < end_epoch else None,
-            augment=augment,
-            device=device,
-            config=config,
-            ctx=ctx,
-            progress=progress,
+            next_epoch=epoch + 1 if epoch + 1 < epochs.stop else None,
         )
         history.append(row)
         if row["std_sqrt_d"] < COLLAPSE_STD:
@@ -306,23 +408,27 @@ def _run_epochs(
                 row["std_sqrt_d"],
                 epoch,
             )
-        if ctx.is_main:
+        if run.ctx.is_main:
             state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "model": parts.model.state_dict(),
+                "optimizer": parts.optimizer.state_dict(),
+                "scheduler": parts.scheduler.state_dict(),
                 "epoch": epoch,
                 "step": step,
                 "rng": {"torch": torch.get_rng_state()},
-                "config": config.values,
-                **state_extra,
+                "config": run.config.values,
+                **run.state_extra,
                 "metrics": row,
             }
-            save_checkpoint(ckpt_dir / f"epoch_{epoch:03d}.pt", state)
-            save_checkpoint(ckpt_dir / "last.pt", state)
-            write_metrics(metrics_path, history)
-            plot_curves(config.output_dir / "train" / "curves.png", history)
-        if ctx.world_size > 1:
+            epoch_path = run.ckpt_dir / f"epoch_{epoch:03d}.pt"
+            save_checkpoint(epoch_path, state)
+            # last.pt holds the same state: copy the file rather than serialise it
+            # twice, through a temporary so a crash never leaves half a last.pt.
+            with atomic_path(run.ckpt_dir / "last.pt") as tmp:
+                shutil.copyfile(epoch_path, tmp)
+            write_metrics(run.metrics_path, history)
+            plot_curves(run.config.output_dir / "train" / "curves.png", history)
+        if run.ctx.world_size > 1:
             dist.barrier()
     return history, collapsed, step
 
@@ -351,54 +457,30 @@ def _check_resumable(state: dict, *, stats: BandStats, encoder_spec: dict, total
 
 
 def _run_epoch(
-    *,
-    epoch: int,
-    step: int,
-    total_steps: int,
-    model: BYOL,
-    step_model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    streams: EpochStreams,
-    next_epoch: int | None,
-    augment: AugmentConfig,
-    device: torch.device,
-    config: Config,
-    ctx: DistributedContext,
-    progress: Callable[[dict[str, Any]], None] | None,
+    run: _Run, *, epoch: int, step: int, next_epoch: int | None
 ) -> tuple[dict[str, float], int]:
-    cfg = config["train"]
-    generator = torch.Generator(device=device)
-    generator.manual_seed(_epoch_seed(cfg["seed"], epoch, ctx.rank))
-    stream = streams.take(epoch, next_epoch=next_epoch)
-    model.train()
+    """Train one epoch from global step ``step``; its metrics row and the step after it."""
+    cfg = run.config["train"]
+    generator = torch.Generator(device=run.device)
+    generator.manual_seed(_epoch_seed(cfg["seed"], epoch, run.ctx.rank))
+    stream = run.streams.take(epoch, next_epoch=next_epoch)
+    run.parts.model.train()
     losses: list[float] = []
     monitor: list[torch.Tensor] = []
     wait = 0.0
     patches = 0
-    tau = tau_schedule(step, total_steps, cfg["tau_base"])
     start = time.perf_counter()
+    # steps_per_epoch is at least 1 (config minimum), so tau is always set below.
     for _ in range(cfg["steps_per_epoch"]):
         t0 = time.perf_counter()
         batch = next(stream)
         wait += time.perf_counter() - t0
-        x = to_device(batch.patches, device, image=True)
-        valid = to_device(batch.valid, device)
-        view1, valid1, view2, valid2 = make_views(x, valid, config=augment, generator=generator)
-        with autocast(device):
-            output = step_model(view1, view2, valid1, valid2)
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        if cfg["grad_clip"] is not None:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], cfg["grad_clip"]
-            )
-        optimizer.step()
-        scheduler.step()
-        step += 1
+        x = to_device(batch.patches, run.device, image=True)
+        valid = to_device(batch.valid, run.device)
         # τ for step k is applied right after optimizer step k (BYOL's schedule counts from 0).
-        tau = tau_schedule(step - 1, total_steps, cfg["tau_base"])
-        model.update_target(tau)
+        tau = tau_schedule(step, run.total_steps, cfg["tau_base"])
+        output = train_step(run.parts, x, valid, generator=generator, tau=tau)
+        step += 1
         loss = float(output.loss.detach())
         if not math.isfinite(loss):
             raise ModelError(f"training diverged: loss is {loss} at step {step}; lower train.lr")
@@ -406,16 +488,16 @@ def _run_epoch(
         patches += x.shape[0]
         if sum(m.shape[0] for m in monitor) < MONITOR_SAMPLES:
             monitor.append(output.online_projection.float().cpu())
-        if progress is not None:
+        if run.progress is not None:
             elapsed = time.perf_counter() - start
-            progress(
+            run.progress(
                 {
                     "epoch": epoch,
                     "step": step,
                     "loss": loss,
                     "tau": tau,
-                    "lr": float(scheduler.get_last_lr()[0]),
-                    "patches_per_s": patches * ctx.world_size / max(elapsed, 1e-9),
+                    "lr": float(run.parts.scheduler.get_last_lr()[0]),
+                    "patches_per_s": patches * run.ctx.world_size / max(elapsed, 1e-9),
                     "data_wait": wait / max(elapsed, 1e-9),
                 }
             )
@@ -426,10 +508,10 @@ def _run_epoch(
         "step": step,
         "loss": sum(losses) / len(losses),
         "tau": tau,
-        "lr": float(scheduler.get_last_lr()[0]),
+        "lr": float(run.parts.scheduler.get_last_lr()[0]),
         "std_sqrt_d": diagnostics["std_sqrt_d"],
         "effective_rank": diagnostics["effective_rank"],
-        "patches_per_s": patches * ctx.world_size / elapsed,
+        "patches_per_s": patches * run.ctx.world_size / elapsed,
         "data_wait": wait / elapsed,
         "seconds": elapsed,
     }

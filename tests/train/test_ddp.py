@@ -28,9 +28,11 @@ RANK_SCRIPT = textwrap.dedent(
     sums = []
 
     def after_step(values):
-        # Gather a fingerprint of every rank's weights after each step.
-        model_sum = torch.tensor([float(sum(p.double().sum() for p in MODEL[0].parameters()))])
-        gathered = [torch.zeros(1) for _ in range(dist.get_world_size())]
+        # Gather a fingerprint of every rank's weights after each step, in float64
+        # so that a divergence in the last bits of float32 weights still shows.
+        model_sum = torch.tensor([float(sum(p.double().sum() for p in MODEL[0].parameters()))],
+                                 dtype=torch.float64)
+        gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, model_sum)
         sums.append([float(g) for g in gathered])
 
@@ -43,8 +45,9 @@ RANK_SCRIPT = textwrap.dedent(
         return model, spec
     loop.build_model = capture
     train(config, ddp=True, progress=after_step)
-    rank = dist.get_rank()
-    Path(sys.argv[2]).joinpath(f"rank{rank}.json").write_text(json.dumps(sums))
+    # all_gather gives every rank the same lists, so rank 0's view is the whole story.
+    if dist.get_rank() == 0:
+        Path(sys.argv[2]).joinpath("rank0.json").write_text(json.dumps(sums))
     dist.destroy_process_group()
     """
 )
@@ -73,11 +76,9 @@ def test_two_ranks_stay_identical_and_checkpoint_loads_in_one_process(tmp_path, 
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
-    rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert len(rank0) == 3
     for step in rank0:
         assert step[0] == step[1], "ranks diverged"
-    assert rank0 == rank1
     # The weights changed from step to step (the check above is not vacuous).
     assert rank0[0][0] != rank0[-1][0]
 

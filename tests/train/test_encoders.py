@@ -125,20 +125,20 @@ def test_masked_avg_pool_ignores_invalid_pixels(features: torch.Tensor) -> None:
     valid = torch.rand(3, 4, 4) > 0.5
     valid[:, 0, 0] = True
     poisoned = features.masked_fill(~valid.unsqueeze(1), 1e30)
-    pooled = masked_avg_pool(poisoned, valid)
+    pooled = masked_avg_pool(poisoned, valid, stride=1)
     expected = torch.stack([features[i][:, valid[i]].mean(1) for i in range(3)])
     torch.testing.assert_close(pooled, expected)
 
 
 def test_masked_avg_pool_all_valid_is_mean(features: torch.Tensor) -> None:
-    pooled = masked_avg_pool(features, torch.ones(3, 4, 4, dtype=torch.bool))
+    pooled = masked_avg_pool(features, torch.ones(3, 4, 4, dtype=torch.bool), stride=1)
     torch.testing.assert_close(pooled, features.mean((2, 3)))
 
 
 def test_masked_avg_pool_no_valid_pixel_falls_back_to_mean(features: torch.Tensor) -> None:
     valid = torch.ones(3, 4, 4, dtype=torch.bool)
     valid[1] = False
-    pooled = masked_avg_pool(features, valid)
+    pooled = masked_avg_pool(features, valid, stride=1)
     torch.testing.assert_close(pooled, features.mean((2, 3)))
 
 
@@ -153,9 +153,9 @@ def test_masked_avg_pool_downsamples_by_majority(features: torch.Tensor) -> None
     torch.testing.assert_close(pooled, expected)
 
 
-def test_masked_avg_pool_rejects_ambiguous_or_wrong_stride(features: torch.Tensor) -> None:
+def test_masked_avg_pool_rejects_wrong_stride(features: torch.Tensor) -> None:
     with pytest.raises(ModelError, match="stride"):
-        masked_avg_pool(features[:, :, :3, :3], torch.ones(3, 9, 9, dtype=torch.bool))
+        masked_avg_pool(features[:, :, :3, :3], torch.ones(3, 9, 9, dtype=torch.bool), stride=2)
     with pytest.raises(ModelError):
         masked_avg_pool(features, torch.ones(3, 9, 9, dtype=torch.bool), stride=2)
 
@@ -169,6 +169,40 @@ def test_tracked_group_norm_trains_like_group_norm_and_infers_locally() -> None:
     tracked.eval()
     # In eval mode each pixel is normalized alone: a crop gives the crop of the output.
     torch.testing.assert_close(tracked(x)[..., 2:5, 3:7], tracked(x[..., 2:5, 3:7]))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tracked_group_norm_running_stats_match_var_mean(channels_last: bool) -> None:
+    # The running statistics come from the normalisation kernel; they must be the
+    # biased per-group variance and mean of the input, averaged over the batch.
+    torch.manual_seed(0)
+    layer = TrackedGroupNorm(4, 16, momentum=0.3)
+    plain = nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        layer.running_mean.fill_(0.5)
+        # From 0, so the running variance is 0.3 x the batch's and a small one is not hidden.
+        layer.running_var.fill_(0.0)
+        for norm in (layer, plain):
+            norm.weight.copy_(torch.linspace(0.5, 2.0, 16))
+            norm.bias.copy_(torch.linspace(-1.0, 1.0, 16))
+    x = torch.randn(8, 16, 10, 10) * 3 + 1
+    x[:, :4] = 7.0  # a constant group: variance 0, never negative
+    x[:, 4:8] = 1e-2 * torch.randn(8, 4, 10, 10)  # variance 1e-4: an eps slip would show
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    out = layer(x)
+    var, mean = torch.var_mean(x.detach().reshape(8, 4, -1), dim=2, correction=0)
+    torch.testing.assert_close(layer.running_mean, torch.full((4,), 0.5).lerp(mean.mean(0), 0.3))
+    torch.testing.assert_close(layer.running_var, 0.3 * var.mean(0), rtol=1e-5, atol=1e-10)
+    assert (layer.running_var >= 0).all()
+    # Output and gradients are those of plain GroupNorm, exactly.
+    grad = torch.randn(out.shape)
+    (g_layer,) = torch.autograd.grad(out, x, grad)
+    expected = plain(x)
+    (g_plain,) = torch.autograd.grad(expected, x, grad)
+    assert torch.equal(out, expected)
+    assert torch.equal(g_layer, g_plain)
 
 
 def test_masked_avg_pool_gradient_is_exact() -> None:
