@@ -173,8 +173,126 @@ def _percentile_from_histogram(
     return value_at(lo) + (rank - lo) * (value_at(hi) - value_at(lo))
 
 
+def scene_moment_parts(scene: Scene) -> list[np.ndarray]:
+    """Pass 1 over one scene: per-chunk ``(band, 5)`` count, mean, M2, min, max rows.
+
+    Raises:
+        InputError: A chunk cannot be read (corrupt or truncated file).
+    """
+    tasks = [
+        dask.delayed(_moments)(d, nodata=scene.nodata, valid_range=scene.valid_range)
+        for d in _blocks(scene)
+    ]
+    with reading(scene.source):
+        return list(dask.compute(*tasks))
+
+
+@dataclass(frozen=True)
+class HistogramBins:
+    """The pass-2 histogram layout, fixed by the merged pass-1 moments of all scenes.
+
+    Bin ``i`` of band ``b`` starts at ``lows[b] + i * widths[b]``; ``bins[b]`` bins are
+    used. ``integer``: one value per bin, so percentiles are exact.
+    """
+
+    lows: np.ndarray
+    widths: np.ndarray
+    bins: np.ndarray
+    integer: bool
+
+    @classmethod
+    def from_moments(cls, moments: np.ndarray, *, integer_data: bool) -> HistogramBins:
+        lows, highs = moments[:, 3], moments[:, 4]
+        span = np.where(np.isfinite(highs - lows), highs - lows, 0.0)
+        integer = integer_data and bool((span < MAX_BINS).all())
+        if integer:
+            widths = np.ones_like(span)
+            bins = (span + 1).astype(np.int64)
+        else:
+            widths = np.where(span > 0, span / MAX_BINS, 1.0)
+            bins = np.full(span.shape, MAX_BINS, dtype=np.int64)
+        return cls(lows=np.where(np.isfinite(lows), lows, 0.0), widths=widths, bins=bins, integer=integer)
+
+
+def scene_histogram(scene: Scene, bins: HistogramBins) -> np.ndarray:
+    """Pass 2 over one scene: ``(band, MAX_BINS)`` counts of its valid pixels.
+
+    Raises:
+        InputError: A chunk cannot be read (corrupt or truncated file).
+    """
+    tasks = [
+        dask.delayed(_histogram)(
+            d,
+            nodata=scene.nodata,
+            valid_range=scene.valid_range,
+            lows=bins.lows,
+            widths=bins.widths,
+            bins=bins.bins,
+        )
+        for d in _blocks(scene)
+    ]
+    histogram = np.zeros((scene.n_bands, MAX_BINS), dtype=np.int64)
+    with reading(scene.source):
+        for part in dask.compute(*tasks):
+            histogram += part
+    return histogram
+
+
+def merged_moments(parts: Iterable[np.ndarray], *, where: str) -> np.ndarray:
+    """Pass-1 parts of all scenes merged in the order given.
+
+    Raises:
+        InputError: No scene has a valid pixel.
+    """
+    moments = _merge_moments(parts)
+    if not moments[:, 0].any():
+        raise InputError("no valid pixel in any scene", where=where)
+    return moments
+
+
+def stats_from(
+    *,
+    band_names: tuple[str, ...],
+    scene_ids: Sequence[str],
+    moments: np.ndarray,
+    histogram: np.ndarray,
+    bins: HistogramBins,
+) -> BandStats:
+    """The statistics from merged pass-1 moments and the summed pass-2 histogram."""
+    count = moments[:, 0]
+
+    def percentile(q: float) -> tuple[float, ...]:
+        return tuple(
+            float(
+                _percentile_from_histogram(
+                    histogram[b], q, low=bins.lows[b], width=bins.widths[b], integer=bins.integer
+                )
+            )
+            if count[b] > 0
+            else float("nan")
+            for b in range(len(band_names))
+        )
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.sqrt(np.where(count > 0, moments[:, 2] / count, np.nan))
+    return BandStats(
+        band_names=band_names,
+        count=tuple(int(c) for c in count),
+        mean=tuple(float(m) for m in moments[:, 1]),
+        std=tuple(float(s) for s in std),
+        p2=percentile(PERCENTILES[0]),
+        p98=percentile(PERCENTILES[1]),
+        min=tuple(float(v) for v in moments[:, 3]),
+        max=tuple(float(v) for v in moments[:, 4]),
+        scenes=tuple(scene_ids),
+    )
+
+
 def compute_stats(scenes: Sequence[Scene]) -> BandStats:
     """Count, mean, std, 2nd and 98th percentile of each band over all valid pixels.
+
+    The two passes run scene by scene here; ``sitfuse run`` runs the same per-scene
+    passes (:func:`scene_moment_parts`, :func:`scene_histogram`) as Dask tasks.
 
     Raises:
         InputError: Scenes disagree on the band count, or no scene has a valid pixel.
@@ -188,65 +306,12 @@ def compute_stats(scenes: Sequence[Scene]) -> BandStats:
                 f"scene has {scene.n_bands} bands but {first.id} has {first.n_bands}",
                 where=scene.source,
             )
-    parts = []
-    for scene in scenes:
-        tasks = [
-            dask.delayed(_moments)(d, nodata=scene.nodata, valid_range=scene.valid_range)
-            for d in _blocks(scene)
-        ]
-        with reading(scene.source):
-            parts.extend(dask.compute(*tasks))
-    moments = _merge_moments(parts)
-    count = moments[:, 0]
-    if not count.any():
-        raise InputError("no valid pixel in any scene", where=", ".join(s.id for s in scenes))
-
-    integer = np.issubdtype(first.dtype, np.integer)
-    lows, highs = moments[:, 3], moments[:, 4]
-    span = np.where(np.isfinite(highs - lows), highs - lows, 0.0)
-    if integer and (span < MAX_BINS).all():
-        widths = np.ones_like(span)
-        bins = (span + 1).astype(np.int64)
-    else:
-        integer = False
-        widths = np.where(span > 0, span / MAX_BINS, 1.0)
-        bins = np.full(span.shape, MAX_BINS, dtype=np.int64)
-    lows = np.where(np.isfinite(lows), lows, 0.0)
-    histogram = np.zeros((first.n_bands, MAX_BINS), dtype=np.int64)
-    for scene in scenes:
-        tasks = [
-            dask.delayed(_histogram)(
-                d,
-                nodata=scene.nodata,
-                valid_range=scene.valid_range,
-                lows=lows,
-                widths=widths,
-                bins=bins,
-            )
-            for d in _blocks(scene)
-        ]
-        with reading(scene.source):
-            for part in dask.compute(*tasks):
-                histogram += part
-
-    def percentile(q: float) -> tuple[float, ...]:
-        return tuple(
-            float(_percentile_from_histogram(histogram[b], q, low=lows[b], width=widths[b], integer=integer))
-            if count[b] > 0
-            else float("nan")
-            for b in range(first.n_bands)
-        )
-
-    with np.errstate(invalid="ignore", divide="ignore"):
-        std = np.sqrt(np.where(count > 0, moments[:, 2] / count, np.nan))
-    return BandStats(
-        band_names=first.band_names,
-        count=tuple(int(c) for c in count),
-        mean=tuple(float(m) for m in moments[:, 1]),
-        std=tuple(float(s) for s in std),
-        p2=percentile(PERCENTILES[0]),
-        p98=percentile(PERCENTILES[1]),
-        min=tuple(float(v) for v in moments[:, 3]),
-        max=tuple(float(v) for v in moments[:, 4]),
-        scenes=tuple(s.id for s in scenes),
+    moments = merged_moments(
+        (part for scene in scenes for part in scene_moment_parts(scene)),
+        where=", ".join(s.id for s in scenes),
+    )
+    bins = HistogramBins.from_moments(moments, integer_data=np.issubdtype(first.dtype, np.integer))
+    histogram = sum((scene_histogram(scene, bins) for scene in scenes), np.zeros((first.n_bands, MAX_BINS), np.int64))
+    return stats_from(
+        band_names=first.band_names, scene_ids=[s.id for s in scenes], moments=moments, histogram=histogram, bins=bins
     )

@@ -9,6 +9,7 @@ all of its outputs exist, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -35,6 +36,8 @@ from sitfuse_byol.run.tasks import (
     TaskFailure,
     embed_task,
     export_task,
+    histogram_task,
+    moments_task,
     run_scene_task,
     sample_task,
     saved_sample,
@@ -242,8 +245,11 @@ class Pipeline:
             raise first
         raise InputError("no scene could be processed; see run.json", where=str(self.out / "run.json"))
 
-    def stage_stats(self) -> None:
-        from sitfuse_byol.normalize import compute_stats
+    def stage_stats(self, client: Any) -> None:
+        """Band statistics from two passes of scene tasks, merged here in scene-list order."""
+        import numpy as np
+
+        from sitfuse_byol.normalize.stats import HistogramBins, merged_moments, stats_from
 
         key = self._stage_key(
             "stats", self.config.digest("data"), *sorted(self.fingerprints[s] for s in self.scenes)
@@ -251,17 +257,32 @@ class Pipeline:
         if self._stage_done("stats", key, self.paths.stats):
             return
         started = time.perf_counter()
+        parts: dict[str, list[Any]] = {}
+        self._scene_tasks(
+            client, name="stats", func=moments_task, keys={s: "moments" for s in self.scenes},
+            on_result=lambda scene_id, result, seconds: parts.__setitem__(scene_id, result),
+        )
+        histograms: list[Any] = []
         while True:
+            # Pixels are read here for the first time: a corrupt scene fails now and is left out.
             self._require_scenes()
-            try:
-                stats = compute_stats(list(self.scenes.values()))
+            ids = [ref.id for ref in self.refs if ref.id in self.scenes]
+            first = self.scenes[ids[0]]
+            moments = merged_moments((p for s in ids for p in parts[s]), where=", ".join(ids))
+            bins = HistogramBins.from_moments(moments, integer_data=np.issubdtype(first.dtype, np.integer))
+            histograms.clear()
+            self._scene_tasks(
+                client, name="histogram", func=functools.partial(histogram_task, bins=bins),
+                keys={s: "histogram" for s in ids},
+                on_result=lambda scene_id, result, seconds: histograms.append(result),
+            )
+            # A scene failing only now leaves its moments in the bins: redo them without it.
+            if len(self.scenes) == len(ids):
                 break
-            except InputError as err:
-                # Pixels are read here for the first time: a corrupt scene shows up now.
-                culprit = next((s for s in self.scenes.values() if err.where and s.source in err.where), None)
-                if culprit is None:
-                    raise
-                self._fail(culprit.id, err, stage="stats")
+        histogram = np.stack(histograms).sum(axis=0)
+        stats = stats_from(
+            band_names=first.band_names, scene_ids=ids, moments=moments, histogram=histogram, bins=bins
+        )
         stats.save(self.paths.stats)
         self._mark_stage("stats", key, started)
 
@@ -459,8 +480,6 @@ class Pipeline:
             self._require_scenes()
             self._require_models(stages)
             self._require_scenes()
-            if "stats" in stages:
-                self.stage_stats()
             self.options = replace(self.options, cluster=self.options.cluster.sized_for(len(self.scenes)))
             with dask_client(self.options.cluster, quiet=self.options.quiet) as client:
                 # Workers import torch, GDAL and the package while this process trains.
@@ -468,6 +487,8 @@ class Pipeline:
                     client.submit(_preload, workers=[address], pure=False, allow_other_workers=False)
                     for address in client.scheduler_info()["workers"]
                 ]
+                if "stats" in stages:
+                    self.stage_stats(client)
                 if "train" in stages:
                     self.stage_train(client)
                 if "embed" in stages:

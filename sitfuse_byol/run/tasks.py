@@ -35,6 +35,7 @@ from sitfuse_byol.config import Config
 from sitfuse_byol.embed import SceneEmbedding, embed_scene, open_embedding, save_embedding
 from sitfuse_byol.errors import SitfuseError
 from sitfuse_byol.export.scene_outputs import OutputOptions, write_scene_outputs
+from sitfuse_byol.normalize.stats import HistogramBins, scene_histogram, scene_moment_parts
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config
 from sitfuse_byol.train.checkpoint import load_encoder
 
@@ -157,6 +158,18 @@ def run_scene_task(
     except SitfuseError as err:
         result = TaskFailure(err)
     return result, time.perf_counter() - start
+
+
+def moments_task(config: Config, ref: SceneRef, threads: int = 1) -> list[np.ndarray]:
+    """Statistics pass 1 over one scene (per-chunk band moments)."""
+    with local_compute(threads):
+        return scene_moment_parts(_open(config, ref))
+
+
+def histogram_task(config: Config, ref: SceneRef, threads: int = 1, *, bins: HistogramBins) -> np.ndarray:
+    """Statistics pass 2 over one scene (band histograms on the run's common bins)."""
+    with local_compute(threads):
+        return scene_histogram(_open(config, ref), bins)
 
 
 def embed_task(config: Config, ref: SceneRef, threads: int = 1) -> str:

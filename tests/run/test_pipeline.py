@@ -46,6 +46,21 @@ def test_run_writes_label_cogs_on_each_input_grid(base_run, crop_scenes):
     assert "olinda_a" in stdout and str(out / "labels") in stdout
 
 
+def test_run_statistics_from_scene_tasks_equal_compute_stats(base_run, crop_scenes):
+    from sitfuse_byol.normalize import BandStats, compute_stats
+    from sitfuse_byol.read import open_scene
+
+    folder, *_ = base_run
+    saved = BandStats.load(folder / "out" / "stats.json")
+    expected = compute_stats([open_scene(path) for path in crop_scenes.values()])
+    assert saved.scenes == tuple(crop_scenes) and saved.band_names == expected.band_names
+    # Integer bands: counts, extremes and percentiles are exact; moments merge in other chunks.
+    for name in ("count", "min", "max", "p2", "p98"):
+        assert getattr(saved, name) == getattr(expected, name), name
+    np.testing.assert_allclose(saved.mean, expected.mean, rtol=1e-12)
+    np.testing.assert_allclose(saved.std, expected.std, rtol=1e-12)
+
+
 def test_one_model_gives_the_same_label_to_the_same_pixels_in_every_scene(base_run):
     folder, *_ = base_run
     out = folder / "out"
