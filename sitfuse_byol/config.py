@@ -186,7 +186,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "threads_per_worker": Key("int", None, "Threads per worker, each running blocks with one torch thread; null: the cores shared out.", nullable=True, minimum=1),
         "scheduler": Key("str", None, "Address of an existing scheduler, tcp://HOST:PORT.", nullable=True),
         "gpus_per_worker": Key("int", 0, "GPUs each worker advertises as a resource.", minimum=0),
-        "retries": Key("int", 2, "Retries of a failed per-scene task.", minimum=0),
+        "retries": Key("int", 2, "Retries of a per-scene task after a lost worker or transient error; bad input is not retried.", minimum=0),
     },
 }
 
