@@ -108,6 +108,9 @@ def _load_encoder_cached(path: str, mtime_ns: int) -> TrainedEncoder:
     weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
     encoder.load_state_dict(weights)
     encoder.eval().requires_grad_(False)
+    # Inference feeds channels-last blocks (see sitfuse_byol.embed.dense); weights in the
+    # same layout spare oneDNN a reorder per call.
+    encoder = encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return TrainedEncoder(
         encoder=encoder,
         stats=BandStats.from_dict(state["stats"]),

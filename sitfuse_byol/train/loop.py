@@ -304,9 +304,6 @@ def train(
         stats = BandStats.load(config.output_dir / "stats.json")
 
     if device.type == "cpu":
-        # The sampler reads and cuts chunks in background threads; torch threads that
-        # compete with them for every core stall at OpenMP barriers (seconds per step).
-        torch.set_num_threads(cfg["threads"] or max(1, (os.cpu_count() or 2) - 1))
         keep_freed_heap()
     torch.manual_seed(cfg["seed"])
     model, encoder_spec = build_model(config, in_channels=stats.n_bands, device=device)
@@ -377,12 +374,19 @@ def train(
             "encoder": encoder_spec,
         },
     )
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu":
+        # The sampler reads and cuts chunks in background threads; torch threads that
+        # compete with them for every core stall at OpenMP barriers (seconds per step).
+        torch.set_num_threads(cfg["threads"] or max(1, (os.cpu_count() or 2) - 1))
     try:
         history, collapsed, step = _run_epochs(
             run, epochs=range(start_epoch, end_epoch), step=step, history=history
         )
     finally:
         streams.close()
+        # Later work in this process (a benchmark, the embed stage) gets its cores back.
+        torch.set_num_threads(threads_before)
     return TrainResult(checkpoint=ckpt_dir / "last.pt", metrics=history, collapsed=collapsed)
 
 

@@ -81,15 +81,20 @@ def test_group_norm_encoder_is_seamless_too(tmp_path, landsat_path):
     scene = open_scene(landsat_path)
     tiled = embed_scene(scene, trained, block_size=64).data.compute()
     whole = embed_scene(scene, trained, block_size=1024).data.compute()
-    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+    # oneDNN picks its 8-channel kernels by block width, so a few values (of up to ~15
+    # here) differ by float32 rounding; the default 64-channel encoder matches exactly.
+    np.testing.assert_allclose(tiled, whole, atol=1e-5, rtol=1e-6)
 
 
-def test_box_mean_equals_average_pooling_without_padding():
-    import torch
-    import torch.nn.functional as F
-
-    from sitfuse_byol.embed.dense import box_mean
-
-    x = np.random.default_rng(0).normal(size=(4, 37, 29)).astype(np.float32)
-    expected = F.avg_pool2d(torch.from_numpy(x)[None], 5, stride=1, padding=2, count_include_pad=False)[0]
-    np.testing.assert_allclose(box_mean(x.copy(), 5), expected.numpy(), atol=1e-6)
+def test_window_averages_the_per_pixel_embeddings(landsat_path, tiny_checkpoint):
+    trained = load_encoder(tiny_checkpoint)
+    scene = open_scene(landsat_path)
+    plain = embed_scene(scene, trained, block_size=64, window=0).data.compute()
+    averaged = embed_scene(scene, trained, block_size=64, window=3).data.compute()
+    rows, cols = np.nonzero(np.isfinite(plain[0]))
+    inside = (rows > 0) & (cols > 0) & (rows < plain.shape[1] - 1) & (cols < plain.shape[2] - 1)
+    for r, c in list(zip(rows[inside], cols[inside], strict=True))[::997]:
+        neighbourhood = plain[:, r - 1 : r + 2, c - 1 : c + 2].reshape(plain.shape[0], -1)
+        if np.isfinite(neighbourhood).all():
+            np.testing.assert_allclose(averaged[:, r, c], neighbourhood.mean(axis=1), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(averaged[np.isfinite(averaged)], plain[np.isfinite(averaged)])

@@ -59,6 +59,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, landsat
     assert not torch.equal(a["online.encoder.body.0.weight"], a["target.encoder.body.0.weight"])
 
 
+def test_training_gives_the_process_its_torch_threads_back(tmp_path, landsat_path):
+    torch.set_num_threads(3)
+    train(tiny_config(tmp_path, [landsat_path], epochs=1, steps_per_epoch=1, threads=1))
+    assert torch.get_num_threads() == 3
+
+
 def test_checkpoint_contents_metrics_and_curves(tmp_path, landsat_path):
     config = tiny_config(tmp_path, [landsat_path])
     result = train(config)
