@@ -75,10 +75,33 @@ def combine_samples(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.
     return samples, neighbours
 
 
+def block_valid_counts(embedding: SceneEmbedding) -> np.ndarray:
+    """Valid pixels in each block of a scene's embeddings, as a ``(block rows, block cols)`` grid.
+
+    Reads the input's mask only, not the embeddings.
+    """
+    valid = embedding.valid.rechunk(embedding.data.chunks[1:])
+    counts = valid.map_blocks(
+        lambda block: np.full((1, 1), block.sum(), np.int64),
+        chunks=(((1,) * len(valid.chunks[0])), ((1,) * len(valid.chunks[1]))),
+        dtype=np.int64,
+    )
+    return np.asarray(counts.compute())
+
+
 def sample_embeddings(
-    embedding: SceneEmbedding, *, n: int, seed: int
+    embedding: SceneEmbedding, *, n: int, seed: int, max_blocks: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """About ``n`` valid embeddings of a scene and one valid neighbour of each.
+
+    Args:
+        embedding: The scene's embeddings, saved or computed on the fly.
+        n: Samples wanted.
+        seed: Seed of the block choice and of every block's draw.
+        max_blocks: Draw from at most this many blocks holding valid pixels, chosen at
+            random (seeded); only those blocks are read or embedded, which is what
+            makes streamed embeddings cheap on large scenes. 0: every block, the same
+            sample as :func:`block_sampler` draws while the embeddings are written.
 
     Returns:
         ``(samples, neighbours)``, both ``(m, D)`` float32.
@@ -86,14 +109,17 @@ def sample_embeddings(
     Raises:
         InputError: The scene has no valid pixel.
     """
-    sample = block_sampler(embedding.scene_id, n=n, seed=seed, valid_count=valid_pixel_count(embedding))
+    counts = block_valid_counts(embedding)
+    indices = [tuple(int(v) for v in index) for index in np.argwhere(counts > 0)]
+    if not indices:
+        raise InputError("no valid pixel to sample embeddings from", where=embedding.scene_id)
+    if 0 < max_blocks < len(indices):
+        rng = np.random.default_rng([seed, zlib.crc32(embedding.scene_id.encode())])
+        indices = sorted(indices[k] for k in rng.choice(len(indices), max_blocks, replace=False))
+    valid_count = int(sum(counts[index] for index in indices))
+    sample = block_sampler(embedding.scene_id, n=n, seed=seed, valid_count=valid_count)
     blocks = embedding.data.rechunk({0: -1}).to_delayed()
-    tasks = [
-        dask.delayed(sample)(blocks[0, i, j], (i, j))
-        for i in range(blocks.shape[1])
-        for j in range(blocks.shape[2])
-    ]
-    return combine_samples(dask.compute(*tasks))
+    return combine_samples(dask.compute(*[dask.delayed(sample)(blocks[0, i, j], (i, j)) for i, j in indices]))
 
 
 def save_samples(path: Path, samples: np.ndarray, neighbours: np.ndarray, *, n: int, seed: int) -> Path:

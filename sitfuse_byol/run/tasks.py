@@ -207,10 +207,15 @@ def sample_task(config: Config, ref: SceneRef, threads: int = 1) -> tuple[np.nda
     saved = saved_sample(config, ref.id)
     if saved is not None:
         return saved
+    cfg = config["cluster"]
     with local_compute(threads):
-        embedding = scene_embedding(config, _open(config, ref))
+        scene = _open(config, ref)
+        saved = config["embed"]["save"] and Paths(config.output_dir).embedding(scene.id).exists()
+        # Streamed embeddings are computed here and again for the labels, so only a
+        # share of the blocks is embedded for the sample.
         return sample_embeddings(
-            embedding, n=config["cluster"]["samples_per_scene"], seed=config["cluster"]["seed"]
+            scene_embedding(config, scene), n=cfg["samples_per_scene"], seed=cfg["seed"],
+            max_blocks=0 if saved else cfg["sample_blocks"],
         )
 
 

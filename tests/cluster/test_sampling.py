@@ -58,3 +58,35 @@ def test_a_scene_without_valid_pixels_is_refused(embedding):
     )
     with pytest.raises(InputError, match="no valid pixel"):
         valid_pixel_count(empty)
+
+
+def test_a_sample_from_some_blocks_reads_only_those_blocks(embedding):
+    full = embedding.data.compute()
+    rows_of = embedding.data.chunks[1]
+    cols_of = embedding.data.chunks[2]
+    row_edges, col_edges = np.cumsum((0, *rows_of)), np.cumsum((0, *cols_of))
+    block_of = {}
+    for i in range(len(rows_of)):
+        for j in range(len(cols_of)):
+            part = full[:, row_edges[i] : row_edges[i + 1], col_edges[j] : col_edges[j + 1]]
+            for pixel in part.reshape(part.shape[0], -1).T:
+                if np.isfinite(pixel).all():
+                    block_of[pixel.tobytes()] = (i, j)
+    assert len(rows_of) * len(cols_of) >= 6
+
+    samples, _ = sample_embeddings(embedding, n=1000, seed=3, max_blocks=2)
+    again, _ = sample_embeddings(embedding, n=1000, seed=3, max_blocks=2)
+    np.testing.assert_array_equal(samples, again)
+    assert 800 < len(samples) < 1200  # about n, from the chosen blocks' valid pixels
+    assert len({block_of[row.tobytes()] for row in samples}) == 2
+    other, _ = sample_embeddings(embedding, n=1000, seed=4, max_blocks=2)
+    assert len({block_of[row.tobytes()] for row in other}) == 2
+    assert not np.array_equal(other, samples)
+
+
+def test_sampling_refuses_a_scene_without_valid_pixels(embedding):
+    empty = SceneEmbedding(
+        scene_id="empty", data=embedding.data, valid=embedding.valid & False, grid=embedding.grid
+    )
+    with pytest.raises(InputError, match="no valid pixel"):
+        sample_embeddings(empty, n=10, seed=0, max_blocks=3)
