@@ -35,8 +35,12 @@ WORK = REPO / "benchmarks" / "out"
 PATCH, BATCH = 32, 64
 
 
-def stacked_geotiffs() -> dict[str, Path]:
-    """The sample stacked into one 13-band GeoTIFF (1x) and mosaicked 2x2 (4x)."""
+def stacked_geotiffs(*, sizes: tuple[int, ...] = (1, 2)) -> dict[str, Path]:
+    """The sample stacked into one 13-band GeoTIFF (1x) and mosaicked n x n (e.g. 2: 4x).
+
+    Args:
+        sizes: Tiles along each axis; the key of each file is ``f"{n * n}x"``.
+    """
     import rasterio
     from affine import Affine
 
@@ -47,7 +51,8 @@ def stacked_geotiffs() -> dict[str, Path]:
     scene = open_scene(parse_scene_entry(str(SAMPLES / "sentinel2_virginia.yaml"), base=REPO, where="s2"))
     data = scene.data.compute()
     out = {}
-    for name, tiles in (("1x", 1), ("4x", 2)):
+    for tiles in sizes:
+        name = f"{tiles * tiles}x"
         mosaic = np.tile(data, (1, tiles, tiles))
         path = WORK / f"sentinel2_stack_{name}.tif"
         t = scene.grid.transform

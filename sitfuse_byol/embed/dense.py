@@ -93,8 +93,9 @@ def _forward(trained: TrainedEncoder, block: np.ndarray, *, window: int) -> np.n
             features = F.avg_pool2d(features, window, stride=1, padding=window // 2, count_include_pad=False)
         features = features.float()
         # Invalid input stays invalid: NaN, so nothing downstream mistakes it for data.
-        invalid = torch.from_numpy(block[-1] < 0.5)
-        features.masked_fill_(invalid[None, None], float("nan"))
+        invalid = block[-1] < 0.5
+        if invalid.any():
+            features.masked_fill_(torch.from_numpy(invalid)[None, None], float("nan"))
         return features[0].numpy()
 
 
