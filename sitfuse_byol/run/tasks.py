@@ -204,18 +204,18 @@ def saved_sample(config: Config, scene_id: str) -> tuple[np.ndarray, np.ndarray]
 
 def sample_task(config: Config, ref: SceneRef, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """About ``cluster.samples_per_scene`` valid embeddings of a scene, with neighbours."""
-    saved = saved_sample(config, ref.id)
-    if saved is not None:
-        return saved
+    kept = saved_sample(config, ref.id)
+    if kept is not None:
+        return kept
     cfg = config["cluster"]
     with local_compute(threads):
         scene = _open(config, ref)
-        saved = config["embed"]["save"] and Paths(config.output_dir).embedding(scene.id).exists()
+        stored = config["embed"]["save"] and Paths(config.output_dir).embedding(scene.id).exists()
         # Streamed embeddings are computed here and again for the labels, so only a
         # share of the blocks is embedded for the sample.
         return sample_embeddings(
             scene_embedding(config, scene), n=cfg["samples_per_scene"], seed=cfg["seed"],
-            max_blocks=0 if saved else cfg["sample_blocks"],
+            max_blocks=0 if stored else cfg["sample_blocks"],
         )
 
 
