@@ -329,7 +329,9 @@ def main() -> None:
             "the forward over halo-padded blocks, one per core, and the 5x5 window average); `ceiling` "
             "is the ratio if clustering and export cost nothing. The rest: the label and confidence "
             "COGs with overviews, the quicklook PNG, and per-run fixed costs (model load, matplotlib "
-            "import), which dominate at 0.25 Mpx. One worker runs in-process; two are processes and pay "
+            "import), which dominate at 0.25 Mpx. "
+            "Ratios published here before 2026-11-25 17:30 UTC (0.35 and 0.53) were inflated: training earlier in the same process had left torch on one thread, so the forward baseline ran on one core of two. "
+            "One worker runs in-process; two are processes and pay "
             "their start-up (imports) within the wall time, and the stage sums show the rest.\n\n"
             f"{efficiency_table}\n\n{worker_table}\n\n{memory_table}\n\n{goal_table}\n",
         )
