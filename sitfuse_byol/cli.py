@@ -154,6 +154,8 @@ def _run_stages(args: argparse.Namespace) -> int:
 
     # After the user's --set, so that they win over it.
     args.overrides = [*args.overrides, *args.forced_overrides]
+    if args.device:
+        args.overrides.append(f"embed.device={args.device}")
     config = config_from_args(args)
     _setup_run_logging(config)
     options = RunOptions(
@@ -255,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core, at most one per scene)")
         sub.add_argument("--scheduler", help="use an existing Dask scheduler, tcp://HOST:PORT")
         sub.add_argument("--gpus-per-worker", type=int, help="GPUs each worker has (GPU resource)")
-        sub.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides train.device")
+        sub.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides train.device and embed.device")
 
     def add_assign_args(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--labels", help="class polygons (GPKG/SHP/GeoJSON) drawn in QGIS")

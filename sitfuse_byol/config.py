@@ -163,6 +163,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "block_size": Key("int", 256, "Inference block edge in pixels (plus halo); blocks run in parallel threads.", minimum=16),
         "window": Key("int", 0, "Average embeddings over an odd window (BYOL learns pooled patches); 0 disables.", minimum=0, check=lambda v: "must be odd or 0" if v and v % 2 == 0 else None),
         "save": Key("bool", True, "Write embeddings to Zarr; false streams them into clustering."),
+        "device": Key("str", "auto", "auto (CUDA when the worker has a GPU, bf16 autocast), cpu or cuda.", choices=("auto", "cpu", "cuda")),
     },
     "cluster": {
         "n_clusters": Key("int", 16, "Number of clusters (coarse clusters when hierarchical).", minimum=2, maximum=65534),

@@ -38,6 +38,7 @@ from sitfuse_byol.export.scene_outputs import OutputOptions, write_scene_outputs
 from sitfuse_byol.normalize.stats import HistogramBins, scene_histogram, scene_moment_parts
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config
 from sitfuse_byol.train.checkpoint import load_encoder
+from sitfuse_byol.train.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,11 @@ def _open(config: Config, ref: SceneRef) -> Scene:
 def _embed(config: Config, scene: Scene) -> SceneEmbedding:
     return embed_scene(
         scene,
-        load_encoder(Paths(config.output_dir).checkpoint),
+        # Resolved on the worker: on a cluster, the GPU is there, not in the driver.
+        load_encoder(
+            Paths(config.output_dir).checkpoint,
+            device=resolve_device(config["embed"]["device"], where="embed.device"),
+        ),
         stride=config["embed"]["stride"],
         window=config["embed"]["window"],
         block_size=config["embed"]["block_size"],

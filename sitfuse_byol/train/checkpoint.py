@@ -60,7 +60,7 @@ class TrainedEncoder:
     """The online encoder of a checkpoint, ready for inference.
 
     Attributes:
-        encoder: The encoder in eval mode, on the CPU.
+        encoder: The encoder in eval mode, channels-last, on the device it was loaded to.
         stats: The normalization statistics it was trained with.
         band_names: The bands it expects, in order.
         checkpoint_hash: Identifies the checkpoint (clustering models record it).
@@ -70,6 +70,10 @@ class TrainedEncoder:
     stats: BandStats
     band_names: tuple[str, ...]
     checkpoint_hash: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
 
     def check_bands(self, n_bands: int, *, where: str) -> None:
         """Refuse a scene whose band count differs from the training data's."""
@@ -101,7 +105,7 @@ def build_encoder(spec: dict[str, Any]) -> Encoder:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_encoder_cached(path: str, mtime_ns: int) -> TrainedEncoder:
+def _load_encoder_cached(path: str, mtime_ns: int, device: str) -> TrainedEncoder:
     state = load_checkpoint(Path(path))
     encoder = build_encoder(state["encoder"])
     prefix = "online.encoder."
@@ -109,8 +113,8 @@ def _load_encoder_cached(path: str, mtime_ns: int) -> TrainedEncoder:
     encoder.load_state_dict(weights)
     encoder.eval().requires_grad_(False)
     # Inference feeds channels-last blocks (see sitfuse_byol.embed.dense); weights in the
-    # same layout spare oneDNN a reorder per call.
-    encoder = encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # same layout spare oneDNN (and cuDNN) a reorder per call.
+    encoder = encoder.to(device=torch.device(device), memory_format=torch.channels_last)  # type: ignore[call-overload]
     return TrainedEncoder(
         encoder=encoder,
         stats=BandStats.from_dict(state["stats"]),
@@ -119,8 +123,9 @@ def _load_encoder_cached(path: str, mtime_ns: int) -> TrainedEncoder:
     )
 
 
-def load_encoder(path: Path) -> TrainedEncoder:
-    """The trained encoder of a checkpoint; loaded once per process (Dask workers reuse it)."""
+def load_encoder(path: Path, *, device: torch.device | str = "cpu") -> TrainedEncoder:
+    """The trained encoder of a checkpoint on ``device``; loaded once per process and device
+    (Dask workers reuse it)."""
     if not path.exists():
         raise ModelError("checkpoint not found; run `sitfuse train` first", where=str(path))
-    return _load_encoder_cached(str(path.resolve()), path.stat().st_mtime_ns)
+    return _load_encoder_cached(str(path.resolve()), path.stat().st_mtime_ns, str(torch.device(device)))

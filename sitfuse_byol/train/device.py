@@ -10,14 +10,14 @@ import torch
 from sitfuse_byol.errors import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, *, where: str = "--device") -> torch.device:
     """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda asked for, but torch sees no CUDA GPU", where="--device")
+        raise ConfigError("device cuda asked for, but torch sees no CUDA GPU", where=where)
     if name not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda", where="--device")
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu or cuda", where=where)
     return torch.device(name)
 
 

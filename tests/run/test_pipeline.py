@@ -14,6 +14,12 @@ from sitfuse_byol.cli import main
 from tests.run.conftest import CROP_SIZE, CROPS, labels_of, write_config
 
 
+def yaml_value(path, section, key):
+    import yaml
+
+    return yaml.safe_load(path.read_text())[section][key]
+
+
 def test_run_writes_label_cogs_on_each_input_grid(base_run, crop_scenes):
     folder, _, code, stdout = base_run
     assert code == 0, stdout
@@ -114,6 +120,20 @@ def test_a_bad_scene_does_not_stop_the_others(tmp_path, crop_scenes, capsys):
     assert summary["scenes"]["olinda_b"]["status"] == "done"
     assert (tmp_path / "out" / "labels" / "olinda_b.tif").exists()
     assert not (tmp_path / "out" / "labels" / "broken.tif").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_embedding_on_cuda_without_a_gpu_fails_each_scene_clearly(base_run, tmp_path, crop_scenes, capsys):
+    folder, *_ = base_run
+    shutil.copytree(folder / "out", tmp_path / "out")
+    config = write_config(tmp_path, crop_scenes.values())
+    code = main(["embed", "-c", str(config), "--quiet", "--json", "--force", "--device", "cuda"])
+    assert code == 1
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in crop_scenes:
+        assert summary["scenes"][name]["status"] == "failed"
+        assert "torch sees no CUDA GPU (embed.device)" in summary["scenes"][name]["error"]
+    assert yaml_value(tmp_path / "out" / "config.resolved.yaml", "embed", "device") == "cuda"
 
 
 def test_too_many_clusters_is_a_clear_error(tmp_path, crop_scenes, capsys):
