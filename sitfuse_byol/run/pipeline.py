@@ -13,6 +13,7 @@ import functools
 import importlib
 import json
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -44,6 +45,15 @@ from sitfuse_byol.run.tasks import (
 )
 
 log = logging.getLogger("sitfuse_byol.run")
+
+
+def _size(n_bytes: float) -> str:
+    """A byte count for people: ``612.0 kB``, ``61.0 GB``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n_bytes < 1000:
+            return f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.1f} TB"
 # Fitting memory: 1M samples of 64 features is 256 MB, whatever the number of scenes;
 # k-means gains nothing measurable from more (cluster benchmark, 1 vs 3 passes).
 MAX_CLUSTER_SAMPLES = 1_000_000
@@ -228,6 +238,36 @@ class Pipeline:
 
         return load_encoder(self.paths.checkpoint).checkpoint_hash
 
+    def _check_embedding_space(self, scene_ids: list[str]) -> None:
+        """Refuse to start embeddings that cannot fit on the output's disk.
+
+        Float32 embeddings take ``4 * D`` bytes a pixel (61 GB for one 10980 x 10980
+        Sentinel-2 scene at D=128); a disk filling up hours into a batch would fail
+        every scene after it.
+
+        Raises:
+            InputError: The stores would need more than the free space.
+        """
+        from sitfuse_byol.train.checkpoint import load_encoder
+
+        if not scene_ids:
+            return
+        stride = self.config["embed"]["stride"]
+        dim = load_encoder(self.paths.checkpoint).encoder.out_channels
+        pixels = sum(
+            -(-self.scenes[s].grid.height // stride) * -(-self.scenes[s].grid.width // stride) for s in scene_ids
+        )
+        need = pixels * dim * 4
+        self.paths.out.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.paths.out).free
+        log.info("embeddings of %d scene(s): %s, %s free", len(scene_ids), _size(need), _size(free))
+        if need > free:
+            raise InputError(
+                f"embeddings of {len(scene_ids)} scene(s) need {_size(need)} but only {_size(free)} "
+                "is free; stream them (embed.save: false) or embed fewer pixels (embed.stride)",
+                where=str(self.paths.out),
+            )
+
     def _sample_saved(self, scene_id: str) -> bool:
         cfg = self.config["cluster"]
         return (
@@ -375,6 +415,8 @@ class Pipeline:
             done = self.manifest.stages.get("embed_scenes", {}).get(scene_id) == key
             if not (done and self.paths.embedding(scene_id).exists()) or self.options.force:
                 keys[scene_id] = key
+
+        self._check_embedding_space(list(keys))
 
         def record(scene_id: str, result: Any, seconds: float) -> None:
             self.manifest.stages.setdefault("embed_scenes", {})[scene_id] = keys[scene_id]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -134,6 +135,31 @@ def test_embedding_on_cuda_without_a_gpu_fails_each_scene_clearly(base_run, tmp_
         assert summary["scenes"][name]["status"] == "failed"
         assert "torch sees no CUDA GPU (embed.device)" in summary["scenes"][name]["error"]
     assert yaml_value(tmp_path / "out" / "config.resolved.yaml", "embed", "device") == "cuda"
+
+
+def test_embeddings_that_do_not_fit_on_the_disk_are_refused_before_any_is_written(
+    base_run, tmp_path, crop_scenes, capsys, monkeypatch
+):
+    import sitfuse_byol.run.pipeline as pipeline
+
+    folder, *_ = base_run
+    shutil.copytree(folder / "out", tmp_path / "out")
+    shutil.rmtree(tmp_path / "out" / "embeddings")
+    config = write_config(tmp_path, crop_scenes.values())
+    from sitfuse_byol.train.checkpoint import load_encoder
+
+    dim = load_encoder(tmp_path / "out" / "checkpoints" / "last.pt").encoder.out_channels
+    # Float32 stores of every scene; one byte less is free.
+    need = len(crop_scenes) * CROP_SIZE**2 * dim * 4
+    real = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: real._replace(free=need - 1))
+    assert main(["embed", "-c", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.match(rf"error: embeddings of 3 scene\(s\) need {need / 1e6:.1f} MB but only [\d.]+ MB is free", err)
+    assert "embed.save: false" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out" / "embeddings").exists()
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: real._replace(free=need))
+    assert main(["embed", "-c", str(config), "--quiet"]) == 0
 
 
 def test_too_many_clusters_is_a_clear_error(tmp_path, crop_scenes, capsys):
