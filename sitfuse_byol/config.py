@@ -81,6 +81,8 @@ class Key:
         maximum: Inclusive upper bound for numbers.
         exclusive_minimum: Whether ``minimum`` itself is refused.
         check: Extra validation returning an error message or ``None``.
+        placement: The key says where work runs, not what it computes, so change
+            detection (:meth:`Config.digest`) leaves it out.
     """
 
     kind: str
@@ -92,6 +94,7 @@ class Key:
     maximum: float | None = None
     exclusive_minimum: bool = False
     check: Callable[[Any], str | None] | None = None
+    placement: bool = False
 
 
 def _pair(value: Any) -> str | None:
@@ -163,13 +166,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "block_size": Key("int", 256, "Inference block edge in pixels (plus halo); blocks run in parallel threads.", minimum=16),
         "window": Key("int", 0, "Average embeddings over an odd window (BYOL learns pooled patches); 0 disables.", minimum=0, check=lambda v: "must be odd or 0" if v and v % 2 == 0 else None),
         "save": Key("bool", True, "Write embeddings to Zarr; false streams them into clustering."),
-        "device": Key("str", "auto", "auto (CUDA when the worker has a GPU, bf16 autocast), cpu or cuda.", choices=("auto", "cpu", "cuda")),
+        "device": Key("str", "auto", "auto (CUDA when the worker has a GPU, bf16 autocast), cpu or cuda.", choices=("auto", "cpu", "cuda"), placement=True),
     },
     "cluster": {
         "n_clusters": Key("int", 16, "Number of clusters (coarse clusters when hierarchical).", minimum=2, maximum=65534),
         "method": Key("str", "kmeans", "kmeans (streaming MiniBatchKMeans) or iic (deep-clustering head).", choices=("kmeans", "iic")),
         "samples_per_scene": Key("int", 20000, "Embeddings sampled from each scene to fit the model.", minimum=1),
-        "sample_blocks": Key("int", 32, "With embed.save false: draw a scene's sample from this many random blocks (embedding only those twice); 0: every block.", minimum=0),
+        "sample_blocks": Key("int", 32, "Streamed embeddings (embed.save false): draw a scene's sample from this many blocks, one at random from each of as many bands of the scene (embedding only those twice); 0: every block.", minimum=0),
         "hierarchical": Key("bool", False, "Also split every cluster into n_fine sub-clusters."),
         "n_fine": Key("int", 4, "Sub-clusters per cluster when hierarchical.", minimum=2),
         "seed": Key("int", 0, "Seed for sampling and initialisation.", minimum=0),
@@ -329,10 +332,21 @@ class Config:
         return yaml.safe_dump(self.values, sort_keys=False)
 
     def digest(self, *sections: str) -> str:
-        """A short hash of the named sections (all when none), for change detection."""
-        chosen = {s: self.values[s] for s in (sections or tuple(self.values))}
+        """A short hash of the named sections (all when none), for change detection.
+
+        Placement keys (``embed.device``) are left out: moving work to a GPU is no reason
+        to redo finished scenes.
+        """
+        chosen = {s: _without_placement(s, self.values[s]) for s in (sections or tuple(self.values))}
         text = json.dumps(chosen, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _without_placement(section: str, values: Any) -> Any:
+    keys = SCHEMA.get(section, {})
+    if not isinstance(values, dict):
+        return values
+    return {k: v for k, v in values.items() if not (k in keys and keys[k].placement)}
 
 
 def load_config(

@@ -102,3 +102,11 @@ def test_example_configs_are_valid():
     assert {"demo.yaml", "landsat.yaml", "sentinel2.yaml", "hyperspectral.yaml"} <= set(names)
     for path in configs.glob("*.yaml"):
         load_config(path)
+
+
+def test_digest_leaves_out_where_work_runs(tmp_path):
+    path = write(tmp_path, {"data": {"scenes": ["a.tif"]}})
+    cpu = load_config(path, overrides=["embed.device=cpu"])
+    gpu = load_config(path, overrides=["embed.device=cuda"])
+    assert cpu.digest("embed") == gpu.digest("embed")
+    assert cpu.digest("embed") != load_config(path, overrides=["embed.window=3"]).digest("embed")

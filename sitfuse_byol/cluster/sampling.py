@@ -1,8 +1,9 @@
 """Seeded samples of valid embeddings (and spatial neighbours) from a scene, block by block.
 
-Every valid pixel is kept with the same probability, chosen so a scene contributes
-about ``n`` samples; each block draws from its own seed, so the sample does not depend
-on how blocks are scheduled (threads, processes or cluster workers).
+Every valid pixel of the blocks drawn from (all of them, or a seeded choice spread over
+the scene) is kept with the same probability, chosen so a scene contributes about ``n``
+samples; each block draws from its own seed, so the sample does not depend on how
+blocks are scheduled (threads, processes or cluster workers).
 """
 
 from __future__ import annotations
@@ -98,10 +99,13 @@ def sample_embeddings(
         embedding: The scene's embeddings, saved or computed on the fly.
         n: Samples wanted.
         seed: Seed of the block choice and of every block's draw.
-        max_blocks: Draw from at most this many blocks holding valid pixels, chosen at
-            random (seeded); only those blocks are read or embedded, which is what
-            makes streamed embeddings cheap on large scenes. 0: every block, the same
-            sample as :func:`block_sampler` draws while the embeddings are written.
+        max_blocks: Draw from at most this many blocks holding valid pixels: the
+            blocks, in row-major order, are split into this many runs (bands of the
+            scene) and one block is drawn at random (seeded) from each, so the choice
+            covers the scene from top to bottom. Only those blocks are read or
+            embedded, which is what makes streamed embeddings cheap on large scenes.
+            0: every block, the same sample as :func:`block_sampler` draws while the
+            embeddings are written.
 
     Returns:
         ``(samples, neighbours)``, both ``(m, D)`` float32.
@@ -115,7 +119,8 @@ def sample_embeddings(
         raise InputError("no valid pixel to sample embeddings from", where=embedding.scene_id)
     if 0 < max_blocks < len(indices):
         rng = np.random.default_rng([seed, zlib.crc32(embedding.scene_id.encode())])
-        indices = sorted(indices[k] for k in rng.choice(len(indices), max_blocks, replace=False))
+        runs = np.array_split(np.arange(len(indices)), max_blocks)
+        indices = [indices[int(rng.choice(run))] for run in runs]
     valid_count = int(sum(counts[index] for index in indices))
     sample = block_sampler(embedding.scene_id, n=n, seed=seed, valid_count=valid_count)
     blocks = embedding.data.rechunk({0: -1}).to_delayed()

@@ -3,7 +3,8 @@
 The encoder is fully convolutional, so one forward pass over a block gives a feature
 for every pixel. Blocks carry a halo of at least the encoder's receptive-field radius
 (plus the smoothing window and upsampling margin) and are cropped after the pass, so
-the tiled result equals the result on the whole (mirror-padded) scene; see
+the tiled result equals the result on the whole (mirror-padded) scene, up to float32
+rounding where the convolution kernels chosen depend on the block width; see
 :mod:`sitfuse_byol.tile.blocks`.
 
 Per-pixel embeddings are optionally averaged over a ``window`` x ``window``
@@ -76,8 +77,8 @@ def _forward(trained: TrainedEncoder, block: np.ndarray, *, window: int) -> np.n
     Returns:
         ``(D, h, w)`` float32, NaN where the input is invalid, as a view of a
         channels-last array: label prediction then reads each pixel's embedding as one
-        contiguous row, and nothing pays for a transpose unless the embeddings are
-        written to Zarr.
+        contiguous row (at stride 1), and nothing pays for a transpose unless the
+        embeddings are written to Zarr.
     """
     encoder, device = trained.encoder, trained.device
     h, w = block.shape[1:]
@@ -85,14 +86,14 @@ def _forward(trained: TrainedEncoder, block: np.ndarray, *, window: int) -> np.n
         # Channels-last let oneDNN run the CPU convolutions about 25% faster (and the
         # window average 3x faster than scipy on the usual layout).
         x = to_device(torch.from_numpy(np.ascontiguousarray(block[:-1]))[None], device, image=True)
-        features = encoder(x.contiguous(memory_format=torch.channels_last))
+        # Float32 from here on: upsampling and averaging in bf16 would round twice more.
+        features = encoder(x.contiguous(memory_format=torch.channels_last)).float()
         if encoder.stride > 1:
             features = F.interpolate(features, size=(h, w), mode="bilinear", align_corners=False)
         if window > 1:
-            # Only in-block pixels count, so a block edge is a mean of what exists; edges
-            # inside a scene fall in the halo and are cropped away.
+            # The halo covers window // 2, so every kept pixel averages a full window;
+            # only the cropped-away rim would see the block edge.
             features = F.avg_pool2d(features, window, stride=1, padding=window // 2, count_include_pad=False)
-        features = features.float()
         # Invalid input stays invalid: NaN, so nothing downstream mistakes it for data.
         invalid = block[-1] < 0.5
         if invalid.any():

@@ -46,14 +46,6 @@ from sitfuse_byol.run.tasks import (
 
 log = logging.getLogger("sitfuse_byol.run")
 
-
-def _size(n_bytes: float) -> str:
-    """A byte count for people: ``612.0 kB``, ``61.0 GB``."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n_bytes < 1000:
-            return f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1000
-    return f"{n_bytes:.1f} TB"
 # Fitting memory: 1M samples of 64 features is 256 MB, whatever the number of scenes;
 # k-means gains nothing measurable from more (cluster benchmark, 1 vs 3 passes).
 MAX_CLUSTER_SAMPLES = 1_000_000
@@ -241,9 +233,10 @@ class Pipeline:
     def _check_embedding_space(self, scene_ids: list[str]) -> None:
         """Refuse to start embeddings that cannot fit on the output's disk.
 
-        Float32 embeddings take ``4 * D`` bytes a pixel (61 GB for one 10980 x 10980
-        Sentinel-2 scene at D=128); a disk filling up hours into a batch would fail
-        every scene after it.
+        Float32 embeddings take ``4 * D`` bytes a pixel (61.7 GB for one 10980 x 10980
+        Sentinel-2 scene at D=128), and Zarr stores edge chunks whole; a disk filling
+        up hours into a batch would fail every scene after it. Quotas (Lustre, GPFS)
+        are not seen, only the file system's free space.
 
         Raises:
             InputError: The stores would need more than the free space.
@@ -252,10 +245,17 @@ class Pipeline:
 
         if not scene_ids:
             return
-        stride = self.config["embed"]["stride"]
+        stride, block = self.config["embed"]["stride"], self.config["embed"]["block_size"]
         dim = load_encoder(self.paths.checkpoint).encoder.out_channels
+
+        def stored(pixels: int) -> int:
+            # Edge chunks take a whole chunk (a block, strided) on disk.
+            chunk = -(-block // stride)
+            return -(-pixels // chunk) * chunk
+
         pixels = sum(
-            -(-self.scenes[s].grid.height // stride) * -(-self.scenes[s].grid.width // stride) for s in scene_ids
+            stored(-(-self.scenes[s].grid.height // stride)) * stored(-(-self.scenes[s].grid.width // stride))
+            for s in scene_ids
         )
         need = pixels * dim * 4
         self.paths.out.mkdir(parents=True, exist_ok=True)
@@ -558,3 +558,10 @@ def run_pipeline(config: Config, options: RunOptions) -> RunSummary:
     return Pipeline(config, options).run()
 
 
+def _size(n_bytes: float) -> str:
+    """A byte count for people: ``612.0 kB``, ``61.7 GB``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n_bytes < 1000:
+            return f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.1f} TB"

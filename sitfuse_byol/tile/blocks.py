@@ -63,8 +63,9 @@ def apply_blocks(
 
     def run(block: np.ndarray) -> np.ndarray:
         out = func(block)
-        # A compact copy in the output's own memory order: a cropped view could not
-        # be flattened to (channels, pixels) later without a transposing copy.
+        # A compact copy in the output's own memory order: a cropped view of a
+        # channels-last output could not be flattened to (pixels, channels) later
+        # without a transposing copy.
         return np.copy(out[:, halo : out.shape[1] - halo, halo : out.shape[2] - halo], order="K")
 
     return da.map_overlap(

@@ -98,3 +98,14 @@ def test_window_averages_the_per_pixel_embeddings(landsat_path, tiny_checkpoint)
         if np.isfinite(neighbourhood).all():
             np.testing.assert_allclose(averaged[:, r, c], neighbourhood.mean(axis=1), rtol=1e-5, atol=1e-5)
     assert not np.allclose(averaged[np.isfinite(averaged)], plain[np.isfinite(averaged)])
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_embeddings_match_the_cpu_within_bf16(landsat_path, tiny_checkpoint):
+    scene = open_scene(landsat_path)
+    cpu = embed_scene(scene, load_encoder(tiny_checkpoint), block_size=64, window=3).data.compute()
+    gpu = embed_scene(scene, load_encoder(tiny_checkpoint, device="cuda"), block_size=64, window=3).data.compute()
+    np.testing.assert_array_equal(np.isnan(gpu), np.isnan(cpu))
+    finite = np.isfinite(cpu)
+    # bf16 keeps 8 bits of mantissa through each layer.
+    np.testing.assert_allclose(gpu[finite], cpu[finite], rtol=0.05, atol=0.05 * float(np.abs(cpu[finite]).max()))

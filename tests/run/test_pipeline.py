@@ -149,8 +149,9 @@ def test_embeddings_that_do_not_fit_on_the_disk_are_refused_before_any_is_writte
     from sitfuse_byol.train.checkpoint import load_encoder
 
     dim = load_encoder(tmp_path / "out" / "checkpoints" / "last.pt").encoder.out_channels
-    # Float32 stores of every scene; one byte less is free.
-    need = len(crop_scenes) * CROP_SIZE**2 * dim * 4
+    # Float32 stores of every scene, edge chunks (96 px blocks) whole; one byte less is free.
+    side = -(-CROP_SIZE // 96) * 96
+    need = len(crop_scenes) * side**2 * dim * 4
     real = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: real._replace(free=need - 1))
     assert main(["embed", "-c", str(config), "--quiet"]) == 2
@@ -203,6 +204,31 @@ def test_hierarchical_levels_and_streamed_embeddings(tmp_path, crop_scenes, meth
     assert fine[valid].max() < 6 and coarse[valid].max() < 3
     np.testing.assert_array_equal(fine[valid] // 2, coarse[valid])
     assert not (tmp_path / "out" / "embeddings").exists()
+
+
+@pytest.mark.slow
+def test_streamed_sample_from_some_blocks_is_the_same_on_one_or_two_workers(base_run, tmp_path, crop_scenes):
+    folder, *_ = base_run
+    runs = {}
+    for workers in (1, 2):
+        run_dir = tmp_path / f"workers_{workers}"
+        run_dir.mkdir()
+        shutil.copytree(folder / "out", run_dir / "out")
+        shutil.rmtree(run_dir / "out" / "embeddings")
+        # 160 px scenes in 96 px blocks: 4 blocks each, 2 of them embedded for the sample.
+        config = write_config(run_dir, crop_scenes.values(), embed={"save": False}, cluster={"sample_blocks": 2})
+        assert main(["run", "-c", str(config), "--quiet", "--workers", str(workers)]) == 0
+        out = run_dir / "out"
+        assert not (out / "embeddings").exists()
+        runs[workers] = (
+            np.load(out / "cluster" / "centroids.npy"),
+            {name: labels_of(out / "labels" / f"{name}.tif") for name in crop_scenes},
+        )
+    np.testing.assert_array_equal(runs[1][0], runs[2][0])
+    for name in crop_scenes:
+        np.testing.assert_array_equal(runs[1][1][name], runs[2][1][name])
+    # Another sample than the saved run's (every block), so another model.
+    assert not np.array_equal(runs[1][0], np.load(folder / "out" / "cluster" / "centroids.npy"))
 
 
 def _write_class_polygons(path, scene_path):
