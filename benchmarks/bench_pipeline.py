@@ -323,7 +323,7 @@ def main() -> None:
             f"normalized pixels in memory ({block}x{block} blocks, no halo, no I/O), all cores, best of 3 in "
             "each memory layout. `saved` writes float32 embeddings to Zarr (512 bytes a pixel for 128 "
             "features) and labels them from there; `streamed` (`embed.save: false`) embeds "
-            "`cluster.sample_blocks` (32) random blocks for the cluster sample and embeds again while "
+            "`cluster.sample_blocks` (32) blocks spread over the scene for the cluster sample and embeds again while "
             "labelling, so below 32 blocks (the 1x and 4x scenes) it embeds everything twice. "
             "`pipeline forward s` is the embed graph alone as the pipeline runs it (reading, normalizing, "
             "the forward over halo-padded blocks, one per core, and the 5x5 window average); `ceiling` "
