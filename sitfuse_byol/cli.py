@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--force", action="store_true", help="redo scenes even when unchanged")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
         sub.add_argument("--json", action="store_true", help="print the summary as JSON")
-        sub.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core, at most one per scene)")
+        sub.add_argument("--workers", type=int, help="LocalCluster workers (default: one per 4 cores, at most one per scene)")
         sub.add_argument("--scheduler", help="use an existing Dask scheduler, tcp://HOST:PORT")
         sub.add_argument("--gpus-per-worker", type=int, help="GPUs each worker has (GPU resource)")
         sub.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides train.device and embed.device")

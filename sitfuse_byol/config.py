@@ -187,7 +187,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "class_names": Key("list", None, "Names for cluster labels; 'cluster N' when null.", nullable=True),
     },
     "dask": {
-        "workers": Key("int", None, "LocalCluster workers; null: one per core, at most one per scene.", nullable=True, minimum=1),
+        "workers": Key("int", None, "LocalCluster workers; null: one per 4 cores, at most one per scene.", nullable=True, minimum=1),
         "threads_per_worker": Key("int", None, "Threads per worker, each running blocks with one torch thread; null: the cores shared out.", nullable=True, minimum=1),
         "scheduler": Key("str", None, "Address of an existing scheduler, tcp://HOST:PORT.", nullable=True),
         "gpus_per_worker": Key("int", 0, "GPUs each worker advertises as a resource.", minimum=0),

@@ -52,3 +52,4 @@ def test_torch_stays_at_one_thread_until_the_last_overlapping_task_leaves():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(original)
+

@@ -1,0 +1,23 @@
+"""The LocalCluster shape a run picks."""
+
+from __future__ import annotations
+
+import pytest
+
+from sitfuse_byol.run.cluster_client import ClusterOptions
+
+
+@pytest.mark.parametrize(
+    ("cores", "scenes", "asked", "shape"),
+    [
+        (2, 10, None, (1, 2)),  # small machine: one in-process worker, blocks on both cores
+        (16, 10, None, (4, 4)),  # a worker per 4 cores
+        (16, 2, None, (2, 8)),  # never more workers than scenes
+        (16, 10, 3, (3, 5)),  # --workers wins; the cores shared out
+    ],
+)
+def test_local_cluster_shape(monkeypatch, cores, scenes, asked, shape):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    sized = ClusterOptions(workers=asked).sized_for(scenes)
+    assert (sized.workers, sized.threads_per_worker) == shape
+    assert ClusterOptions(scheduler="tcp://127.0.0.1:8786").sized_for(scenes).workers is None
