@@ -110,6 +110,9 @@ shared with other sessions; one training seed unless noted; seed-to-seed spread 
 | **patch 16, stride 2 (chosen), 2 seeds** | 600 x 128 | **0.243** (0.254, 0.232) |
 | patch 16, stride 2, lr 2e-3, 2 seeds | 600 x 128 | 0.243 (window 7: 0.247) |
 | patch 16, stride 2, 2 seeds | 1200 x 128 | 0.238 |
+| patch 16, stride 2, seed 0 (reference for the two rows below) | 600 x 128 | 0.250 |
+| patch 32, crop scale 0.15-0.35 (zoomed-in neighbour views), seed 0 | 600 x 128 | 0.217 |
+| patch 24, stride 2, depth 6, seed 0 | 600 x 128 | 0.222 |
 
 Floors on the same footing: random-init encoder (same architecture, window 5) 0.18-0.21; raw bands averaged
 over a 5 x 5 window 0.20, with their 5 x 5 standard deviations added 0.205. Longer training, other learning
