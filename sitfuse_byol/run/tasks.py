@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -114,14 +115,39 @@ def _open(config: Config, ref: SceneRef) -> Scene:
     return open_scene_from_config(ref, data=config["data"], patch_size=config["tiling"]["patch_size"])
 
 
+def gpu_index(worker_name: Any, gpu_count: int, *, visible_devices: str | None) -> int:
+    """The GPU a worker embeds on: our LocalCluster's workers (named 0, 1, ...) take turns.
+
+    A worker whose ``CUDA_VISIBLE_DEVICES`` is set (dask-cuda rotates it per worker, and
+    the HPC launcher's prologue may set it) lists its own GPU first, so it takes GPU 0;
+    so does a remote worker (named by its address).
+    """
+    if visible_devices or gpu_count <= 1:
+        return 0
+    if isinstance(worker_name, int) and not isinstance(worker_name, bool):
+        return worker_name % gpu_count
+    return 0
+
+
+def _embedding_device(config: Config) -> torch.device:
+    # Resolved on the worker: on a cluster, the GPU is there, not in the driver.
+    device = resolve_device(config["embed"]["device"], where="embed.device")
+    if device.type != "cuda":
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except ValueError:  # not on a Dask worker
+        name = None
+    index = gpu_index(name, torch.cuda.device_count(), visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return torch.device("cuda", index)
+
+
 def _embed(config: Config, scene: Scene) -> SceneEmbedding:
     return embed_scene(
         scene,
-        # Resolved on the worker: on a cluster, the GPU is there, not in the driver.
-        load_encoder(
-            Paths(config.output_dir).checkpoint,
-            device=resolve_device(config["embed"]["device"], where="embed.device"),
-        ),
+        load_encoder(Paths(config.output_dir).checkpoint, device=_embedding_device(config)),
         stride=config["embed"]["stride"],
         window=config["embed"]["window"],
         block_size=config["embed"]["block_size"],

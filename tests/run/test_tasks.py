@@ -53,3 +53,13 @@ def test_torch_stays_at_one_thread_until_the_last_overlapping_task_leaves():
     finally:
         torch.set_num_threads(original)
 
+
+
+def test_local_cluster_workers_take_turns_over_the_gpus():
+    from sitfuse_byol.run.tasks import gpu_index
+
+    assert [gpu_index(name, 2, visible_devices=None) for name in range(5)] == [0, 1, 0, 1, 0]
+    assert gpu_index(3, 1, visible_devices=None) == 0  # one GPU: everyone shares it
+    assert gpu_index(1, 4, visible_devices="1,2,3,0") == 0  # dask-cuda: its own GPU is listed first
+    assert gpu_index("tcp://10.0.0.5:40123", 4, visible_devices=None) == 0  # a remote worker
+    assert gpu_index(None, 4, visible_devices=None) == 0  # not on a worker
