@@ -67,8 +67,10 @@ def _round_up(value: int, multiple: int) -> int:
 def embedding_halo(trained: TrainedEncoder, *, window: int) -> int:
     """Pixels of context a block needs for exact per-pixel embeddings."""
     encoder = trained.encoder
-    # Bilinear upsampling of a strided feature map reaches one feature pixel further.
-    return _round_up(encoder.receptive_field + encoder.stride + window // 2, encoder.stride)
+    # Bilinear upsampling of a strided feature map reaches one feature pixel further; a
+    # stride-1 map is not upsampled.
+    upsampling = encoder.stride if encoder.stride > 1 else 0
+    return _round_up(encoder.receptive_field + upsampling + window // 2, encoder.stride)
 
 
 def _forward(trained: TrainedEncoder, block: np.ndarray, *, window: int) -> np.ndarray:
