@@ -15,19 +15,16 @@ import dataclasses
 import difflib
 import os
 import re
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import dask.array as da
 import numpy as np
 import rasterio
-import rioxarray
-import xarray as xr
 import yaml
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import RasterioIOError
 
 from sitfuse_byol.assign.polygons import (
     UNCERTAIN,
@@ -41,6 +38,7 @@ from sitfuse_byol.export.atomic import atomic_write_text
 from sitfuse_byol.export.label_raster import label_dtype_and_nodata, write_label_raster
 from sitfuse_byol.export.palette import label_colors
 from sitfuse_byol.grid import Grid
+from sitfuse_byol.read.geotiff import open_lazy
 
 #: A cluster goes to a class holding at least this share of its polygon pixels (SIT-FUSE's value).
 DEFAULT_THRESHOLD = 0.51
@@ -611,22 +609,9 @@ def _class_array(path: Path, info: _LabelInfo, mapping: ClusterMapping) -> da.Ar
     valid = np.zeros(size, dtype=bool)
     valid[: info.n_labels] = True
     valid[info.nodata] = True
-    with warnings.catch_warnings():
-        # Class rasters need no CRS; a label raster without one is applied all the same.
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        # Raw values (no masking or scaling); without a lock every thread opens the
-        # file itself, as a rasterio dataset must not be shared across threads.
-        array = cast(
-            xr.DataArray,
-            rioxarray.open_rasterio(
-                path,
-                chunks={"band": 1, "y": APPLY_CHUNK, "x": APPLY_CHUNK},
-                lock=False,
-                mask_and_scale=False,
-                cache=False,
-            ),
-        )
-    return array.data[0].map_blocks(
+    # Class rasters need no CRS; a label raster without one is applied all the same.
+    array = open_lazy(path, chunks={"band": 1, "y": APPLY_CHUNK, "x": APPLY_CHUNK})
+    return array[0].map_blocks(
         _reclassified, lut=lut, valid=valid, info=info, path=path, dtype=out_dtype
     )
 

@@ -15,10 +15,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import dask
+import dask.array as da
+import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import DatasetWriter
+from rasterio.windows import Window
 
 from sitfuse_byol.export.atomic import atomic_path, remove_path
 from sitfuse_byol.export.sidecars import aux_xml_path_for
@@ -112,3 +116,26 @@ def write_cog(
             for stale in (aux_xml_path_for(path), *stale_sidecars):
                 remove_path(stale)
     return path
+
+
+def raster_pieces(values: np.ndarray | da.Array) -> Iterator[tuple[Window, np.ndarray]]:
+    """Yield ``(window, values)`` pieces that tile the array, keeping memory bounded."""
+    height, width = values.shape
+    if isinstance(values, da.Array):
+        row_starts = np.cumsum((0, *values.chunks[0]))
+        col_starts = np.cumsum((0, *values.chunks[1]))
+        for i in range(values.numblocks[0]):
+            # One row of chunks at a time: parallel within the row, bounded memory overall.
+            row = dask.compute(*(values.blocks[i, j] for j in range(values.numblocks[1])))
+            for j, block in enumerate(row):
+                window = Window(
+                    int(col_starts[j]),
+                    int(row_starts[i]),
+                    int(col_starts[j + 1] - col_starts[j]),
+                    int(row_starts[i + 1] - row_starts[i]),
+                )
+                yield window, np.asarray(block)
+    else:
+        for row in range(0, height, BLOCK_SIZE):
+            rows = min(BLOCK_SIZE, height - row)
+            yield Window(0, row, width, rows), np.asarray(values[row : row + rows])

@@ -8,9 +8,8 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 from rasterio.io import DatasetWriter
-from rasterio.windows import Window
 
-from sitfuse_byol.export.cog import write_cog
+from sitfuse_byol.export.cog import raster_pieces, write_cog
 from sitfuse_byol.grid import Grid
 
 
@@ -39,11 +38,8 @@ def write_float_raster(
     """
 
     def fill(dst: DatasetWriter) -> None:
-        row = 0
-        for i in range(values.numblocks[0]):
-            band = values.blocks[i, :].compute().astype(np.float32)
-            dst.write(band, 1, window=Window(0, row, grid.width, band.shape[0]))
-            row += band.shape[0]
+        for window, piece in raster_pieces(values):
+            dst.write(piece.astype(np.float32, copy=False), 1, window=window)
         dst.set_band_description(1, description)
         dst.update_tags(**(tags or {}))
 

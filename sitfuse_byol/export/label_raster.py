@@ -9,17 +9,15 @@ survive the copy; class names go into sidecar files (see
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import dask
 import dask.array as da
 import numpy as np
 from rasterio.enums import Resampling
 from rasterio.io import DatasetWriter
-from rasterio.windows import Window
 
-from sitfuse_byol.export.cog import BLOCK_SIZE, write_cog
+from sitfuse_byol.export.cog import raster_pieces, write_cog
 from sitfuse_byol.export.palette import MAX_LABELS, label_colors
 from sitfuse_byol.export.sidecars import aux_xml_path_for, qml_path_for, write_qml, write_rat
 from sitfuse_byol.grid import Grid
@@ -53,29 +51,6 @@ def default_class_names(n_labels: int) -> list[str]:
     return [f"cluster {i}" for i in range(n_labels)]
 
 
-def _blocks(labels: np.ndarray | da.Array) -> Iterator[tuple[Window, np.ndarray]]:
-    """Yield ``(window, values)`` pieces that tile the array, keeping memory bounded."""
-    height, width = labels.shape
-    if isinstance(labels, da.Array):
-        row_starts = np.cumsum((0, *labels.chunks[0]))
-        col_starts = np.cumsum((0, *labels.chunks[1]))
-        for i in range(labels.numblocks[0]):
-            # One row of chunks at a time: parallel within the row, bounded memory overall.
-            row = dask.compute(*(labels.blocks[i, j] for j in range(labels.numblocks[1])))
-            for j, block in enumerate(row):
-                window = Window(
-                    int(col_starts[j]),
-                    int(row_starts[i]),
-                    int(col_starts[j + 1] - col_starts[j]),
-                    int(row_starts[i + 1] - row_starts[i]),
-                )
-                yield window, np.asarray(block)
-    else:
-        for row in range(0, height, BLOCK_SIZE):
-            rows = min(BLOCK_SIZE, height - row)
-            yield Window(0, row, width, rows), np.asarray(labels[row : row + rows])
-
-
 def _checked_block(block: np.ndarray, *, n_labels: int, nodata: int, dtype: np.dtype) -> np.ndarray:
     """Cast a block to the label dtype, refusing values that would wrap or mean nothing."""
     bad = (block < 0) | ((block >= n_labels) & (block != nodata))
@@ -99,7 +74,7 @@ def _fill_staging(
 ) -> None:
     """Write the labels, colour table, description, tags and overviews into the staging file."""
     dtype, nodata = label_dtype_and_nodata(n_labels)
-    for window, block in _blocks(labels):
+    for window, block in raster_pieces(labels):
         dst.write(
             _checked_block(block, n_labels=n_labels, nodata=nodata, dtype=dtype),
             1,

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dask.utils import format_bytes
+
 from sitfuse_byol.cluster.sampling import sample_matches
 from sitfuse_byol.config import Config
 from sitfuse_byol.errors import InputError, SitfuseError
@@ -37,6 +39,7 @@ from sitfuse_byol.run.tasks import (
     TaskFailure,
     embed_task,
     export_task,
+    has_saved_embedding,
     histogram_task,
     moments_task,
     run_scene_task,
@@ -260,20 +263,18 @@ class Pipeline:
         need = pixels * dim * 4
         self.paths.out.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.paths.out).free
-        log.info("embeddings of %d scene(s): %s, %s free", len(scene_ids), _size(need), _size(free))
+        log.info("embeddings of %d scene(s): %s, %s free", len(scene_ids), format_bytes(need), format_bytes(free))
         if need > free:
             raise InputError(
-                f"embeddings of {len(scene_ids)} scene(s) need {_size(need)} but only {_size(free)} "
+                f"embeddings of {len(scene_ids)} scene(s) need {format_bytes(need)} but only {format_bytes(free)} "
                 "is free; stream them (embed.save: false) or embed fewer pixels (embed.stride)",
                 where=str(self.paths.out),
             )
 
     def _sample_saved(self, scene_id: str) -> bool:
         cfg = self.config["cluster"]
-        return (
-            bool(self.config["embed"]["save"])
-            and self.paths.embedding(scene_id).exists()
-            and sample_matches(self.paths.samples(scene_id), n=cfg["samples_per_scene"], seed=cfg["seed"])
+        return has_saved_embedding(self.config, scene_id) and sample_matches(
+            self.paths.samples(scene_id), n=cfg["samples_per_scene"], seed=cfg["seed"]
         )
 
     def _require_scenes(self) -> None:
@@ -302,7 +303,9 @@ class Pipeline:
             client, name="stats", func=moments_task, keys={s: "moments" for s in self.scenes},
             on_result=lambda scene_id, result, seconds: parts.__setitem__(scene_id, result),
         )
-        histograms: list[Any] = []
+        # A running sum (exact: integer counts), not one bands x bins array per scene held
+        # until the end.
+        histogram: list[np.ndarray] = []
         while True:
             # Pixels are read here for the first time: a corrupt scene fails now and is left out.
             self._require_scenes()
@@ -310,18 +313,23 @@ class Pipeline:
             first = self.scenes[ids[0]]
             moments = merged_moments((p for s in ids for p in parts[s]), where=", ".join(ids))
             bins = HistogramBins.from_moments(moments, integer_data=np.issubdtype(first.dtype, np.integer))
-            histograms.clear()
+            histogram.clear()
+
+            def add(scene_id: str, result: np.ndarray, seconds: float) -> None:
+                if histogram:
+                    histogram[0] += result
+                else:
+                    histogram.append(np.array(result, dtype=np.int64))
+
             self._scene_tasks(
                 client, name="histogram", func=functools.partial(histogram_task, bins=bins),
-                keys={s: "histogram" for s in ids},
-                on_result=lambda scene_id, result, seconds: histograms.append(result),
+                keys={s: "histogram" for s in ids}, on_result=add,
             )
             # A scene failing only now leaves its moments in the bins: redo them without it.
             if len(self.scenes) == len(ids):
                 break
-        histogram = np.stack(histograms).sum(axis=0)
         stats = stats_from(
-            band_names=first.band_names, scene_ids=ids, moments=moments, histogram=histogram, bins=bins
+            band_names=first.band_names, scene_ids=ids, moments=moments, histogram=histogram[0], bins=bins
         )
         stats.save(self.paths.stats)
         self._mark_stage("stats", key, started)
@@ -557,11 +565,3 @@ def _preload() -> None:
 def run_pipeline(config: Config, options: RunOptions) -> RunSummary:
     return Pipeline(config, options).run()
 
-
-def _size(n_bytes: float) -> str:
-    """A byte count for people: ``612.0 kB``, ``61.7 GB``."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n_bytes < 1000:
-            return f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1000
-    return f"{n_bytes:.1f} TB"

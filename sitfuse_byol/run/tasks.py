@@ -154,11 +154,15 @@ def _embed(config: Config, scene: Scene) -> SceneEmbedding:
     )
 
 
+def has_saved_embedding(config: Config, scene_id: str) -> bool:
+    """Whether the scene's embeddings are to be read from their Zarr store (saved and wanted)."""
+    return bool(config["embed"]["save"]) and Paths(config.output_dir).embedding(scene_id).exists()
+
+
 def scene_embedding(config: Config, scene: Scene) -> SceneEmbedding:
     """Saved embeddings when present (and wanted), else computed on the fly."""
-    saved = Paths(config.output_dir).embedding(scene.id)
-    if config["embed"]["save"] and saved.exists():
-        embedding = open_embedding(saved)
+    if has_saved_embedding(config, scene.id):
+        embedding = open_embedding(Paths(config.output_dir).embedding(scene.id))
         # The store's own mask (finite first feature) reads every chunk of every feature;
         # the scene's mask, read from the input, is the same pixels at a fraction of the I/O.
         stride = config["embed"]["stride"]
@@ -226,11 +230,10 @@ def embed_task(config: Config, ref: SceneRef, threads: int = 1) -> str:
 
 def saved_sample(config: Config, scene_id: str) -> tuple[np.ndarray, np.ndarray] | None:
     """The sample ``embed_task`` kept beside the scene's embeddings, if it fits this config."""
-    paths = Paths(config.output_dir)
-    if not (config["embed"]["save"] and paths.embedding(scene_id).exists()):
+    if not has_saved_embedding(config, scene_id):
         return None
     cfg = config["cluster"]
-    return load_samples(paths.samples(scene_id), n=cfg["samples_per_scene"], seed=cfg["seed"])
+    return load_samples(Paths(config.output_dir).samples(scene_id), n=cfg["samples_per_scene"], seed=cfg["seed"])
 
 
 def sample_task(config: Config, ref: SceneRef, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -241,12 +244,11 @@ def sample_task(config: Config, ref: SceneRef, threads: int = 1) -> tuple[np.nda
     cfg = config["cluster"]
     with local_compute(threads):
         scene = _open(config, ref)
-        stored = config["embed"]["save"] and Paths(config.output_dir).embedding(scene.id).exists()
         # Streamed embeddings are computed here and again for the labels, so only a
         # share of the blocks is embedded for the sample.
         return sample_embeddings(
             scene_embedding(config, scene), n=cfg["samples_per_scene"], seed=cfg["seed"],
-            max_blocks=0 if stored else cfg["sample_blocks"],
+            max_blocks=0 if has_saved_embedding(config, scene.id) else cfg["sample_blocks"],
         )
 
 
