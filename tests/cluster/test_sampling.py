@@ -52,12 +52,17 @@ def test_saved_samples_are_reused_only_for_the_same_size_and_seed(tmp_path, embe
     assert load_samples(tmp_path / "missing.npz", n=500, seed=1) is None
 
 
-def test_a_scene_without_valid_pixels_is_refused(embedding):
+@pytest.mark.parametrize(
+    "count",
+    [valid_pixel_count, lambda empty: sample_embeddings(empty, n=10, seed=0, max_blocks=3)],
+    ids=["valid_pixel_count", "sample_embeddings"],
+)
+def test_a_scene_without_valid_pixels_is_refused(embedding, count):
     empty = SceneEmbedding(
         scene_id="empty", data=embedding.data, valid=embedding.valid & False, grid=embedding.grid
     )
     with pytest.raises(InputError, match="no valid pixel"):
-        valid_pixel_count(empty)
+        count(empty)
 
 
 def test_a_sample_from_some_blocks_draws_from_one_block_of_each_band(embedding):
@@ -86,11 +91,3 @@ def test_a_sample_from_some_blocks_draws_from_one_block_of_each_band(embedding):
     other, _ = sample_embeddings(embedding, n=1000, seed=4, max_blocks=2)
     assert len({block_of[row.tobytes()] for row in other}) == 2
     assert not np.array_equal(other, samples)
-
-
-def test_sampling_refuses_a_scene_without_valid_pixels(embedding):
-    empty = SceneEmbedding(
-        scene_id="empty", data=embedding.data, valid=embedding.valid & False, grid=embedding.grid
-    )
-    with pytest.raises(InputError, match="no valid pixel"):
-        sample_embeddings(empty, n=10, seed=0, max_blocks=3)

@@ -93,10 +93,13 @@ def test_window_averages_the_per_pixel_embeddings(landsat_path, tiny_checkpoint)
     averaged = embed_scene(scene, trained, block_size=64, window=3).data.compute()
     rows, cols = np.nonzero(np.isfinite(plain[0]))
     inside = (rows > 0) & (cols > 0) & (rows < plain.shape[1] - 1) & (cols < plain.shape[2] - 1)
+    checked = 0
     for r, c in list(zip(rows[inside], cols[inside], strict=True))[::997]:
         neighbourhood = plain[:, r - 1 : r + 2, c - 1 : c + 2].reshape(plain.shape[0], -1)
         if np.isfinite(neighbourhood).all():
             np.testing.assert_allclose(averaged[:, r, c], neighbourhood.mean(axis=1), rtol=1e-5, atol=1e-5)
+            checked += 1
+    assert checked >= 20
     assert not np.allclose(averaged[np.isfinite(averaged)], plain[np.isfinite(averaged)])
 
 

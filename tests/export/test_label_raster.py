@@ -357,8 +357,10 @@ def test_float_cog_carries_grid_nan_nodata_and_average_overviews(tmp_path: Path)
         np.testing.assert_array_equal(src.read(1), values)
         assert src.overviews(1) == [2, 4]
     with rasterio.open(path, overview_level=0) as ovr:
-        # AVERAGE: a 2 x 2 mean, between the extremes of the full resolution.
+        # AVERAGE: a 2 x 2 mean, between the extremes of the full resolution (NEAREST
+        # would give one of the four values, not their mean).
         assert 0 < np.nanmean(ovr.read(1)) < np.nanmax(values)
+        assert ovr.read(1)[0, 0] == pytest.approx(values[:2, :2].mean(), abs=1e-6)
     assert leftovers(tmp_path, {"conf.tif"}) == []
 
 
