@@ -51,7 +51,7 @@ from unittest import mock
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import NODATA, PIPELINE, SCENE, ensure_data, load_arrays  # noqa: E402
+from bench_quality import NODATA, PIPELINE, SCENE, ensure_data, load_arrays, mean_sd  # noqa: E402
 from report import machine, markdown_table, peak_rss_mb, today, write_section  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -406,10 +406,6 @@ def floor_note(quality: dict, ours: str, smoothed: str) -> str:
     if gain > 0 and nmi < gain / 2:
         text += " Most of its NMI gain over per-pixel raw k-means is what spatial averaging alone gives."
     return text
-
-
-def mean_sd(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def main() -> None:
