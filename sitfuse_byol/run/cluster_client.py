@@ -15,7 +15,7 @@ log = logging.getLogger("sitfuse_byol.run")
 #: Cores per LocalCluster worker by default. A scene's blocks already run on all of its
 #: worker's threads; more processes only overlap each scene's serial parts (raster
 #: writing, fitting) and cost start-up and memory. On 2 cores one in-process worker beat
-#: two processes by 1.3x (4 scenes of 1 or of 4 Mpx) and 1.8x on small scenes
+#: two processes by 1.3x (4 scenes of 1 or of 4 Mpx) and 1.7-1.8x on small scenes
 #: (bench_pipeline, BENCHMARKS.md).
 CORES_PER_WORKER = 4
 
