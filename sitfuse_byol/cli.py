@@ -167,6 +167,7 @@ def _run_stages(args: argparse.Namespace) -> int:
         # Only `run` takes the assign options; the other commands never assign.
         labels=Path(args.labels) if getattr(args, "labels", None) else None,
         label_field=getattr(args, "field", "class"),
+        label_layer=getattr(args, "layer", None),
         threshold=getattr(args, "threshold", 0.51),
         stages=args.stages,
     )
@@ -199,6 +200,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         out_dir=config.output_dir,
         apply=Path(args.apply) if args.apply else None,
+        layer=args.layer,
     )
     for note in result.notes:
         print(f"note: {note}")
@@ -262,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_assign_args(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--labels", help="class polygons (GPKG/SHP/GeoJSON) drawn in QGIS")
         sub.add_argument("--field", default="class", help="polygon attribute holding the class name")
+        sub.add_argument("--layer", help="the polygon layer, when the file holds several (e.g. a GeoPackage)")
         sub.add_argument("--threshold", type=float, default=0.51, help="share a class needs in a cluster")
 
     # The run family: one pipeline (_run_stages), each command running some of its stages,

@@ -101,7 +101,7 @@ def _choose_layer(path: Path, layer: str | None) -> str:
     if len(polygon_layers) > 1:
         raise InputError(
             f"polygon file has several polygon layers ({', '.join(polygon_layers)}); "
-            "name the one with the classes",
+            "name the one with the classes with --layer",
             where=str(path),
         )
     return polygon_layers[0]

@@ -63,6 +63,7 @@ class RunOptions:
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
     labels: Path | None = None
     label_field: str = "class"
+    label_layer: str | None = None
     threshold: float = 0.51
     stages: tuple[str, ...] = ("stats", "train", "embed", "cluster", "export", "assign")
 
@@ -513,6 +514,7 @@ class Pipeline:
             label_paths=label_paths,
             polygons_path=self.options.labels,
             field=self.options.label_field,
+            layer=self.options.label_layer,
             threshold=self.options.threshold,
             out_dir=self.out,
         )

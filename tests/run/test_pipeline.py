@@ -306,3 +306,32 @@ def test_polygons_and_zarr_outputs_on_request(base_run, tmp_path, crop_scenes):
     with rasterio.open(crop_scenes["olinda_a"]) as src:
         assert store["labels"].rio.crs == src.crs
     np.testing.assert_array_equal(store["labels"].values, labels_of(tmp_path / "out" / "labels" / "olinda_a.tif"))
+
+
+def test_assign_names_the_polygon_layer_of_a_file_with_several(base_run, tmp_path, crop_scenes, capsys):
+    import pyogrio
+    import shapely
+
+    folder, *_ = base_run
+    shutil.copytree(folder / "out", tmp_path / "out")
+    config = write_config(tmp_path, crop_scenes.values())
+    polygons = _write_class_polygons(tmp_path / "classes.gpkg", crop_scenes["olinda_a"])
+    # QGIS users keep sketches beside the classes in one GeoPackage.
+    pyogrio.raw.write(
+        polygons, geometry=np.array([shapely.to_wkb(shapely.box(-35, -8, -34.9, -7.9))], dtype=object),
+        field_data=[np.array(["draft"], dtype=object)], fields=["note"], crs="EPSG:4326", driver="GPKG",
+        geometry_type="Polygon", layer="sketches",
+    )
+    assert sorted(str(name) for name, _ in pyogrio.list_layers(polygons)) == ["classes", "sketches"]
+
+    assert main(["assign", "-c", str(config), "--labels", str(polygons)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: polygon file has several polygon layers (classes, sketches); "
+        f"name the one with the classes with --layer ({polygons})"
+    )
+    assert not (tmp_path / "out" / "assign" / "mapping.yaml").exists()
+
+    assert main(["assign", "-c", str(config), "--labels", str(polygons), "--layer", "classes"]) == 0
+    mapping = (tmp_path / "out" / "assign" / "mapping.yaml").read_text()
+    assert "water" in mapping and "land" in mapping
