@@ -94,17 +94,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sitfuse_byol.progress import TRAIN_FIELDS, stage_progress
+    from sitfuse_byol.progress import train_progress
     from sitfuse_byol.train.loop import train
 
     config = config_from_args(args)
-    cfg = config["train"]
-    total = cfg["epochs"] * cfg["steps_per_epoch"]
-    with stage_progress("train", total=total, quiet=args.quiet, fields=TRAIN_FIELDS) as advance:
-
-        def on_step(values: dict) -> None:
-            advance(1, **{k: v for k, v in values.items() if k not in ("epoch", "step")})
-
+    with train_progress(config["train"], quiet=args.quiet) as on_step:
         result = train(
             config,
             device_name=args.device,

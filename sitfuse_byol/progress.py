@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from rich.console import Console
@@ -43,8 +44,22 @@ def stage_progress(description: str, *, total: int, quiet: bool, fields: str = "
         yield advance
 
 
+@contextlib.contextmanager
+def train_progress(train_config: Mapping[str, Any], *, quiet: bool) -> Iterator[Callable[[dict], None]]:
+    """The training bar, over ``epochs x steps_per_epoch`` steps of the ``train`` config section.
+
+    Yields the ``progress`` callback for :func:`sitfuse_byol.train.loop.train`.
+    """
+    total = train_config["epochs"] * train_config["steps_per_epoch"]
+    names = _placeholders(TRAIN_FIELDS)
+    with stage_progress("train", total=total, quiet=quiet, fields=TRAIN_FIELDS) as advance:
+        yield lambda values: advance(1, **{name: values[name] for name in names})
+
+
+def _placeholders(fields: str) -> list[str]:
+    return re.findall(r"task\.fields\[(\w+)\]", fields)
+
+
 def _blank(fields: str) -> dict[str, Any]:
     """Initial values for the ``{task.fields[...]}`` placeholders of a column format."""
-    import re
-
-    return {name: 0.0 for name in re.findall(r"task\.fields\[(\w+)\]", fields)}
+    return {name: 0.0 for name in _placeholders(fields)}

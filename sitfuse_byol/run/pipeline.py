@@ -30,7 +30,7 @@ from sitfuse_byol.cluster.sampling import sample_matches
 from sitfuse_byol.config import Config
 from sitfuse_byol.errors import InputError, SitfuseError
 from sitfuse_byol.export.atomic import atomic_write_text, remove_path
-from sitfuse_byol.progress import TRAIN_FIELDS, stage_progress
+from sitfuse_byol.progress import stage_progress, train_progress
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config, resolve_scene_list
 from sitfuse_byol.run.cluster_client import ClusterOptions, dask_client
 from sitfuse_byol.run.manifest import Manifest, scene_fingerprint
@@ -350,8 +350,6 @@ class Pipeline:
         resume = self.manifest.stages.get("train_started", {}).get("key") == key and not self.options.force
         self.manifest.stages["train_started"] = {"key": key}
         self.manifest.save()
-        cfg = self.config["train"]
-        total = cfg["epochs"] * cfg["steps_per_epoch"]
         if self.options.cluster.gpus_per_worker:
             # Training goes to a GPU worker; only paths and the config travel.
             future = client.submit(
@@ -360,13 +358,13 @@ class Pipeline:
             )
             future.result()
         else:
-            with stage_progress("train", total=total, quiet=self.options.quiet, fields=TRAIN_FIELDS) as advance:
+            with train_progress(self.config["train"], quiet=self.options.quiet) as on_step:
                 train(
                     self.config,
                     device_name=self.options.device,
                     resume=resume,
                     scenes=list(self.scenes.values()),
-                    progress=lambda v: advance(1, **{k: v[k] for k in ("loss", "tau", "lr", "patches_per_s", "data_wait")}),
+                    progress=on_step,
                 )
         self._mark_stage("train", key, started)
 

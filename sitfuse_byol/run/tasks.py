@@ -268,7 +268,10 @@ def export_task(config: Config, ref: SceneRef, threads: int = 1) -> dict[str, st
     paths = Paths(config.output_dir)
     with local_compute(threads):
         scene = _open(config, ref)
-        trained = load_encoder(paths.checkpoint)
+        # Streamed embeddings load the encoder on the embedding device; the checks reuse
+        # that copy (it is cached per device) rather than load one more on the CPU.
+        streamed = not has_saved_embedding(config, scene.id)
+        trained = load_encoder(paths.checkpoint, device=_embedding_device(config) if streamed else "cpu")
         trained.check_bands(scene.n_bands, where=scene.source)
         model = load_cluster_model(paths.cluster_model)
         embedding = scene_embedding(config, scene)
