@@ -303,7 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_library_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
+    # The run log file takes INFO records from our loggers; the console shows only
+    # warnings (or everything with --debug), so an error stays the one line below.
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if args.debug else logging.WARNING)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s", handlers=[console])
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -29,6 +29,8 @@ def test_quiet_bar_prints_nothing(capsys) -> None:
 
 def test_a_missing_value_is_an_error_not_a_blank(monkeypatch) -> None:
     monkeypatch.setenv("FORCE_COLOR", "1")
-    with train_progress({"epochs": 1, "steps_per_epoch": 1}, quiet=False) as on_step:
-        with pytest.raises(KeyError, match="data_wait"):
-            on_step({k: v for k, v in STEP.items() if k != "data_wait"})
+    with (
+        train_progress({"epochs": 1, "steps_per_epoch": 1}, quiet=False) as on_step,
+        pytest.raises(KeyError, match="data_wait"),
+    ):
+        on_step({k: v for k, v in STEP.items() if k != "data_wait"})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -179,9 +181,17 @@ def test_scene_with_other_bands_and_model_from_other_encoder(base_run, tmp_path,
     out = tmp_path / "out"
     shutil.copytree(folder / "out", out)
     config = write_config(tmp_path, [sentinel2_zarr])
-    assert main(["export", "-c", str(config), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "trained on 6 bands" in err and "has 13" in err and len(err.splitlines()) == 1
+    # The console script itself: the scene's failure is logged to OUTDIR/logs, not to the
+    # terminal, where the error stays one line.
+    done = subprocess.run(
+        [sys.executable, "-m", "sitfuse_byol.cli", "export", "-c", str(config), "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip()
+    assert err.startswith("error: ") and "trained on 6 bands" in err and "has 13" in err
+    assert len(err.splitlines()) == 1, err
+    assert "failed in" in (out / "logs" / "sitfuse.log").read_text()
 
     # Retrain (another encoder), keep the old clustering model, export: refused.
     config = write_config(tmp_path, crop_scenes.values(), train={"seed": 99})
