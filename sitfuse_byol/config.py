@@ -331,13 +331,21 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.values, sort_keys=False)
 
-    def digest(self, *sections: str) -> str:
+    def digest(self, *sections: str, leave_out: Iterable[str] = ()) -> str:
         """A short hash of the named sections (all when none), for change detection.
 
         Placement keys (``embed.device``) are left out: moving work to a GPU is no reason
         to redo finished scenes.
+
+        Args:
+            sections: Top-level sections to hash.
+            leave_out: Dotted keys (``"data.scenes"``) not to hash either.
         """
         chosen = {s: _without_placement(s, self.values[s]) for s in (sections or tuple(self.values))}
+        for dotted in leave_out:
+            section, _, key = dotted.partition(".")
+            if isinstance(chosen.get(section), dict):
+                chosen[section] = {k: v for k, v in chosen[section].items() if k != key}
         text = json.dumps(chosen, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -110,3 +110,13 @@ def test_digest_leaves_out_where_work_runs(tmp_path):
     gpu = load_config(path, overrides=["embed.device=cuda"])
     assert cpu.digest("embed") == gpu.digest("embed")
     assert cpu.digest("embed") != load_config(path, overrides=["embed.window=3"]).digest("embed")
+
+
+def test_digest_can_leave_out_single_keys(tmp_path):
+    path = write(tmp_path, {"data": {"scenes": ["a.tif"]}})
+    one = load_config(path)
+    more = load_config(path, overrides=["data.scenes=[a.tif, b.tif]"])
+    nodata = load_config(path, overrides=["data.nodata=0"])
+    assert one.digest("data") != more.digest("data")
+    assert one.digest("data", leave_out=["data.scenes"]) == more.digest("data", leave_out=["data.scenes"])
+    assert one.digest("data", leave_out=["data.scenes"]) != nodata.digest("data", leave_out=["data.scenes"])

@@ -1,5 +1,11 @@
 """Embed: dense per-pixel embeddings of whole scenes from halo-padded blocks."""
 
-from sitfuse_byol.embed.dense import SceneEmbedding, embed_scene, open_embedding, save_embedding
+from sitfuse_byol.embed.dense import (
+    SceneEmbedding,
+    embed_scene,
+    open_embedding,
+    save_embedding,
+    saved_embedding_key,
+)
 
-__all__ = ["SceneEmbedding", "embed_scene", "open_embedding", "save_embedding"]
+__all__ = ["SceneEmbedding", "embed_scene", "open_embedding", "save_embedding", "saved_embedding_key"]

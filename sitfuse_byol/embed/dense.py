@@ -178,7 +178,13 @@ def _store_block(
     return hook(block, index) if hook is not None else None
 
 
-def save_embedding(embedding: SceneEmbedding, path: Path, *, block_hook: BlockHook | None = None) -> list[Any]:
+#: The store attribute naming what the embeddings were made from (see :func:`save_embedding`).
+KEY_ATTRIBUTE = "sitfuse_embedding_key"
+
+
+def save_embedding(
+    embedding: SceneEmbedding, path: Path, *, block_hook: BlockHook | None = None, key: str = ""
+) -> list[Any]:
     """Write embeddings to a Zarr v3 store (atomically), CRS and transform included.
 
     Each block is computed once and written to its own Zarr chunk; ``block_hook`` sees
@@ -188,6 +194,8 @@ def save_embedding(embedding: SceneEmbedding, path: Path, *, block_hook: BlockHo
         embedding: The lazy embeddings.
         path: The ``.zarr`` store to create or replace.
         block_hook: Optional ``hook(block, (i, j))`` run on every block.
+        key: What the embeddings were made from (input files, encoder, settings), kept
+            as the store attribute :data:`KEY_ATTRIBUTE`; see :func:`saved_embedding_key`.
 
     Returns:
         The hook's results in block order (row-major); empty without a hook.
@@ -198,6 +206,7 @@ def save_embedding(embedding: SceneEmbedding, path: Path, *, block_hook: BlockHo
         dims=("feature", "y", "x"),
         coords={"feature": np.arange(embedding.dim), **grid_coords(embedding.grid)},
         name="embedding",
+        attrs={KEY_ATTRIBUTE: key},
     )
     if embedding.grid.crs is not None:
         array = array.rio.write_crs(embedding.grid.crs)
@@ -225,6 +234,15 @@ def save_embedding(embedding: SceneEmbedding, path: Path, *, block_hook: BlockHo
         ]
         results = list(dask.compute(*tasks))
     return results if block_hook is not None else []
+
+
+def saved_embedding_key(path: Path) -> str | None:
+    """The key :func:`save_embedding` stamped on a store; ``None`` without a readable store."""
+    try:
+        key = zarr.open_array(str(path / "embedding"), mode="r").attrs.get(KEY_ATTRIBUTE)
+    except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError):
+        return None
+    return key if isinstance(key, str) else None
 
 
 def open_embedding(path: Path) -> SceneEmbedding:

@@ -38,12 +38,14 @@ from sitfuse_byol.run.tasks import (
     Paths,
     TaskFailure,
     embed_task,
+    embedding_key,
     export_task,
     has_saved_embedding,
     histogram_task,
     moments_task,
     run_scene_task,
     sample_task,
+    saved_embedding_state,
     saved_sample,
 )
 
@@ -215,7 +217,8 @@ class Pipeline:
                 trained.check_bands(scene.n_bands, where=scene.source)
             except ModelError as err:
                 self._fail(scene.id, err, stage="read")
-        if "cluster" in stages:
+        # Only the export labels with the clustering model; a cluster stage fits it first.
+        if "export" not in stages or "cluster" in stages:
             return
         model_json = self.paths.cluster_model / "model.json"
         if not model_json.exists():
@@ -272,11 +275,25 @@ class Pipeline:
                 where=str(self.paths.out),
             )
 
-    def _sample_saved(self, scene_id: str) -> bool:
+    def _live_refs(self) -> list[SceneRef]:
+        """The scenes not failed so far, in scene-list order."""
+        return [ref for ref in self.refs if ref.id in self.scenes]
+
+    def _sample_saved(self, ref: SceneRef) -> bool:
         cfg = self.config["cluster"]
-        return has_saved_embedding(self.config, scene_id) and sample_matches(
-            self.paths.samples(scene_id), n=cfg["samples_per_scene"], seed=cfg["seed"]
+        return has_saved_embedding(self.config, ref) and sample_matches(
+            self.paths.samples(ref.id), n=cfg["samples_per_scene"], seed=cfg["seed"]
         )
+
+    def _warn_stale_embeddings(self) -> None:
+        """Say so when saved embeddings are passed over: they are recomputed on the fly."""
+        stale = [ref.id for ref in self._live_refs() if saved_embedding_state(self.config, ref) == "stale"]
+        if stale:
+            names = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+            log.warning(
+                "warning: saved embeddings of %s were made by another encoder, other settings or an older "
+                "input; computing them on the fly (`sitfuse embed` saves them again)", names,
+            )
 
     def _require_scenes(self) -> None:
         """Go on while any scene is left; with none, the first scene's error is the run's error."""
@@ -415,13 +432,13 @@ class Pipeline:
     def stage_embed(self, client: Any) -> None:
         if not self.config["embed"]["save"]:
             return
-        model_key = self._encoder_hash() + self.config.digest("embed")
-        keys = {}
-        for scene_id in self.scenes:
-            key = f"{self.fingerprints[scene_id]}:{model_key}"
-            done = self.manifest.stages.get("embed_scenes", {}).get(scene_id) == key
-            if not (done and self.paths.embedding(scene_id).exists()) or self.options.force:
-                keys[scene_id] = key
+        # Each store carries the key of what it was made from; a store whose key matches
+        # is current, whatever the manifest says.
+        keys = {
+            ref.id: embedding_key(self.config, ref)
+            for ref in self._live_refs()
+            if self.options.force or not has_saved_embedding(self.config, ref)
+        }
 
         self._check_embedding_space(list(keys))
 
@@ -438,11 +455,12 @@ class Pipeline:
 
         encoder_hash = self._encoder_hash()
         key = self._stage_key(
-            "cluster", encoder_hash, self.config.digest("cluster", "embed"),
+            "cluster", encoder_hash, self.config.digest("cluster", "embed", "data"),
             *sorted(self.fingerprints[s] for s in self.scenes),
         )
         if self._stage_done("cluster", key, self.paths.cluster_model / "model.json"):
             return
+        self._warn_stale_embeddings()
         started = time.perf_counter()
         cfg = self.config["cluster"]
         reservoir = EmbeddingReservoir(
@@ -457,15 +475,14 @@ class Pipeline:
             client,
             name="sample",
             func=sample_task,
-            keys={s: "sample" for s in self.scenes if not self._sample_saved(s)},
+            keys={ref.id: "sample" for ref in self._live_refs() if not self._sample_saved(ref)},
             on_result=lambda scene_id, result, seconds: computed.__setitem__(scene_id, result),
         )
         # Added in scene-list order, so the sample does not depend on task completion order.
-        for ref in self.refs:
-            if ref.id in self.scenes:
-                sample = computed.pop(ref.id) if ref.id in computed else saved_sample(self.config, ref.id)
-                if sample is not None:
-                    reservoir.add(sample[0], neighbours=sample[1])
+        for ref in self._live_refs():
+            sample = computed.pop(ref.id) if ref.id in computed else saved_sample(self.config, ref)
+            if sample is not None:
+                reservoir.add(sample[0], neighbours=sample[1])
         self._require_scenes()
         n_fine = cfg["n_fine"] if cfg["hierarchical"] else 0
         if cfg["method"] == "iic":
@@ -495,6 +512,9 @@ class Pipeline:
             key = f"{self.fingerprints[scene_id]}:{model_key}:{output_key}"
             if self.options.force or not self.manifest.is_done(scene_id, key):
                 keys[scene_id] = key
+        if keys and "cluster" not in self.options.stages:
+            self._warn_stale_embeddings()
+
         def record(scene_id: str, outputs: Any, seconds: float) -> None:
             self.manifest.record(
                 scene_id, status="done", key=keys[scene_id], timings={"export": seconds}, outputs=outputs

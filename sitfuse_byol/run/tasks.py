@@ -33,12 +33,19 @@ from sitfuse_byol.cluster.sampling import (
     valid_pixel_count,
 )
 from sitfuse_byol.config import Config
-from sitfuse_byol.embed import SceneEmbedding, embed_scene, open_embedding, save_embedding
+from sitfuse_byol.embed import (
+    SceneEmbedding,
+    embed_scene,
+    open_embedding,
+    save_embedding,
+    saved_embedding_key,
+)
 from sitfuse_byol.errors import SitfuseError
 from sitfuse_byol.export.scene_outputs import OutputOptions, write_scene_outputs
 from sitfuse_byol.normalize.stats import HistogramBins, scene_histogram, scene_moment_parts
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config
-from sitfuse_byol.train.checkpoint import load_encoder
+from sitfuse_byol.run.manifest import scene_fingerprint
+from sitfuse_byol.train.checkpoint import checkpoint_hash, load_encoder
 from sitfuse_byol.train.device import resolve_device
 
 
@@ -154,14 +161,32 @@ def _embed(config: Config, scene: Scene) -> SceneEmbedding:
     )
 
 
-def has_saved_embedding(config: Config, scene_id: str) -> bool:
-    """Whether the scene's embeddings are to be read from their Zarr store (saved and wanted)."""
-    return bool(config["embed"]["save"]) and Paths(config.output_dir).embedding(scene_id).exists()
+def embedding_key(config: Config, ref: SceneRef) -> str:
+    """What a scene's embeddings are made from: its files, the encoder, the data and embed settings."""
+    encoder = checkpoint_hash(Paths(config.output_dir).checkpoint)
+    settings = config.digest("data", "embed", leave_out=("data.scenes",))
+    return f"{scene_fingerprint(ref)}:{encoder}:{settings}"
 
 
-def scene_embedding(config: Config, scene: Scene) -> SceneEmbedding:
-    """Saved embeddings when present (and wanted), else computed on the fly."""
-    if has_saved_embedding(config, scene.id):
+def saved_embedding_state(config: Config, ref: SceneRef) -> str:
+    """``"current"``: the scene's saved embeddings are wanted and were made from what this
+    config would make them from; ``"stale"``: a store exists but was not (another encoder,
+    other settings, a changed input, or an older version without its key); ``"none"``."""
+    path = Paths(config.output_dir).embedding(ref.id)
+    if not (config["embed"]["save"] and path.exists()):
+        return "none"
+    return "current" if saved_embedding_key(path) == embedding_key(config, ref) else "stale"
+
+
+def has_saved_embedding(config: Config, ref: SceneRef) -> bool:
+    """Whether the scene's embeddings are to be read from their Zarr store (saved, wanted and
+    current); stale ones are computed again on the fly instead."""
+    return saved_embedding_state(config, ref) == "current"
+
+
+def scene_embedding(config: Config, ref: SceneRef, scene: Scene) -> SceneEmbedding:
+    """Saved embeddings when present, current (and wanted), else computed on the fly."""
+    if has_saved_embedding(config, ref):
         embedding = open_embedding(Paths(config.output_dir).embedding(scene.id))
         # The store's own mask (finite first feature) reads every chunk of every feature;
         # the scene's mask, read from the input, is the same pixels at a fraction of the I/O.
@@ -223,22 +248,26 @@ def embed_task(config: Config, ref: SceneRef, threads: int = 1) -> str:
         scene = _open(config, ref)
         embedding = _embed(config, scene)
         hook = block_sampler(scene.id, n=n, seed=seed, valid_count=valid_pixel_count(embedding))
-        parts = save_embedding(embedding, paths.embedding(scene.id), block_hook=hook)
+        parts = save_embedding(embedding, paths.embedding(scene.id), block_hook=hook, key=embedding_key(config, ref))
         save_samples(paths.samples(scene.id), *combine_samples(parts), n=n, seed=seed)
     return str(paths.embedding(scene.id))
 
 
-def saved_sample(config: Config, scene_id: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The sample ``embed_task`` kept beside the scene's embeddings, if it fits this config."""
-    if not has_saved_embedding(config, scene_id):
+def saved_sample(config: Config, ref: SceneRef) -> tuple[np.ndarray, np.ndarray] | None:
+    """The sample ``embed_task`` kept beside the scene's embeddings, if both fit this config.
+
+    ``embed_task`` deletes the sample before it replaces the embeddings, so a sample
+    beside current embeddings was drawn from them.
+    """
+    if not has_saved_embedding(config, ref):
         return None
     cfg = config["cluster"]
-    return load_samples(Paths(config.output_dir).samples(scene_id), n=cfg["samples_per_scene"], seed=cfg["seed"])
+    return load_samples(Paths(config.output_dir).samples(ref.id), n=cfg["samples_per_scene"], seed=cfg["seed"])
 
 
 def sample_task(config: Config, ref: SceneRef, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """About ``cluster.samples_per_scene`` valid embeddings of a scene, with neighbours."""
-    kept = saved_sample(config, ref.id)
+    kept = saved_sample(config, ref)
     if kept is not None:
         return kept
     cfg = config["cluster"]
@@ -247,8 +276,8 @@ def sample_task(config: Config, ref: SceneRef, threads: int = 1) -> tuple[np.nda
         # Streamed embeddings are computed here and again for the labels, so only a
         # share of the blocks is embedded for the sample.
         return sample_embeddings(
-            scene_embedding(config, scene), n=cfg["samples_per_scene"], seed=cfg["seed"],
-            max_blocks=0 if has_saved_embedding(config, scene.id) else cfg["sample_blocks"],
+            scene_embedding(config, ref, scene), n=cfg["samples_per_scene"], seed=cfg["seed"],
+            max_blocks=0 if has_saved_embedding(config, ref) else cfg["sample_blocks"],
         )
 
 
@@ -270,11 +299,11 @@ def export_task(config: Config, ref: SceneRef, threads: int = 1) -> dict[str, st
         scene = _open(config, ref)
         # Streamed embeddings load the encoder on the embedding device; the checks reuse
         # that copy (it is cached per device) rather than load one more on the CPU.
-        streamed = not has_saved_embedding(config, scene.id)
+        streamed = not has_saved_embedding(config, ref)
         trained = load_encoder(paths.checkpoint, device=_embedding_device(config) if streamed else "cpu")
         trained.check_bands(scene.n_bands, where=scene.source)
         model = load_cluster_model(paths.cluster_model)
-        embedding = scene_embedding(config, scene)
+        embedding = scene_embedding(config, ref, scene)
         model.check_compatible(dim=embedding.dim, encoder_hash=trained.checkpoint_hash)
         tags = {
             "model_hash": model.model_hash,

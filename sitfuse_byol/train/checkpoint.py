@@ -55,6 +55,16 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=8)
+def _checkpoint_hash_cached(path: str, mtime_ns: int) -> str:
+    return file_hash(Path(path))
+
+
+def checkpoint_hash(path: Path) -> str:
+    """:func:`file_hash` of a checkpoint, computed once per process while the file is unchanged."""
+    return _checkpoint_hash_cached(str(path.resolve()), path.stat().st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class TrainedEncoder:
     """The online encoder of a checkpoint, ready for inference.
@@ -119,7 +129,7 @@ def _load_encoder_cached(path: str, mtime_ns: int, device: str) -> TrainedEncode
         encoder=encoder,
         stats=BandStats.from_dict(state["stats"]),
         band_names=tuple(state["band_names"]),
-        checkpoint_hash=file_hash(Path(path)),
+        checkpoint_hash=checkpoint_hash(Path(path)),
     )
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from sitfuse_byol.embed import embed_scene, open_embedding, save_embedding
+from sitfuse_byol.embed import embed_scene, open_embedding, save_embedding, saved_embedding_key
 from sitfuse_byol.errors import ModelError
 from sitfuse_byol.read import open_scene
 from sitfuse_byol.train.checkpoint import load_encoder
@@ -47,7 +47,9 @@ def test_zarr_roundtrip_keeps_grid(tmp_path, landsat_path, tiny_checkpoint):
     scene = open_scene(landsat_path)
     embedding = embed_scene(scene, trained, block_size=128)
     path = tmp_path / "embeddings" / f"{scene.id}.zarr"
-    assert save_embedding(embedding, path) == []
+    assert saved_embedding_key(path) is None
+    assert save_embedding(embedding, path, key="scene:encoder:settings") == []
+    assert saved_embedding_key(path) == "scene:encoder:settings"
     reopened = open_embedding(path)
     assert reopened.scene_id == "landsat7_olinda"
     assert reopened.grid.crs == scene.grid.crs

@@ -345,3 +345,45 @@ def test_assign_names_the_polygon_layer_of_a_file_with_several(base_run, tmp_pat
     assert main(["assign", "-c", str(config), "--labels", str(polygons), "--layer", "classes"]) == 0
     mapping = (tmp_path / "out" / "assign" / "mapping.yaml").read_text()
     assert "water" in mapping and "land" in mapping
+
+
+def test_embed_runs_on_its_own_before_any_clustering(tmp_path, crop_scenes):
+    config = write_config(tmp_path, [crop_scenes["olinda_a"]])
+    assert main(["train", "-c", str(config), "--quiet"]) == 0
+    assert main(["embed", "-c", str(config), "--quiet"]) == 0
+    assert (tmp_path / "out" / "embeddings" / "olinda_a.zarr").is_dir()
+    assert not (tmp_path / "out" / "cluster" / "model.json").exists()
+
+
+def test_embeddings_saved_by_another_encoder_or_settings_are_not_reused(base_run, tmp_path, crop_scenes, caplog):
+    folder, *_ = base_run
+    out = tmp_path / "out"
+    shutil.copytree(folder / "out", out)
+    scenes = crop_scenes.values()
+    old_centroids = np.load(out / "cluster" / "centroids.npy")
+    old_labels = labels_of(out / "labels" / "olinda_a.tif")
+
+    # A retrained encoder: `sitfuse cluster` must not fit on, nor label, the old embeddings.
+    config = write_config(tmp_path, scenes, train={"seed": 99})
+    assert main(["train", "-c", str(config), "--quiet"]) == 0
+    caplog.clear()
+    assert main(["cluster", "-c", str(config), "--quiet"]) == 0
+    assert "saved embeddings of olinda_a, olinda_b, olinda_c were made by another encoder" in caplog.text
+    streamed_centroids = np.load(out / "cluster" / "centroids.npy")
+    streamed_labels = labels_of(out / "labels" / "olinda_a.tif")
+    assert not np.array_equal(streamed_centroids, old_centroids)
+    # The same as embedding with the new encoder first (every block of these small scenes
+    # is sampled either way).
+    assert main(["embed", "-c", str(config), "--quiet"]) == 0
+    caplog.clear()
+    assert main(["cluster", "-c", str(config), "--quiet", "--force"]) == 0
+    assert "saved embeddings" not in caplog.text
+    np.testing.assert_allclose(np.load(out / "cluster" / "centroids.npy"), streamed_centroids, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(labels_of(out / "labels" / "olinda_a.tif"), streamed_labels)
+    assert not np.array_equal(streamed_labels, old_labels)
+
+    # Other embed settings: a stride-2 export of stride-1 stores is recomputed, not mixed up.
+    config = write_config(tmp_path, scenes, train={"seed": 99}, embed={"stride": 2})
+    assert main(["export", "-c", str(config), "--quiet"]) == 0
+    with rasterio.open(out / "labels" / "olinda_a.tif") as dst, rasterio.open(crop_scenes["olinda_a"]) as src:
+        assert (dst.width, dst.height, dst.transform) == (src.width, src.height, src.transform)
