@@ -361,12 +361,13 @@ def _cluster_comment(mapping: ClusterMapping, cluster: int) -> str:
     return f"{total} px, {shares}{more}"
 
 
-def mapping_yaml(mapping: ClusterMapping, *, source: str | None = None) -> str:
+def mapping_yaml(mapping: ClusterMapping, *, source: str | None = None, path: Path | None = None) -> str:
     """The text of a mapping file, with a how-to header and a comment per cluster.
 
     Args:
         mapping: The mapping.
         source: Where the mapping came from (e.g. the polygon file), for the header.
+        path: Where the file goes, for the header's re-apply command (works from any folder).
 
     Returns:
         YAML text that :func:`load_mapping` reads back to the same mapping.
@@ -382,7 +383,7 @@ def mapping_yaml(mapping: ClusterMapping, *, source: str | None = None) -> str:
         "# To change the mapping, edit the class after a cluster id (a name from `classes`;",
         "# to create a class, add its name to `classes` too), then re-apply it without",
         "# recounting:",
-        "#     sitfuse assign --apply mapping.yaml",
+        f"#     sitfuse assign -c CONFIG --apply {_comment_text(str(path.resolve())) if path else 'mapping.yaml'}",
         "# Clusters missing from `clusters` count as uncertain. `threshold` and the",
         "# comments are for information only.",
         "",
@@ -412,7 +413,7 @@ def write_mapping(path: Path, mapping: ClusterMapping, *, source: str | None = N
         ``path``.
     """
     path = Path(path)
-    text = mapping_yaml(mapping, source=source)
+    text = mapping_yaml(mapping, source=source, path=path)
     # The writer is ours, but a class name YAML misreads must fail here, not at --apply.
     parsed = yaml.safe_load(text)
     if [parsed["clusters"][k] for k in range(mapping.n_labels)] != mapping.clusters:

@@ -130,6 +130,15 @@ class ClusterModel:
         return self.n_clusters * max(self.n_fine, 1)
 
     @property
+    def confidence_meaning(self) -> str:
+        """What the per-pixel confidence value is (the confidence raster's band description)."""
+        if self.n_fine:
+            return "distance to fine cluster centroid"
+        if self.method == "iic":
+            return "1 - max cluster probability"
+        return "distance to cluster centroid"
+
+    @property
     def dim(self) -> int:
         """Embedding dimension ``D``."""
         return int(self.centroids.shape[1])

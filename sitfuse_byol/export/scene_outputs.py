@@ -22,6 +22,7 @@ import numpy as np
 
 from sitfuse_byol.cluster.model import ClusterModel
 from sitfuse_byol.embed import SceneEmbedding
+from sitfuse_byol.errors import ConfigError
 from sitfuse_byol.export.float_raster import write_float_raster
 from sitfuse_byol.export.label_raster import label_dtype_and_nodata, write_label_raster
 from sitfuse_byol.export.palette import hierarchical_colors, label_colors
@@ -144,6 +145,11 @@ def write_scene_outputs(
         ``labels_coarse``, ``quicklook``, ``polygons``, ``labels_zarr``.
     """
     n_labels = model.n_labels
+    if options.class_names and len(options.class_names) != n_labels:
+        raise ConfigError(
+            f"{len(options.class_names)} class names for {n_labels} cluster labels; give one name per label",
+            where="output.class_names",
+        )
     dtype, nodata = label_dtype_and_nodata(n_labels)
     coarse_dtype, coarse_nodata = label_dtype_and_nodata(model.n_clusters)
     layers = 3 if model.n_fine else 2
@@ -178,8 +184,6 @@ def write_scene_outputs(
             return _to_scene_grid(stored[index].astype(kind), stride=stride, valid=valid, fill=fill)
 
         names = list(options.class_names) if options.class_names else None
-        if names is not None and len(names) != n_labels:
-            names = None
         colors = hierarchical_colors(model.n_clusters, model.n_fine) if model.n_fine else label_colors(n_labels)
         labels = layer(0, dtype, dtype.type(nodata))
         label_path = out_dir / "labels" / f"{scene.id}.tif"
@@ -192,7 +196,7 @@ def write_scene_outputs(
         confidence_path = out_dir / "confidence" / f"{scene.id}.tif"
         write_float_raster(
             confidence, grid=scene.grid, path=confidence_path,
-            description="distance to cluster centroid", tags=dict(tags),
+            description=model.confidence_meaning, tags=dict(tags),
         )
         outputs["confidence"] = str(confidence_path)
         if model.n_fine:

@@ -271,7 +271,8 @@ def test_mapping_yaml_round_trips_and_an_edit_is_re_applied(
         label_paths=label_paths, polygons_path=polygons, field="class", threshold=0.51, out_dir=out
     )
     text = first.mapping_path.read_text()
-    assert "sitfuse assign --apply mapping.yaml" in text
+    # The re-apply command in the header works from any folder.
+    assert f"#     sitfuse assign -c CONFIG --apply {first.mapping_path.resolve()}\n" in text
     assert re.search(r"^  0: water +# 275 px in polygons, 81.8% water$", text, re.M)
     assert re.search(r"^  2: uncertain +# 100 px, 50% forest / 50% water$", text, re.M)
     assert re.search(r"^  4: uncertain +# no pixels in polygons$", text, re.M)

@@ -119,6 +119,8 @@ def test_numpy_head_matches_torch_in_eval_mode(fitted) -> None:
     labels, distance = model.predict(held_out)
     np.testing.assert_array_equal(labels, probabilities.argmax(axis=1))
     np.testing.assert_allclose(distance, 1 - probabilities.max(axis=1), atol=1e-5)
+    # So the confidence raster must not call it a distance.
+    assert model.confidence_meaning == "1 - max cluster probability"
 
 
 def test_save_load_keeps_predictions_without_pickle(fitted, tmp_path: Path) -> None:

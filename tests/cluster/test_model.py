@@ -54,6 +54,11 @@ def test_shape_properties(flat: ClusterModel, hierarchical: ClusterModel) -> Non
     assert (hierarchical.n_labels, hierarchical.dim) == (12, 6)
 
 
+def test_confidence_meaning_names_the_distance_used(flat: ClusterModel, hierarchical: ClusterModel) -> None:
+    assert flat.confidence_meaning == "distance to cluster centroid"
+    assert hierarchical.confidence_meaning == "distance to fine cluster centroid"
+
+
 def test_predict_matches_brute_force(flat: ClusterModel) -> None:
     x = np.random.default_rng(3).normal(scale=3, size=(2000, 8)).astype(np.float32)
     labels, distance = flat.predict(x)

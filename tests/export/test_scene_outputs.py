@@ -14,6 +14,7 @@ from matplotlib.image import imread
 from sitfuse_byol.cluster import fit_kmeans
 from sitfuse_byol.cluster.model import ClusterModel
 from sitfuse_byol.embed import SceneEmbedding, embed_scene
+from sitfuse_byol.errors import ConfigError
 from sitfuse_byol.export.label_raster import label_dtype_and_nodata
 from sitfuse_byol.export.scene_outputs import OutputOptions, write_scene_outputs
 from sitfuse_byol.read import Scene, open_scene
@@ -106,6 +107,7 @@ def test_outputs_follow_the_model_and_the_scene_mask(
 
     with rasterio.open(outputs["confidence"]) as src:
         assert (src.height, src.width) == scene.grid.shape and src.transform == scene.grid.transform
+        assert src.descriptions == (model.confidence_meaning,)
         written = src.read(1)
     np.testing.assert_array_equal(np.isnan(written), np.isnan(expected_confidence))
     np.testing.assert_allclose(written, expected_confidence, rtol=1e-6, equal_nan=True)
@@ -164,3 +166,20 @@ def test_hierarchical_model_keeps_coarse_nodata_in_uint8(
     assert coarse.shape == scene_shape
     np.testing.assert_array_equal(coarse == 255, labels == 65535)
     np.testing.assert_array_equal(coarse[labels != 65535], labels[labels != 65535] // 150)
+
+
+def test_class_names_that_do_not_match_the_labels_are_a_config_error(
+    tmp_path: Path, holed_scene: Scene, tiny_checkpoint: Path
+) -> None:
+    embedding = fixed_embedding(holed_scene, tiny_checkpoint, stride=1)
+    values = embedding.data.compute()
+    model = fit_kmeans(values.reshape(values.shape[0], -1).T, n_clusters=4, seed=0)
+    with pytest.raises(ConfigError) as info:
+        write_scene_outputs(
+            scene=holed_scene, embedding=embedding, model=model, out_dir=tmp_path, stride=1,
+            options=OutputOptions(class_names=["water", "forest", "urban"]), tags={},
+        )  # fmt: skip
+    assert str(info.value) == (
+        "3 class names for 4 cluster labels; give one name per label (output.class_names)"
+    )
+    assert list(tmp_path.iterdir()) == []
