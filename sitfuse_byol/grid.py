@@ -67,7 +67,7 @@ class Grid:
         )
 
     def coarsened(self, *, stride: int) -> Grid:
-        """The grid that samples every ``stride``-th pixel, covering the same extent."""
+        """The grid of ``stride`` x ``stride`` pixel cells, covering the same extent (ragged edge cells included)."""
         if stride == 1:
             return self
         return Grid(

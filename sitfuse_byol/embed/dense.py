@@ -10,6 +10,11 @@ rounding where the convolution kernels chosen depend on the block width; see
 Per-pixel embeddings are optionally averaged over a ``window`` x ``window``
 neighbourhood: BYOL learns pooled patch embeddings, and this cheap average matches
 exact sliding-window patch embeddings within noise at a fraction of the cost.
+
+At ``stride`` s > 1 each embedding is the mean of the valid pixels' embeddings in its
+s x s cell of the coarsened grid (:meth:`sitfuse_byol.grid.Grid.coarsened`), so the
+value describes the cell's whole footprint (a point sample would sit (s - 1) / 2 pixels
+off its centre), and a cell is valid when any of its pixels is.
 """
 
 from __future__ import annotations
@@ -103,6 +108,43 @@ def _forward(trained: TrainedEncoder, block: np.ndarray, *, window: int) -> np.n
         return features[0].cpu().numpy()
 
 
+def _cell_chunks(chunks: tuple[int, ...], stride: int) -> tuple[int, ...]:
+    return tuple(-(-c // stride) for c in chunks)
+
+
+def _cell_mean(block: np.ndarray, *, stride: int) -> np.ndarray:
+    """``(D, h, w)`` embeddings, NaN where invalid -> the mean of each cell's valid ones.
+
+    A ragged last row or column of cells averages the pixels it has; a cell without a
+    valid pixel is NaN.
+    """
+    with torch.inference_mode():
+        x = torch.from_numpy(block)[None]
+        valid = torch.isfinite(x[:, :1]).to(x.dtype)
+        # Both pools divide by the same (clipped) cell area, which cancels.
+        sums = F.avg_pool2d(torch.nan_to_num(x, nan=0.0), stride, stride=stride, ceil_mode=True)
+        counts = F.avg_pool2d(valid, stride, stride=stride, ceil_mode=True)
+        return (sums / counts)[0].numpy()
+
+
+def cell_valid(valid: da.Array, *, stride: int) -> da.Array:
+    """A ``(y, x)`` valid mask coarsened to stride cells: a cell is valid when any pixel is."""
+    if stride == 1:
+        return valid
+    # Cells must not straddle chunks.
+    valid = valid.rechunk(tuple(_round_up(max(axis), stride) for axis in valid.chunks))
+
+    def any_in_cell(block: np.ndarray) -> np.ndarray:
+        h, w = block.shape
+        padded = np.zeros((_round_up(h, stride), _round_up(w, stride)), bool)
+        padded[:h, :w] = block
+        return padded.reshape(padded.shape[0] // stride, stride, -1, stride).any(axis=(1, 3))
+
+    return valid.map_blocks(
+        any_in_cell, chunks=tuple(_cell_chunks(axis, stride) for axis in valid.chunks), dtype=bool
+    )
+
+
 def embed_scene(
     scene: Scene,
     trained: TrainedEncoder,
@@ -111,12 +153,13 @@ def embed_scene(
     window: int = 0,
     block_size: int = 512,
 ) -> SceneEmbedding:
-    """Lazily embed every ``stride``-th pixel of a scene.
+    """Lazily embed a scene, one embedding per pixel or per ``stride`` x ``stride`` cell.
 
     Args:
         scene: The scene; its band count must match the model's.
         trained: The trained encoder and its normalization statistics.
-        stride: Keep every ``stride``-th row and column; the grid transform is scaled.
+        stride: Average the embeddings of each ``stride`` x ``stride`` cell (valid pixels
+            only); the grid transform is scaled.
         window: Average embeddings over this odd window (0 or 1: no averaging).
         block_size: Block edge for inference, rounded to a multiple of ``stride``.
 
@@ -146,10 +189,14 @@ def embed_scene(
         halo=halo,
         out_channels=dim,
     )
-    valid = scene.valid.rechunk((block, block))
+    valid = scene.valid.rechunk(features.chunks[1:])
     if stride > 1:
-        features = features[:, ::stride, ::stride]
-        valid = valid[::stride, ::stride]
+        # Blocks start at multiples of the stride, so no cell straddles two.
+        features = features.map_blocks(
+            _cell_mean, stride=stride, dtype=np.float32,
+            chunks=(features.chunks[0], *(_cell_chunks(axis, stride) for axis in features.chunks[1:])),
+        )
+        valid = cell_valid(valid, stride=stride)
     return SceneEmbedding(
         scene_id=scene.id,
         data=features,

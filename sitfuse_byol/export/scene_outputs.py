@@ -2,8 +2,9 @@
 
 Labels are predicted once into a temporary Zarr store beside the outputs (bounded
 memory, one pass over the embeddings), then written as COGs on the input's exact grid:
-with ``embed.stride`` > 1 each label covers a stride x stride cell (nearest), and
-nodata follows the input's valid mask pixel for pixel. That mask reads every input
+with ``embed.stride`` > 1 each label covers its stride x stride cell (whose embedding
+is the mean of the cell's valid pixels), and nodata follows the input's valid mask
+pixel for pixel. That mask reads every input
 band, so it is stored beside the predictions in the same pass, and only with a stride:
 at stride 1 the embeddings already carry it (see :func:`_to_scene_grid`).
 """
@@ -89,7 +90,7 @@ def _to_scene_grid(
     nothing: embeddings are NaN exactly where the input is invalid, and prediction
     already wrote nodata there; skipping it spares a read of every input band. At a
     larger stride a value covers a stride x stride cell whose pixels need not all be
-    valid, so invalid pixels get ``fill`` here.
+    valid (a cell is labelled when any is), so invalid pixels get ``fill`` here.
 
     Args:
         layer: ``(h, w)`` values on the embedding grid, in the output dtype.

@@ -35,6 +35,7 @@ from sitfuse_byol.cluster.sampling import (
 from sitfuse_byol.config import Config
 from sitfuse_byol.embed import (
     SceneEmbedding,
+    cell_valid,
     embed_scene,
     open_embedding,
     save_embedding,
@@ -190,8 +191,7 @@ def scene_embedding(config: Config, ref: SceneRef, scene: Scene) -> SceneEmbeddi
         embedding = open_embedding(Paths(config.output_dir).embedding(scene.id))
         # The store's own mask (finite first feature) reads every chunk of every feature;
         # the scene's mask, read from the input, is the same pixels at a fraction of the I/O.
-        stride = config["embed"]["stride"]
-        valid = scene.valid[::stride, ::stride].rechunk(embedding.data.chunks[1:])
+        valid = cell_valid(scene.valid, stride=config["embed"]["stride"]).rechunk(embedding.data.chunks[1:])
         return SceneEmbedding(scene_id=scene.id, data=embedding.data, valid=valid, grid=embedding.grid)
     return _embed(config, scene)
 

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import rasterio
+from affine import Affine
 
 from sitfuse_byol.embed import embed_scene, open_embedding, save_embedding, saved_embedding_key
 from sitfuse_byol.errors import ModelError
@@ -23,22 +26,41 @@ def test_tiled_embeddings_equal_whole_scene(landsat_path, tiny_checkpoint):
     assert not np.allclose(tiled[:, 63], tiled[:, 64])
 
 
-def test_stride_scales_the_transform_and_invalid_stays_invalid(tmp_path, landsat_path, tiny_checkpoint):
+def cell_reduce(values: np.ndarray, stride: int, reduce) -> np.ndarray:
+    """``reduce`` over each stride x stride cell of ``(..., H, W)``, ragged cells padded with NaN."""
+    *lead, h, w = values.shape
+    padded = np.full((*lead, -(-h // stride) * stride, -(-w // stride) * stride), np.nan)
+    padded[..., :h, :w] = values
+    cells = padded.reshape(*lead, padded.shape[-2] // stride, stride, padded.shape[-1] // stride, stride)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # cells without a valid pixel
+        return reduce(cells, axis=(-3, -1))
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+def test_stride_embeds_cell_means_on_the_scaled_grid(tmp_path, landsat_path, tiny_checkpoint, stride):
     trained = load_encoder(tiny_checkpoint)
     with rasterio.open(landsat_path) as src:
         data, profile = src.read(), src.profile
-    data[:, :20, :30] = 0
+    data[data == 0] = 1
+    # A nodata corner whose edges cut through cells, and single nodata pixels.
+    data[:, :20, :31] = 0
+    for row, col in [(100, 100), (101, 151), (150, 202), (351, 348)]:
+        data[:, row, col] = 0
     path = write_tif(tmp_path / "holes.tif", data, crs=profile["crs"], transform=profile["transform"], nodata=0)
     scene = open_scene(path)
-    full = embed_scene(scene, trained, block_size=128)
-    strided = embed_scene(scene, trained, stride=2, block_size=128)
-    assert strided.grid.transform.a == 2 * scene.grid.transform.a
-    assert strided.grid.transform.c == scene.grid.transform.c
-    assert strided.data.shape[1:] == (176, 175)
+    full = embed_scene(scene, trained, block_size=128).data.compute()
+    strided = embed_scene(scene, trained, stride=stride, block_size=128)
+    assert strided.grid.transform == scene.grid.transform * Affine.scale(stride)
+    cells = (-(-352 // stride), -(-349 // stride))  # ragged last row and column of cells
+    assert strided.data.shape[1:] == cells == strided.grid.shape
     values = strided.data.compute()
-    np.testing.assert_allclose(values, full.data.compute()[:, ::2, ::2], atol=1e-5)
+    np.testing.assert_allclose(values, cell_reduce(full, stride, np.nanmean), atol=1e-5)
+    # A cell is valid when any of its pixels is; the corner's partial cells are.
     valid = strided.valid.compute()
-    assert not valid[:10, :15].any() and valid[10:, 15:].all()
+    pixel_valid = scene.valid.compute()
+    np.testing.assert_array_equal(valid, cell_reduce(pixel_valid.astype(float), stride, np.nanmax) > 0)
+    assert not valid[: 20 // stride, : 31 // stride].any() and valid[20 // stride, 0]
     assert np.isnan(values[:, ~valid]).all() and np.isfinite(values[:, valid]).all()
 
 
