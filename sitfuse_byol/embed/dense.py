@@ -138,10 +138,10 @@ def cell_valid(valid: da.Array, *, stride: int) -> da.Array:
         h, w = block.shape
         padded = np.zeros((_round_up(h, stride), _round_up(w, stride)), bool)
         padded[:h, :w] = block
-        return padded.reshape(padded.shape[0] // stride, stride, -1, stride).any(axis=(1, 3))
+        return np.asarray(padded.reshape(padded.shape[0] // stride, stride, -1, stride).any(axis=(1, 3)))
 
-    return valid.map_blocks(
-        any_in_cell, chunks=tuple(_cell_chunks(axis, stride) for axis in valid.chunks), dtype=bool
+    return da.map_blocks(
+        any_in_cell, valid, chunks=tuple(_cell_chunks(axis, stride) for axis in valid.chunks), dtype=bool
     )
 
 
@@ -192,8 +192,8 @@ def embed_scene(
     valid = scene.valid.rechunk(features.chunks[1:])
     if stride > 1:
         # Blocks start at multiples of the stride, so no cell straddles two.
-        features = features.map_blocks(
-            _cell_mean, stride=stride, dtype=np.float32,
+        features = da.map_blocks(
+            _cell_mean, features, stride=stride, dtype=np.float32,
             chunks=(features.chunks[0], *(_cell_chunks(axis, stride) for axis in features.chunks[1:])),
         )
         valid = cell_valid(valid, stride=stride)
