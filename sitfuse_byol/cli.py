@@ -45,7 +45,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """Load the config named by ``-c`` with ``--set``, ``--scenes`` and ``--out`` applied."""
     overrides = list(args.overrides)
     if args.scenes:
-        overrides.append(f"data.scenes={json.dumps(args.scenes)}")
+        # Typed on the command line, so taken from the current folder (like --out), not
+        # from the config's; a glob stays a glob.
+        overrides.append(f"data.scenes={json.dumps(str(Path(args.scenes).absolute()))}")
     if args.out:
         overrides.append(f"output.dir={json.dumps(str(Path(args.out).resolve()))}")
     return load_config(args.config, overrides=overrides)
@@ -122,12 +124,10 @@ def _cluster_options(args: argparse.Namespace, config: Config):
 
     dask_cfg = config["dask"]
     return ClusterOptions(
-        scheduler=args.scheduler or dask_cfg["scheduler"],
-        workers=args.workers or dask_cfg["workers"],
+        scheduler=dask_cfg["scheduler"],
+        workers=dask_cfg["workers"],
         threads_per_worker=dask_cfg["threads_per_worker"],
-        gpus_per_worker=(
-            args.gpus_per_worker if args.gpus_per_worker is not None else dask_cfg["gpus_per_worker"]
-        ),
+        gpus_per_worker=dask_cfg["gpus_per_worker"],
         retries=dask_cfg["retries"],
     )
 
@@ -150,6 +150,11 @@ def _run_stages(args: argparse.Namespace) -> int:
     args.overrides = [*args.overrides, *args.forced_overrides]
     if args.device:
         args.overrides.append(f"embed.device={args.device}")
+    # The Dask flags are config keys too, so the schema checks them (--workers -1).
+    for flag, key in (("workers", "workers"), ("scheduler", "scheduler"), ("gpus_per_worker", "gpus_per_worker")):
+        value = getattr(args, flag)
+        if value is not None:
+            args.overrides.append(f"dask.{key}={json.dumps(value)}")
     config = config_from_args(args)
     _setup_run_logging(config)
     options = RunOptions(

@@ -11,6 +11,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -54,6 +55,23 @@ YamlLoader.add_implicit_resolver(
     ),
     list("-+0123456789."),
 )
+
+
+def _mapping_without_duplicate_keys(loader: YamlLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    # A key written twice would silently keep only its last value (a second `data:`
+    # section dropping the first one's scenes); say so instead.
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+YamlLoader.construct_mapping = _mapping_without_duplicate_keys  # type: ignore[method-assign,assignment]
 
 
 def load_yaml(text: str) -> Any:
@@ -229,6 +247,8 @@ def _check_value(dotted: str, key: Key, value: Any) -> Any:
         raise fail(f"must be {_describe(key)}")
     if key.kind == "float":
         value = float(value)
+        if not math.isfinite(value):
+            raise fail("must be a finite number")
     if key.choices is not None and value not in key.choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in key.choices], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -376,11 +396,18 @@ def load_config(
         if not path.exists():
             raise ConfigError("config file not found", where=str(path))
         try:
-            loaded = load_yaml(path.read_text())
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            reason = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else (err.strerror or str(err)).lower()
+            raise ConfigError(f"config: cannot read the file: {reason}", where=str(path)) from err
+        try:
+            loaded = load_yaml(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config: invalid YAML{line}", where=str(path)) from err
+            problem = getattr(err, "problem", None)
+            detail = f": {problem}" if problem and "duplicate key" in problem else ""
+            raise ConfigError(f"config: invalid YAML{line}{detail}", where=str(path)) from err
         data = copy.deepcopy(loaded) if loaded is not None else {}
         base = path.resolve().parent
     else:

@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 from sitfuse_byol.errors import ConfigError
 
@@ -50,6 +51,22 @@ class ClusterOptions:
         return replace(self, workers=workers, threads_per_worker=threads)
 
 
+def _check_gpu_workers(client: Any, options: ClusterOptions) -> None:
+    """Refuse GPU tasks that no connected worker could ever run (they would wait forever).
+
+    A cluster without workers yet (an HPC queue still starting them) is left to wait.
+    """
+    if not options.gpus_per_worker:
+        return
+    workers = client.scheduler_info()["workers"].values()
+    if workers and not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers):
+        raise ConfigError(
+            f"none of the {len(workers)} Dask workers offers a GPU resource; start them with "
+            "`--resources GPU=1` (one per GPU) or leave out --gpus-per-worker",
+            where=str(options.scheduler),
+        )
+
+
 @contextlib.contextmanager
 def dask_client(options: ClusterOptions, *, quiet: bool = False) -> Iterator:
     """A distributed ``Client``; the dashboard address is printed unless ``quiet``."""
@@ -61,9 +78,14 @@ def dask_client(options: ClusterOptions, *, quiet: bool = False) -> Iterator:
     if options.scheduler:
         try:
             client = Client(options.scheduler, timeout="20s")
-        except OSError as err:
+        except (OSError, ValueError, TypeError) as err:  # unreachable, or not an address at all
             raise ConfigError(f"cannot reach the Dask scheduler: {err}", where=options.scheduler) from err
         cluster = None
+        try:
+            _check_gpu_workers(client, options)
+        except ConfigError:
+            client.close()
+            raise
     else:
         workers = options.workers or 1
         cluster = LocalCluster(

@@ -64,21 +64,32 @@ class Manifest:
     def save(self) -> None:
         atomic_write_json(self.path, {"scenes": self.scenes, "stages": self.stages})
 
+    def outputs(self, scene_id: str) -> dict[str, Path]:
+        """A scene's recorded outputs, as paths (kept relative to the manifest's folder, so
+        an output folder that is moved or copied still finds its own files)."""
+        entry = self.scenes.get(scene_id) or {}
+        return {kind: self.path.parent / p for kind, p in entry.get("outputs", {}).items()}
+
     def is_done(self, scene_id: str, key: str) -> bool:
         entry = self.scenes.get(scene_id)
         if not entry or entry.get("status") != "done" or entry.get("key") != key:
             return False
-        return all(Path(p).exists() for p in entry.get("outputs", {}).values())
+        return all(p.exists() for p in self.outputs(scene_id).values())
 
     def label_paths(self, scene_ids: set[str] | None = None) -> list[Path]:
         """Label rasters of the scenes that finished (of ``scene_ids`` when given)."""
         return [
-            Path(entry["outputs"]["labels"])
+            self.outputs(scene_id)["labels"]
             for scene_id, entry in self.scenes.items()
             if entry.get("status") == "done"
             and "labels" in entry.get("outputs", {})
             and (scene_ids is None or scene_id in scene_ids)
         ]
+
+    def _relative(self, path: str) -> str:
+        folder = self.path.parent.resolve()
+        resolved = Path(path).resolve()
+        return str(resolved.relative_to(folder)) if resolved.is_relative_to(folder) else str(resolved)
 
     def record(
         self,
@@ -94,7 +105,7 @@ class Manifest:
             "status": status,
             "key": key,
             "timings": {k: round(v, 3) for k, v in timings.items()},
-            "outputs": outputs or {},
+            "outputs": {kind: self._relative(p) for kind, p in (outputs or {}).items()},
             "error": error,
         }
         self.save()

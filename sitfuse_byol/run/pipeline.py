@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -149,6 +150,8 @@ class Pipeline:
         self.scenes: dict[str, Scene] = {}
         self.fingerprints: dict[str, str] = {}
         self.errors: dict[str, BaseException] = {}
+        # Each scene's task seconds in this run, by stage, for its run.json entry.
+        self.scene_seconds: dict[str, dict[str, float]] = {}
 
     # -- bookkeeping -----------------------------------------------------------------
 
@@ -158,7 +161,8 @@ class Pipeline:
         log.info("scene %s failed in %s: %s", scene_id, stage, message)
         log.debug("".join(traceback.format_exception(err)))
         self.manifest.record(
-            scene_id, status="failed", key="", timings={}, error=f"{stage}: {message}"
+            scene_id, status="failed", key="", timings=self.scene_seconds.get(scene_id, {}),
+            error=f"{stage}: {message}",
         )
         self.scenes.pop(scene_id, None)
 
@@ -191,14 +195,20 @@ class Pipeline:
                 self._fail(ref.id, err, stage="read")
                 continue
             self.scenes[ref.id] = scene
-        counts = {s.n_bands for s in self.scenes.values()}
+        counts = Counter(s.n_bands for s in self.scenes.values())
         if len(counts) > 1:
-            first = next(iter(self.scenes.values()))
+            # The odd ones out fail, not everything after an odd first scene; a tie goes
+            # to the count that comes first in the list.
+            bands, agreeing = counts.most_common(1)[0]
+            example = next(s.id for s in self.scenes.values() if s.n_bands == bands)
             for scene in list(self.scenes.values()):
-                if scene.n_bands != first.n_bands:
+                if scene.n_bands != bands:
                     self._fail(
                         scene.id,
-                        InputError(f"scene has {scene.n_bands} bands but {first.id} has {first.n_bands}"),
+                        InputError(
+                            f"scene has {scene.n_bands} bands but {agreeing} of the "
+                            f"{len(self.scenes)} scenes (e.g. {example}) have {bands}"
+                        ),
                         stage="read",
                     )
 
@@ -319,7 +329,7 @@ class Pipeline:
         parts: dict[str, list[Any]] = {}
         self._scene_tasks(
             client, name="stats", func=moments_task, keys={s: "moments" for s in self.scenes},
-            on_result=lambda scene_id, result, seconds: parts.__setitem__(scene_id, result),
+            on_result=lambda scene_id, result, seconds: parts.__setitem__(scene_id, result), gpu=False,
         )
         # A running sum (exact: integer counts), not one bands x bins array per scene held
         # until the end.
@@ -341,7 +351,7 @@ class Pipeline:
 
             self._scene_tasks(
                 client, name="histogram", func=functools.partial(histogram_task, bins=bins),
-                keys={s: "histogram" for s in ids}, on_result=add,
+                keys={s: "histogram" for s in ids}, on_result=add, gpu=False,
             )
             # A scene failing only now leaves its moments in the bins: redo them without it.
             if len(self.scenes) == len(ids):
@@ -393,8 +403,13 @@ class Pipeline:
         func: Callable,
         keys: dict[str, str],
         on_result: Callable[[str, Any, float], None],
+        gpu: bool = True,
     ) -> None:
-        """Run ``func(config, ref, threads)`` for every scene not yet done under its key."""
+        """Run ``func(config, ref, threads)`` for every scene not yet done under its key.
+
+        ``gpu``: the task may use a GPU, so it needs the workers' GPU resource (when
+        ``--gpus-per-worker`` asks for one); statistics passes run on any worker.
+        """
         from distributed import as_completed
 
         # LocalClusters get their shape from ClusterOptions.sized_for; on an existing
@@ -409,7 +424,7 @@ class Pipeline:
                 run_scene_task, func, self.config, ref, threads,
                 key=f"{name}-{ref.id}-{keys[ref.id]}-{time.time_ns()}",
                 retries=self.options.cluster.retries,
-                resources=self.options.cluster.resources,
+                resources=self.options.cluster.resources if gpu else None,
                 pure=False,
             )
             futures[future] = ref
@@ -424,6 +439,7 @@ class Pipeline:
                     if isinstance(result, TaskFailure):
                         self._fail(ref.id, result.error, stage=name)
                     else:
+                        self.scene_seconds.setdefault(ref.id, {})[name] = seconds
                         on_result(ref.id, result, seconds)
                 finally:
                     future.release()
@@ -443,7 +459,8 @@ class Pipeline:
         self._check_embedding_space(list(keys))
 
         def record(scene_id: str, result: Any, seconds: float) -> None:
-            self.manifest.stages.setdefault("embed_scenes", {})[scene_id] = keys[scene_id]
+            # Also in the scene's own timings once it is exported in this run; kept here
+            # for `sitfuse embed`, which exports nothing.
             self.manifest.stages.setdefault("embed_seconds", {})[scene_id] = round(seconds, 3)
             self.manifest.save()
 
@@ -506,7 +523,8 @@ class Pipeline:
     def stage_export(self, client: Any) -> None:
         model_json = self.paths.cluster_model / "model.json"
         model_key = json.loads(model_json.read_text()).get("model_hash", "") if model_json.exists() else ""
-        output_key = self.config.digest("output", "embed", "data")
+        # Where the outputs go is not what they are: a moved OUTDIR is not redone.
+        output_key = self.config.digest("output", "embed", "data", leave_out=("output.dir",))
         keys = {}
         for scene_id in self.scenes:
             key = f"{self.fingerprints[scene_id]}:{model_key}:{output_key}"
@@ -517,7 +535,7 @@ class Pipeline:
 
         def record(scene_id: str, outputs: Any, seconds: float) -> None:
             self.manifest.record(
-                scene_id, status="done", key=keys[scene_id], timings={"export": seconds}, outputs=outputs
+                scene_id, status="done", key=keys[scene_id], timings=self.scene_seconds[scene_id], outputs=outputs
             )
 
         self._scene_tasks(client, name="export", func=export_task, keys=keys, on_result=record)
@@ -568,11 +586,19 @@ class Pipeline:
                 if "export" in stages:
                     self.stage_export(client)
                 del warm_up
+            # Every task is over once the client is closed: what a killed worker left
+            # half-written (its task redone elsewhere) goes now, not at the next run.
+            _remove_stale_temporaries(self.out)
             table = self.stage_assign() if "assign" in stages else None
         if table:
             print(table, file=sys.stderr if self.options.json else sys.stdout)
         ids = [ref.id for ref in self.refs]
-        scenes = {s: self.manifest.scenes[s] for s in ids if s in self.manifest.scenes}
+        # The summary names outputs by their full paths; run.json keeps them relative.
+        scenes = {
+            s: self.manifest.scenes[s] | {"outputs": {k: str(p) for k, p in self.manifest.outputs(s).items()}}
+            for s in ids
+            if s in self.manifest.scenes
+        }
         return RunSummary(scenes=scenes, stages=self.manifest.stages, out_dir=self.out)
 
 

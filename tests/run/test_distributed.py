@@ -79,9 +79,17 @@ def test_existing_scheduler_gives_the_same_labels_as_a_local_run(tmp_path, crop_
     address, _ = dask_cluster
     local_folder, *_ = base_run
     config = write_config(tmp_path, crop_scenes.values())
+    # GPU tasks on workers without a GPU resource would wait forever: refused at once.
+    proc = run_cli("run", "-c", str(config), "--scheduler", address, "--gpus-per-worker", "1", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: none of the 2 Dask workers offers a GPU resource; start them with `--resources GPU=1` "
+        f"(one per GPU) or leave out --gpus-per-worker ({address})"
+    )
     proc = run_cli("run", "-c", str(config), "--scheduler", address, "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_labels(tmp_path / "out", local_folder / "out", crop_scenes)
+    assert not (tmp_path / "out" / ".work").exists()
 
 
 @pytest.mark.slow
@@ -105,6 +113,9 @@ def test_a_worker_killed_mid_run_does_not_change_the_outputs(tmp_path, crop_scen
     assert run.returncode == 0, stderr[-2000:]
     assert workers[0].poll() is not None
     assert_same_labels(tmp_path / "out", local_folder / "out", crop_scenes)
+    # Whatever the killed worker left half-written is gone once the run ends.
+    out = tmp_path / "out"
+    assert not [*out.rglob(".*.tmp-*"), *out.rglob(".*.staging-*")] and not (out / ".work").exists()
 
 
 @pytest.mark.slow

@@ -50,6 +50,13 @@ def test_run_writes_label_cogs_on_each_input_grid(base_run, crop_scenes):
     manifest = json.loads((out / "run.json").read_text())
     assert {e["status"] for e in manifest["scenes"].values()} == {"done"}
     assert set(manifest["stages"]["embed_seconds"]) == set(crop_scenes)
+    for name, entry in manifest["scenes"].items():
+        # Every stage a scene went through in this run, with its seconds.
+        assert set(entry["timings"]) == {"stats", "histogram", "embed", "export"}
+        assert all(seconds > 0 for seconds in entry["timings"].values())
+        # Relative to OUTDIR, so a moved output folder still finds its files.
+        assert entry["outputs"]["labels"] == f"labels/{name}.tif"
+        assert entry["outputs"]["confidence"] == f"confidence/{name}.tif"
     assert (out / "config.resolved.yaml").exists() and (out / "logs" / "sitfuse.log").exists()
     assert "olinda_a" in stdout and str(out / "labels") in stdout
 
@@ -112,10 +119,19 @@ def test_a_bad_scene_does_not_stop_the_others(tmp_path, crop_scenes, capsys):
     broken = tmp_path / "broken.tif"
     data = crop_scenes["olinda_a"].read_bytes()
     broken.write_bytes(data[: len(data) // 3])
-    config = write_config(tmp_path, [crop_scenes["olinda_a"], broken, crop_scenes["olinda_b"]])
+    # An odd band count first in the list fails alone; the others agree on 6 bands.
+    four_bands = tmp_path / "four_bands.tif"
+    with rasterio.open(crop_scenes["olinda_a"]) as src:
+        profile = src.profile | {"count": 4}
+        with rasterio.open(four_bands, "w", **profile) as dst:
+            dst.write(src.read([1, 2, 3, 4]))
+    config = write_config(tmp_path, [four_bands, crop_scenes["olinda_a"], broken, crop_scenes["olinda_b"]])
     code = main(["run", "-c", str(config), "--quiet", "--json"])
     assert code == 1
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["scenes"]["four_bands"] == summary["scenes"]["four_bands"] | {
+        "status": "failed", "error": "read: scene has 4 bands but 2 of the 3 scenes (e.g. olinda_a) have 6",
+    }
     assert summary["scenes"]["broken"]["status"] == "failed"
     assert "broken.tif" in summary["scenes"]["broken"]["error"]
     assert summary["scenes"]["olinda_a"]["status"] == "done"
@@ -387,3 +403,20 @@ def test_embeddings_saved_by_another_encoder_or_settings_are_not_reused(base_run
     assert main(["export", "-c", str(config), "--quiet"]) == 0
     with rasterio.open(out / "labels" / "olinda_a.tif") as dst, rasterio.open(crop_scenes["olinda_a"]) as src:
         assert (dst.width, dst.height, dst.transform) == (src.width, src.height, src.transform)
+
+
+def test_a_moved_output_folder_is_neither_redone_nor_read_from_its_old_place(base_run, tmp_path, crop_scenes):
+    folder, *_ = base_run
+    old = tmp_path / "old"
+    shutil.copytree(folder / "out", old)
+    config = write_config(tmp_path, crop_scenes.values(), out="old")
+    moved = tmp_path / "moved"
+    old.rename(moved)
+    label = moved / "labels" / "olinda_a.tif"
+    before = label.stat().st_mtime_ns
+    assert main(["run", "-c", str(config), "--out", str(moved), "--quiet"]) == 0
+    assert label.stat().st_mtime_ns == before
+    assert not old.exists()
+    polygons = _write_class_polygons(tmp_path / "classes.gpkg", crop_scenes["olinda_a"])
+    assert main(["assign", "-c", str(config), "--out", str(moved), "--labels", str(polygons)]) == 0
+    assert (moved / "classes" / "olinda_a.tif").exists()
