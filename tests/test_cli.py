@@ -171,3 +171,33 @@ def test_bad_config_values(capsys, tmp_path, override, message):
     code, _, err = run_cli(capsys, "config", "show", "-c", str(config), "--set", override)
     assert code == 2
     assert err.strip() == message
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--workers", "-1"], "error: config: dask.workers: must be a positive integer (got -1)"),
+        (["--gpus-per-worker", "-1"], "error: config: dask.gpus_per_worker: must be a non-negative integer (got -1)"),
+        (["--scheduler", "nonsense"], "error: cannot reach the Dask scheduler: missing port number in address 'nonsense' (nonsense)"),
+    ],
+)
+def test_dask_flags_are_checked_before_any_work(capsys, tmp_path, landsat_path, flags, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump({"data": {"scenes": [str(landsat_path)]}, "output": {"dir": str(tmp_path / "out")}})
+    )
+    code, _, err = run_cli(capsys, "run", "-c", str(config), "--quiet", *flags)
+    assert code == 2
+    assert err.strip() == message
+    assert not (tmp_path / "out" / "stats.json").exists()
+
+
+def test_scenes_flag_is_taken_from_the_current_folder(capsys, tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    config = folder / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"scenes": ["a.tif"]}}))
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(capsys, "config", "show", "-c", str(config), "--scenes", "scenes/*.tif")
+    assert code == 0
+    assert yaml.safe_load(out)["data"]["scenes"] == str(tmp_path / "scenes" / "*.tif")

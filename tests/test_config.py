@@ -77,6 +77,28 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "none.yaml")
 
 
+def test_unreadable_files_and_duplicate_keys_are_config_errors(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    # A second `data:` would silently drop the first one's scenes.
+    twice.write_text("data:\n  scenes: [a.tif]\ntrain:\n  epochs: 2\ndata:\n  nodata: 0\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(twice)
+    assert str(err.value) == f"config: invalid YAML at line 5: duplicate key 'data' ({twice})"
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe data")
+    with pytest.raises(ConfigError) as err:
+        load_config(binary)
+    assert str(err.value) == f"config: cannot read the file: not UTF-8 text ({binary})"
+    with pytest.raises(ConfigError, match="config: cannot read the file: is a directory"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_are_refused(tmp_path, value):
+    with pytest.raises(ConfigError, match="config: train.lr: must be a finite number"):
+        load_config(write(tmp_path, {"data": {"scenes": ["a"]}}), overrides=[f"train.lr={value}"])
+
+
 def test_digest_changes_with_values(tmp_path):
     path = write(tmp_path, {"data": {"scenes": ["a.tif"]}})
     a = load_config(path)
