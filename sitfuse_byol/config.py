@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -417,7 +418,32 @@ def load_config(
         raise ConfigError("config: the top level must be a mapping of sections", where=str(path))
     for assignment in overrides:
         apply_override(data, assignment)
-    return Config(values=validate(data), base=base)
+    return Config(values=_absolute_paths(validate(data), base=base), base=base)
+
+
+def _absolute(path: str, base: Path) -> str:
+    expanded = Path(path).expanduser()
+    return os.path.normpath(expanded if expanded.is_absolute() else base / expanded)
+
+
+def _absolute_paths(values: dict[str, dict[str, Any]], *, base: Path) -> dict[str, dict[str, Any]]:
+    """Scene paths (globs, list files, multi-file bands) and ``output.dir`` made absolute.
+
+    Relative paths are the config file's business; once resolved, the config means the
+    same from any folder, so ``config.resolved.yaml`` can be run again as it is.
+    """
+
+    def entry(scene: Any) -> Any:
+        if isinstance(scene, str):
+            return _absolute(scene, base)
+        if isinstance(scene, Mapping) and isinstance(scene.get("bands"), list):
+            return {**scene, "bands": [_absolute(f, base) if isinstance(f, str) else f for f in scene["bands"]]}
+        return scene  # left for the scene reader to refuse, where it says what is wrong
+
+    scenes = values["data"]["scenes"]
+    values["data"]["scenes"] = entry(scenes) if isinstance(scenes, str) else [entry(s) for s in scenes]
+    values["output"]["dir"] = _absolute(values["output"]["dir"], base)
+    return values
 
 
 def reference_markdown() -> str:

@@ -142,3 +142,24 @@ def test_digest_can_leave_out_single_keys(tmp_path):
     assert one.digest("data") != more.digest("data")
     assert one.digest("data", leave_out=["data.scenes"]) == more.digest("data", leave_out=["data.scenes"])
     assert one.digest("data", leave_out=["data.scenes"]) != nodata.digest("data", leave_out=["data.scenes"])
+
+
+def test_the_resolved_config_means_the_same_from_another_folder(tmp_path):
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    path = write(project / "configs", {
+        "data": {"scenes": ["../scenes/a.tif", {"id": "s2", "bands": ["../s2/B02.tif", "../s2/B03.tif"]}]},
+        "output": {"dir": "../outputs/run"},
+    })  # fmt: skip
+    config = load_config(path)
+    assert config["data"]["scenes"] == [
+        str(project / "scenes" / "a.tif"),
+        {"id": "s2", "bands": [str(project / "s2" / "B02.tif"), str(project / "s2" / "B03.tif")]},
+    ]
+    assert config["output"]["dir"] == str(project / "outputs" / "run") and config.output_dir == project / "outputs" / "run"
+    saved = tmp_path / "elsewhere" / "config.resolved.yaml"
+    saved.parent.mkdir()
+    saved.write_text(config.to_yaml())
+    again = load_config(saved)
+    assert again.values == config.values
+    assert again.digest() == config.digest()
