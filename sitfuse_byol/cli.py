@@ -74,48 +74,60 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
-    from sitfuse_byol.normalize import compute_stats
-    from sitfuse_byol.read import open_scenes_from_config, resolve_scene_list
+def _band_table(config: Config) -> str:
+    from sitfuse_byol.normalize import BandStats
 
-    config = config_from_args(args)
-    refs = resolve_scene_list(config["data"]["scenes"], base=config.base)
-    scenes = open_scenes_from_config(refs, data=config["data"], patch_size=config["tiling"]["patch_size"])
-    stats = compute_stats(scenes)
-    out = config.output_dir / "stats.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stats.save(out)
-    print(f"{'band':<10} {'count':>12} {'mean':>12} {'std':>12} {'p2':>10} {'p98':>10}")
+    path = config.output_dir / "stats.json"
+    stats = BandStats.load(path)
+    lines = [f"{'band':<10} {'count':>12} {'mean':>12} {'std':>12} {'p2':>10} {'p98':>10}"]
     for i, name in enumerate(stats.band_names):
-        print(
+        lines.append(
             f"{name:<10} {stats.count[i]:>12d} {stats.mean[i]:>12.4g} {stats.std[i]:>12.4g} "
             f"{stats.p2[i]:>10.4g} {stats.p98[i]:>10.4g}"
         )
-    print(f"statistics of {len(scenes)} scene(s) written to {out}")
-    return EXIT_OK
+    lines.append(f"statistics of {len(stats.scenes)} scene(s) in {path}")
+    return "\n".join(lines)
+
+
+def _training_report(config: Config) -> str:
+    import csv
+
+    checkpoint = config.output_dir / "checkpoints" / "last.pt"
+    lines = []
+    metrics = config.output_dir / "train" / "metrics.csv"
+    if metrics.exists():
+        with open(metrics, newline="") as file:
+            rows = list(csv.DictReader(file))
+        if rows:
+            last = rows[-1]
+            lines.append(
+                f"trained {len(rows)} epoch(s): loss {float(last['loss']):.4f}, "
+                f"std·√d {float(last['std_sqrt_d']):.3f}, effective rank {float(last['effective_rank']):.1f}"
+            )
+    lines.append(f"checkpoint: {checkpoint}")
+    return "\n".join(lines)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """`sitfuse train`: the stats and train stages of a run (bad scenes left out, run.json
+    kept, so `sitfuse run` goes on from this training); under torchrun (``--ddp``) every
+    rank trains here directly."""
+    if not args.ddp:
+        return _run_stages(args)
     from sitfuse_byol.progress import train_progress
     from sitfuse_byol.train.loop import train
 
     config = config_from_args(args)
     with train_progress(config["train"], quiet=args.quiet) as on_step:
-        result = train(
+        train(
             config,
             device_name=args.device,
             resume=args.resume,
             compile_model=True if args.compile else None,
-            ddp=args.ddp,
+            ddp=True,
             progress=on_step,
         )
-    if result.metrics:
-        last = result.metrics[-1]
-        print(
-            f"trained {len(result.metrics)} epoch(s): loss {last['loss']:.4f}, "
-            f"std·√d {last['std_sqrt_d']:.3f}, effective rank {last['effective_rank']:.1f}"
-        )
-    print(f"checkpoint: {result.checkpoint}")
+    print(_training_report(config))
     return EXIT_OK
 
 
@@ -169,12 +181,21 @@ def _run_stages(args: argparse.Namespace) -> int:
         label_layer=getattr(args, "layer", None),
         threshold=getattr(args, "threshold", 0.51),
         stages=args.stages,
+        resume=getattr(args, "resume", False),
+        compile=True if getattr(args, "compile", False) else None,
     )
     summary = run_pipeline(config, options)
     if args.json:
         print(summary.to_json())
+    elif args.stages == ("stats",):
+        print(_band_table(config))
+    elif args.stages == ("stats", "train"):
+        print(_training_report(config))
     else:
         print(summary.table())
+    if summary.failed and args.stages in (("stats",), ("stats", "train")):
+        for scene_id in summary.failed:
+            print(f"scene {scene_id} left out: {summary.scenes[scene_id]['error']}", file=sys.stderr)
     return summary.exit_code
 
 
@@ -237,19 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--nodata", type=float, help="override the file's nodata")
     inspect.set_defaults(func=cmd_inspect)
 
-    stats = commands.add_parser("stats", help="per-band statistics over all scenes")
-    _add_config_args(stats)
-    stats.set_defaults(func=cmd_stats)
-
-    train = commands.add_parser("train", help="train the BYOL encoder")
-    _add_config_args(train)
-    train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides train.device")
-    train.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt")
-    train.add_argument("--compile", action="store_true", help="use torch.compile")
-    train.add_argument("--ddp", action="store_true", help="DistributedDataParallel (under torchrun)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.set_defaults(func=cmd_train)
-
     def add_run_args(sub: argparse.ArgumentParser) -> None:
         _add_config_args(sub)
         sub.add_argument("--force", action="store_true", help="redo scenes even when unchanged")
@@ -280,6 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("cluster", "fit one clustering over all scenes and export labels", ("cluster", "export"), ()),
         ("export", "re-export label rasters with the current model", ("export",), ()),
     )
+    stats = commands.add_parser("stats", help="per-band statistics over all scenes")
+    add_run_args(stats)
+    stats.set_defaults(func=_run_stages, stages=("stats",), forced_overrides=())
+
+    train = commands.add_parser("train", help="train the BYOL encoder (computing statistics first when needed)")
+    add_run_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt")
+    train.add_argument("--compile", action="store_true", help="use torch.compile")
+    train.add_argument("--ddp", action="store_true", help="DistributedDataParallel, every rank trains (under torchrun)")
+    train.set_defaults(func=cmd_train, stages=("stats", "train"), forced_overrides=())
+
     for name, help_text, stages, forced_overrides in run_family:
         sub = commands.add_parser(name, help=help_text)
         add_run_args(sub)

@@ -117,8 +117,15 @@ def test_scene_list_with_one_bad_entry_names_it(capsys, tmp_path, landsat_path):
     (tmp_path / "scenes.txt").write_text(f"{landsat_path}\n# comment\nnot_there.tif\n")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data": {"scenes": "scenes.txt"}, "output": {"dir": "out"}}))
-    code, _, err = run_cli(capsys, "stats", "-c", str(config))
-    assert_one_line_error(code, err, "scenes.txt:3", "file not found")
+    code, out, err = run_cli(capsys, "stats", "-c", str(config))
+    # The batch goes on without the bad scene, names it, and exits 1.
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scene not_there left out: read: file not found")
+    assert "scenes.txt:3" in lines[0]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["scenes"] == ["landsat7_olinda"]
+    assert "statistics of 1 scene(s)" in out
 
 
 def test_malformed_yaml_scene_list_is_a_one_line_error(capsys, tmp_path):

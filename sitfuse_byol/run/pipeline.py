@@ -69,6 +69,9 @@ class RunOptions:
     label_layer: str | None = None
     threshold: float = 0.51
     stages: tuple[str, ...] = ("stats", "train", "embed", "cluster", "export", "assign")
+    # `sitfuse train --resume` / `--compile`; a run resumes an interrupted training by itself.
+    resume: bool = False
+    compile: bool | None = None
 
 
 @dataclass
@@ -217,7 +220,7 @@ class Pipeline:
         from sitfuse_byol.errors import ModelError
         from sitfuse_byol.train.checkpoint import load_encoder
 
-        if "train" in stages:
+        if "train" in stages or not {"embed", "cluster", "export"} & set(stages):
             return
         if not self.paths.checkpoint.exists():
             raise ModelError("no trained encoder; run `sitfuse train` first", where=str(self.paths.checkpoint))
@@ -374,13 +377,16 @@ class Pipeline:
         if self._stage_done("train", key, self.paths.checkpoint):
             return
         started = time.perf_counter()
-        resume = self.manifest.stages.get("train_started", {}).get("key") == key and not self.options.force
+        resume = self.options.resume or (
+            self.manifest.stages.get("train_started", {}).get("key") == key and not self.options.force
+        )
         self.manifest.stages["train_started"] = {"key": key}
         self.manifest.save()
         if self.options.cluster.gpus_per_worker:
             # Training goes to a GPU worker; only paths and the config travel.
             future = client.submit(
                 train, self.config, device_name=self.options.device, resume=resume,
+                compile_model=self.options.compile,
                 scenes=list(self.scenes.values()), resources=self.options.cluster.resources, pure=False,
             )
             future.result()
@@ -390,6 +396,7 @@ class Pipeline:
                     self.config,
                     device_name=self.options.device,
                     resume=resume,
+                    compile_model=self.options.compile,
                     scenes=list(self.scenes.values()),
                     progress=on_step,
                 )
