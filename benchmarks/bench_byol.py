@@ -80,7 +80,7 @@ def step_ratio(*, steps: int, warmup: int, batch: int = 64, patch: int = 16, ban
 
     from sitfuse_byol.train import loop
     from sitfuse_byol.train.augment import AugmentConfig
-    from sitfuse_byol.train.optim import create_optimizer
+    from sitfuse_byol.train.optim import create_optimizer, default_lr
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -94,7 +94,9 @@ def step_ratio(*, steps: int, warmup: int, batch: int = 64, patch: int = 16, ban
         augment=AugmentConfig.from_dict(cfg["augment"]), grad_clip=cfg["grad_clip"],
     )
     encoder = copy.deepcopy(model.encoder)
-    plain_optimizer = create_optimizer("adamw", encoder.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    # The BYOL step's own AdamW rate (train.lr, or its default when null).
+    lr = cfg["lr"] or default_lr(cfg["optimizer"], global_batch=batch)
+    plain_optimizer = create_optimizer("adamw", encoder.parameters(), lr=lr, weight_decay=cfg["weight_decay"])
     x = torch.randn(batch, bands, patch, patch)
     valid = torch.ones(batch, patch, patch, dtype=torch.bool)
     generator = torch.Generator().manual_seed(0)

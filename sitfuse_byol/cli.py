@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sitfuse_byol.config import Config, load_config
-from sitfuse_byol.errors import ConfigError, InputError, SitfuseError
+from sitfuse_byol.errors import ConfigError, InputError, ModelError, SitfuseError
 
 EXIT_OK, EXIT_USAGE = 0, 2
 log = logging.getLogger("sitfuse_byol")
@@ -112,12 +112,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     """`sitfuse train`: the stats and train stages of a run (bad scenes left out, run.json
     kept, so `sitfuse run` goes on from this training); under torchrun (``--ddp``) every
     rank trains here directly."""
+    config = config_from_args(args)
+    checkpoint = config.output_dir / "checkpoints" / "last.pt"
+    if args.resume and not checkpoint.exists():
+        raise ModelError("nothing to resume: no checkpoint yet (run without --resume)", where=str(checkpoint))
     if not args.ddp:
         return _run_stages(args)
     from sitfuse_byol.progress import train_progress
     from sitfuse_byol.train.loop import train
 
-    config = config_from_args(args)
     with train_progress(config["train"], quiet=args.quiet) as on_step:
         train(
             config,

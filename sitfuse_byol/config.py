@@ -167,7 +167,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "steps_per_epoch": Key("int", 100, "Optimizer steps per epoch.", minimum=1),
         "batch_size": Key("int", 64, "Patches per step (per device); at least 2.", minimum=2),
         "optimizer": Key("str", "adamw", "adamw or lars.", choices=("adamw", "lars")),
-        "lr": Key("float", 1e-3, "Peak learning rate.", minimum=0.0, exclusive_minimum=True),
+        "lr": Key("float", None, "Peak learning rate; null: 0.2 x global batch / 256 with LARS (BYOL's rule), 1e-3 with AdamW.", nullable=True, minimum=0.0, exclusive_minimum=True),
         "weight_decay": Key("float", 1e-4, "Weight decay (bias and norm parameters excluded).", minimum=0.0),
         "warmup_steps": Key("int", 50, "Linear warm-up steps before the cosine decay.", minimum=0),
         "grad_clip": Key("float", 3.0, "Gradient norm clip; null disables.", nullable=True, minimum=0.0, exclusive_minimum=True),

@@ -43,7 +43,7 @@ from sitfuse_byol.train.checkpoint import build_encoder, load_checkpoint, save_c
 from sitfuse_byol.train.device import autocast, keep_freed_heap, resolve_device, to_device
 from sitfuse_byol.train.encoders import resolve_norm
 from sitfuse_byol.train.metrics import COLLAPSE_STD, plot_curves, read_metrics, write_metrics
-from sitfuse_byol.train.optim import create_optimizer, param_groups, warmup_cosine
+from sitfuse_byol.train.optim import create_optimizer, default_lr, param_groups, warmup_cosine
 
 log = logging.getLogger("sitfuse_byol.train")
 # Embeddings kept per epoch for the collapse diagnostics.
@@ -93,7 +93,9 @@ def ensure_stats(config: Config, scenes: list[Scene]) -> BandStats:
     path = config.output_dir / "stats.json"
     if path.exists():
         stats = BandStats.load(path)
-        if stats.n_bands == scenes[0].n_bands:
+        # Statistics of other scenes or bands (the band count alone can agree) would
+        # normalise with the wrong values and be saved as this model's.
+        if stats.band_names == tuple(scenes[0].band_names) and stats.scenes == tuple(s.id for s in scenes):
             return stats
     stats = compute_stats(scenes)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +143,7 @@ def build_model(config: Config, *, in_channels: int, device: torch.device) -> tu
 
 
 def build_optimizer(
-    model: BYOL, *, train_config: dict[str, Any], total_steps: int
+    model: BYOL, *, train_config: dict[str, Any], total_steps: int, world_size: int = 1
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The optimizer of the online network and predictor, and its warm-up + cosine schedule.
 
@@ -153,14 +155,18 @@ def build_optimizer(
         model: The BYOL model (after any SyncBatchNorm conversion).
         train_config: The config's ``train`` section.
         total_steps: Optimizer steps of the whole run, the end of the cosine.
+        world_size: Processes training together; the global batch sets a null ``lr``.
 
     Returns:
         The optimizer and its learning-rate scheduler.
     """
+    lr = train_config["lr"]
+    if lr is None:
+        lr = default_lr(train_config["optimizer"], global_batch=train_config["batch_size"] * world_size)
     optimizer = create_optimizer(
         train_config["optimizer"],
         param_groups(model, train_config["weight_decay"]),
-        lr=train_config["lr"],
+        lr=lr,
         weight_decay=train_config["weight_decay"],
     )
     warmup = _warmup_steps(train_config["warmup_steps"], total_steps)
@@ -307,10 +313,14 @@ def train(
         keep_freed_heap()
     torch.manual_seed(cfg["seed"])
     model, encoder_spec = build_model(config, in_channels=stats.n_bands, device=device)
-    if ctx.world_size > 1 and encoder_spec["norm"] == "batch":
+    if ctx.world_size > 1 and encoder_spec["norm"] == "batch" and device.type == "cuda":
+        # SyncBatchNorm runs on GPUs only. On CPU ranks (gloo) each rank normalises with
+        # its own batch, and DDP hands rank 0's running statistics to the others.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     total_steps = cfg["epochs"] * cfg["steps_per_epoch"]
-    optimizer, scheduler = build_optimizer(model, train_config=cfg, total_steps=total_steps)
+    optimizer, scheduler = build_optimizer(
+        model, train_config=cfg, total_steps=total_steps, world_size=ctx.world_size
+    )
 
     ckpt_dir = checkpoint_dir(config)
     metrics_path = config.output_dir / "train" / "metrics.csv"

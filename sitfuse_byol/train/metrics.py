@@ -30,7 +30,10 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        # Counters stay integers, so a resumed run rewrites its earlier rows as they were.
+        return [
+            {k: int(v) if k in ("epoch", "step") else float(v) for k, v in row.items()} for row in csv.DictReader(f)
+        ]
 
 
 def write_metrics(path: Path, rows: Sequence[dict[str, float]]) -> None:

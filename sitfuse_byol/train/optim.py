@@ -101,6 +101,13 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def default_lr(name: str, *, global_batch: int) -> float:
+    """The peak learning rate when ``train.lr`` is null: BYOL's LARS rule, 0.2 x the
+    global batch / 256, or 1e-3 for AdamW (an AdamW rate would barely move LARS, whose
+    steps are relative to each weight's norm)."""
+    return 0.2 * global_batch / 256 if name == "lars" else 1e-3
+
+
 def create_optimizer(
     name: str, params: Iterable[Any], lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:

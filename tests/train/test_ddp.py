@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import yaml
 
@@ -53,13 +54,16 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 
-def test_two_ranks_stay_identical_and_checkpoint_loads_in_one_process(tmp_path, landsat_path):
+# GroupNorm (what "auto" picks at this batch) and BatchNorm, which on CPU ranks stays
+# plain BatchNorm (SyncBatchNorm runs on GPUs only).
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_two_ranks_stay_identical_and_checkpoint_loads_in_one_process(tmp_path, landsat_path, norm):
     raw = {
         "data": {"scenes": [str(landsat_path)]},
         **TINY,
         "output": {"dir": str(tmp_path / "out")},
     }
-    raw["train"] = {**TINY["train"], "epochs": 1, "steps_per_epoch": 3}
+    raw["train"] = {**TINY["train"], "epochs": 1, "steps_per_epoch": 3, "norm": norm}
     config_path = tmp_path / "c.yaml"
     config_path.write_text(yaml.safe_dump(raw))
     script = tmp_path / "rank.py"

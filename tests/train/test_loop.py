@@ -131,3 +131,46 @@ def test_train_command_and_batch_of_one(capsys, tmp_path, landsat_path):
     code = main(["train", "-c", str(config), "--quiet", "--set", "train.batch_size=1"])
     assert code == 2
     assert "train.batch_size" in capsys.readouterr().err
+    # --resume with nothing to resume is an error, not a silent fresh start.
+    (tmp_path / "out" / "checkpoints" / "last.pt").unlink()
+    assert main(["train", "-c", str(config), "--quiet", "--resume"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: nothing to resume: no checkpoint yet (run without --resume) ({tmp_path / 'out' / 'checkpoints' / 'last.pt'})"
+    )
+
+
+def test_statistics_of_other_scenes_or_bands_are_computed_again(tmp_path, landsat_path):
+    from sitfuse_byol.normalize import BandStats
+    from sitfuse_byol.read import open_scene
+    from sitfuse_byol.train.loop import ensure_stats
+
+    config = tiny_config(tmp_path, [landsat_path])
+    first = ensure_stats(config, [open_scene(landsat_path)])
+    # Six other bands of another scene: the count agrees, nothing else does.
+    data = np.random.default_rng(0).integers(1, 200, (6, 64, 64)).astype(np.uint8)
+    other = write_tif(tmp_path / "other.tif", data)
+    again = ensure_stats(config, [open_scene(other)])
+    assert again.scenes == ("other",) and again.mean != first.mean
+    assert BandStats.load(config.output_dir / "stats.json").scenes == ("other",)
+    # The same scenes and bands: reused as saved.
+    assert ensure_stats(config, [open_scene(other)]) == again
+
+
+def test_metrics_keep_their_counters_integers(tmp_path, landsat_path):
+    from sitfuse_byol.train.metrics import read_metrics
+
+    result = train(tiny_config(tmp_path, [landsat_path], epochs=1, steps_per_epoch=2))
+    rows = read_metrics(result.checkpoint.parent.parent / "train" / "metrics.csv")
+    assert [(type(r["epoch"]), type(r["step"])) for r in rows] == [(int, int)]
+    assert rows[0]["step"] == 2
+
+
+@pytest.mark.parametrize(("optimizer", "expected"), [("lars", 0.2 * 8 * 2 / 256), ("adamw", 1e-3)])
+def test_a_null_lr_takes_the_optimizers_default_for_the_global_batch(tmp_path, landsat_path, optimizer, expected):
+    from sitfuse_byol.train.loop import build_model, build_optimizer
+
+    config = tiny_config(tmp_path, [landsat_path], optimizer=optimizer)
+    assert config["train"]["lr"] is None
+    model, _ = build_model(config, in_channels=6, device=torch.device("cpu"))
+    built, _ = build_optimizer(model, train_config=config["train"], total_steps=10, world_size=2)
+    assert [group["initial_lr"] for group in built.param_groups] == pytest.approx([expected] * len(built.param_groups))

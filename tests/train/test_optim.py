@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sitfuse_byol.errors import ConfigError
-from sitfuse_byol.train.optim import LARS, create_optimizer, param_groups, warmup_cosine
+from sitfuse_byol.train.optim import LARS, create_optimizer, default_lr, param_groups, warmup_cosine
 
 
 def _net() -> nn.Module:
@@ -95,3 +95,9 @@ def test_warmup_cosine_rejects_bad_steps() -> None:
         warmup_cosine(opt, warmup_steps=10, total_steps=10)
     with pytest.raises(ConfigError):
         warmup_cosine(opt, warmup_steps=0, total_steps=0)
+
+
+def test_default_lr_follows_byol_for_lars_and_is_1e3_for_adamw() -> None:
+    assert default_lr("lars", global_batch=256) == pytest.approx(0.2)
+    assert default_lr("lars", global_batch=2 * 64) == pytest.approx(0.1)
+    assert default_lr("adamw", global_batch=4096) == pytest.approx(1e-3)
