@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -130,7 +131,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             ddp=True,
             progress=on_step,
         )
-    print(_training_report(config))
+    if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the others trained the same model
+        print(_training_report(config))
     return EXIT_OK
 
 

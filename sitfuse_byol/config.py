@@ -169,7 +169,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "optimizer": Key("str", "adamw", "adamw or lars.", choices=("adamw", "lars")),
         "lr": Key("float", None, "Peak learning rate; null: 0.2 x global batch / 256 with LARS (BYOL's rule), 1e-3 with AdamW.", nullable=True, minimum=0.0, exclusive_minimum=True),
         "weight_decay": Key("float", 1e-4, "Weight decay (bias and norm parameters excluded).", minimum=0.0),
-        "warmup_steps": Key("int", 50, "Linear warm-up steps before the cosine decay.", minimum=0),
+        "warmup_steps": Key("int", 50, "Linear warm-up steps before the cosine decay (at most a fifth of the run).", minimum=0),
         "grad_clip": Key("float", 3.0, "Gradient norm clip; null disables.", nullable=True, minimum=0.0, exclusive_minimum=True),
         "tau_base": Key("float", 0.99, "Base EMA rate of the target; rises to 1 on a cosine.", minimum=0.0, maximum=1.0),
         "projector_hidden": Key("int", 1024, "Hidden width of projector and predictor (paper: 4096).", minimum=8),
