@@ -49,7 +49,7 @@ UNCERTAIN_COLOR = (200, 200, 200)
 #: Rows and columns of the pieces a label raster is reclassified in.
 APPLY_CHUNK = 1024
 
-_MAPPING_KEYS = ("threshold", "n_labels", "classes", "clusters")
+_MAPPING_KEYS = ("threshold", "n_labels", "model", "classes", "clusters")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,8 @@ class ClusterMapping:
         counts: The ``(n_labels, len(classes))`` polygon pixel counts the
             mapping was built from, or ``None`` for a mapping loaded from a file.
         notes: Things a user should know, e.g. clusters a file left out.
+        model_hash: The clustering model whose labels the mapping was made from (the
+            label rasters' ``model_hash`` tag); ``None`` when unknown.
     """
 
     classes: list[str]
@@ -94,6 +96,7 @@ class ClusterMapping:
     threshold: float | None
     counts: np.ndarray | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    model_hash: str | None = None
 
     @property
     def n_labels(self) -> int:
@@ -148,6 +151,7 @@ class _LabelInfo:
     grid: Grid
     n_labels: int
     nodata: int
+    model_hash: str | None = None
 
 
 @contextlib.contextmanager
@@ -177,25 +181,32 @@ def _open_labels(path: Path) -> Iterator[tuple[rasterio.DatasetReader, _LabelInf
             )
         nodata = src.nodata if src.nodata is not None else label_dtype_and_nodata(n_labels)[1]
         grid = Grid(src.height, src.width, src.transform, src.crs)
-        yield src, _LabelInfo(grid=grid, n_labels=n_labels, nodata=int(nodata))
+        yield src, _LabelInfo(grid=grid, n_labels=n_labels, nodata=int(nodata), model_hash=src.tags().get("model_hash"))
 
 
-def _common_n_labels(label_paths: Sequence[Path]) -> int:
-    """The number of clusters all label rasters agree on."""
+def _common_clustering(label_paths: Sequence[Path]) -> tuple[int, str | None]:
+    """The number of clusters and the clustering model all label rasters agree on."""
     if not label_paths:
         raise InputError("no label rasters to assign classes to")
     seen: dict[int, Path] = {}
+    models: dict[str, Path] = {}
     for path in label_paths:
         with _open_labels(path) as (_, info):
             seen.setdefault(info.n_labels, path)
-    if len(seen) > 1:
-        listed = ", ".join(f"K={k} in {p.name}" for k, p in sorted(seen.items()))
+            if info.model_hash:
+                models.setdefault(info.model_hash, path)
+    if len(seen) > 1 or len(models) > 1:
+        listed = (
+            ", ".join(f"K={k} in {p.name}" for k, p in sorted(seen.items()))
+            if len(seen) > 1
+            else ", ".join(f"model {h[:12]} in {p.name}" for h, p in models.items())
+        )
         raise InputError(
             f"label rasters come from different clusterings ({listed}); "
             "assign classes to one run's labels at a time",
             where=str(Path(label_paths[0]).parent),
         )
-    return next(iter(seen))
+    return next(iter(seen)), next(iter(models), None)
 
 
 def _invalid_label_error(value: int, info: _LabelInfo, path: Path) -> InputError:
@@ -232,7 +243,7 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
             tag, holds labels outside ``0..K-1`` and nodata, the rasters
             disagree on ``K``, or no polygon overlaps any scene.
     """
-    n_labels = _common_n_labels(label_paths)
+    n_labels, _ = _common_clustering(label_paths)
     n_classes = len(polygons.class_names)
     class_indices = polygons.class_indices()
     counts = np.zeros((n_labels, n_classes), dtype=np.int64)
@@ -392,7 +403,10 @@ def mapping_yaml(mapping: ClusterMapping, *, source: str | None = None, path: Pa
     body = []
     if mapping.threshold is not None:
         body.append(f"threshold: {mapping.threshold}")
-    body += [f"n_labels: {mapping.n_labels}", f"classes: [{classes}]", "clusters:"]
+    body.append(f"n_labels: {mapping.n_labels}")
+    if mapping.model_hash:
+        body.append(f"model: {mapping.model_hash}")
+    body += [f"classes: [{classes}]", "clusters:"]
     entries = [f"  {k}: {_yaml_scalar(name)}" for k, name in enumerate(mapping.clusters)]
     width = max((len(e) for e in entries), default=0)
     for k, entry in enumerate(entries):
@@ -506,7 +520,7 @@ def _ranges(ids: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
-def load_mapping(path: Path, *, n_labels: int) -> ClusterMapping:
+def load_mapping(path: Path, *, n_labels: int, model_hash: str | None = None) -> ClusterMapping:
     """Read and check a mapping file, typically one a user edited.
 
     ``clusters`` maps cluster ids to class names; ``classes`` (optional)
@@ -518,6 +532,8 @@ def load_mapping(path: Path, *, n_labels: int) -> ClusterMapping:
     Args:
         path: The YAML file.
         n_labels: The number of clusters of the label rasters it will be applied to.
+        model_hash: Their clustering model; a mapping whose ``model`` differs was made
+            from other clusters, even when their number agrees.
 
     Returns:
         The mapping, without counts.
@@ -542,6 +558,14 @@ def load_mapping(path: Path, *, n_labels: int) -> ClusterMapping:
             f"mapping is for {declared_n} clusters, but the label rasters have {n_labels}; "
             "it belongs to another clustering run",
             where=f"{path}: n_labels",
+        )
+    declared_model = data.get("model")
+    if declared_model is not None and model_hash is not None and str(declared_model) != model_hash:
+        raise ConfigError(
+            f"mapping was made for clustering model {str(declared_model)[:12]}, but the label rasters "
+            f"come from {model_hash[:12]}; run `sitfuse assign --labels` again (or delete the "
+            "mapping's `model:` line to apply it anyway)",
+            where=f"{path}: model",
         )
     declared = _class_list(data.get("classes"), path)
     raw_clusters = data.get("clusters")
@@ -585,6 +609,7 @@ def load_mapping(path: Path, *, n_labels: int) -> ClusterMapping:
         clusters=[assigned.get(k, UNCERTAIN) for k in range(n_labels)],
         threshold=threshold,
         notes=notes,
+        model_hash=model_hash,
     )
 
 
@@ -675,7 +700,12 @@ def apply_mapping(
                 n_labels=len(mapping.output_classes),
                 class_names=mapping.output_classes,
                 colors=colors,
-                tags={"source_labels": path.name, "classes": ",".join(mapping.output_classes)},
+                tags={
+                    "source_labels": path.name,
+                    "classes": ",".join(mapping.output_classes),
+                    # Export removes class rasters of another model's labels.
+                    "model_hash": info.model_hash or "",
+                },
                 description="class",
             )
         )
@@ -796,7 +826,8 @@ def run_assign(
     out_dir = Path(out_dir)
     notes: list[str] = []
     if apply is not None:
-        mapping = load_mapping(Path(apply), n_labels=_common_n_labels(label_paths))
+        n_labels, model_hash = _common_clustering(label_paths)
+        mapping = load_mapping(Path(apply), n_labels=n_labels, model_hash=model_hash)
         mapping_path = Path(apply)
         counts = None
     else:
@@ -808,7 +839,9 @@ def run_assign(
         polygons = read_class_polygons(Path(polygons_path), field=field, layer=layer)
         notes += polygons.notes
         counts = count_cluster_classes(label_paths, polygons)
-        mapping = build_mapping(counts, threshold=threshold)
+        mapping = dataclasses.replace(
+            build_mapping(counts, threshold=threshold), model_hash=_common_clustering(label_paths)[1]
+        )
         mapping_path = out_dir / "assign" / "mapping.yaml"
         previous = _keep_previous(mapping_path)
         if previous is not None:

@@ -24,6 +24,7 @@ import numpy as np
 from sitfuse_byol.cluster.model import ClusterModel
 from sitfuse_byol.embed import SceneEmbedding
 from sitfuse_byol.errors import ConfigError
+from sitfuse_byol.export.atomic import remove_path
 from sitfuse_byol.export.float_raster import write_float_raster
 from sitfuse_byol.export.label_raster import label_dtype_and_nodata, write_label_raster
 from sitfuse_byol.export.palette import hierarchical_colors, label_colors
@@ -223,9 +224,30 @@ def write_scene_outputs(
             outputs["polygons"] = str(polygon_path)
         if options.zarr:
             outputs["labels_zarr"] = str(_write_label_zarr(scene, labels, nodata=nodata, out_dir=out_dir))
+        _remove_outdated_outputs(scene.id, out_dir=out_dir, written=set(outputs), model_hash=model.model_hash)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return outputs
+
+
+def _remove_outdated_outputs(scene_id: str, *, out_dir: Path, written: set[str], model_hash: str) -> None:
+    """What an earlier export of the scene left that this one did not write (an option
+    turned off, a flat model after a hierarchical one), and its class rasters when
+    `sitfuse assign` made them from another clustering model's labels: beside the new
+    labels they would pass for results of this run."""
+    labels, classes = out_dir / "labels", out_dir / "classes"
+    optional = {
+        "labels_coarse": [labels / f"{scene_id}_coarse{suffix}" for suffix in (".tif", ".qml", ".tif.aux.xml")],
+        "quicklook": [labels / f"{scene_id}.png"],
+        "polygons": [labels / f"{scene_id}.gpkg"],
+        "labels_zarr": [labels / f"{scene_id}.zarr"],
+    }
+    outdated = [path for kind, paths in optional.items() if kind not in written for path in paths]
+    class_raster = classes / f"{scene_id}.tif"
+    if class_raster.exists() and _tag(class_raster, "model_hash") != model_hash:
+        outdated += [classes / f"{scene_id}{suffix}" for suffix in (".tif", ".qml", ".tif.aux.xml")]
+    for path in outdated:
+        remove_path(path)
 
 
 def _write_quicklook(
@@ -266,3 +288,14 @@ def _write_label_zarr(scene: Scene, labels: da.Array, *, nodata: int, out_dir: P
         warnings.simplefilter("ignore")
         array.to_dataset().to_zarr(tmp, zarr_format=3, consolidated=False, mode="w")
     return path
+
+
+def _tag(path: Path, name: str) -> str | None:
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    try:
+        with rasterio.open(path) as src:
+            return src.tags().get(name)
+    except RasterioIOError:
+        return None

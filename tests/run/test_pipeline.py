@@ -420,3 +420,42 @@ def test_a_moved_output_folder_is_neither_redone_nor_read_from_its_old_place(bas
     polygons = _write_class_polygons(tmp_path / "classes.gpkg", crop_scenes["olinda_a"])
     assert main(["assign", "-c", str(config), "--out", str(moved), "--labels", str(polygons)]) == 0
     assert (moved / "classes" / "olinda_a.tif").exists()
+
+
+def test_a_new_clustering_outdates_class_rasters_mappings_and_switched_off_outputs(
+    base_run, tmp_path, crop_scenes, capsys
+):
+    import yaml
+
+    folder, *_ = base_run
+    out = tmp_path / "out"
+    shutil.copytree(folder / "out", out)
+    config = write_config(tmp_path, crop_scenes.values())
+    polygons = _write_class_polygons(tmp_path / "classes.gpkg", crop_scenes["olinda_a"])
+    assert main(["assign", "-c", str(config), "--labels", str(polygons)]) == 0
+    with rasterio.open(out / "labels" / "olinda_a.tif") as src:
+        old_model = src.tags()["model_hash"]
+    mapping_path = out / "assign" / "mapping.yaml"
+    assert yaml.safe_load(mapping_path.read_text())["model"] == old_model
+    classes = out / "classes" / "olinda_a.tif"
+    assert classes.exists()
+
+    # Re-exporting with the same model (only an output option changed) keeps them.
+    quiet = write_config(tmp_path, crop_scenes.values(), output={"quicklook": False})
+    assert main(["export", "-c", str(quiet), "--quiet"]) == 0
+    assert classes.exists() and not (out / "labels" / "olinda_a.png").exists()
+
+    # Another clustering with the same K: the class rasters go, the old mapping is refused.
+    reseeded = write_config(tmp_path, crop_scenes.values(), cluster={"seed": 11})
+    assert main(["cluster", "-c", str(reseeded), "--quiet"]) == 0
+    with rasterio.open(out / "labels" / "olinda_a.tif") as src:
+        new_model = src.tags()["model_hash"]
+    assert new_model != old_model
+    assert not classes.exists() and not (out / "classes" / "olinda_a.qml").exists()
+    capsys.readouterr()
+    assert main(["assign", "-c", str(reseeded), "--apply", str(mapping_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: mapping was made for clustering model {old_model[:12]}, but the label rasters come from "
+        f"{new_model[:12]}; run `sitfuse assign --labels` again (or delete the mapping's `model:` line "
+        f"to apply it anyway) ({mapping_path}: model)"
+    )
