@@ -111,18 +111,34 @@ class RunSummary:
         return "\n".join(lines + [""] + outputs)
 
 
+class _Interrupts:
+    """SIGINT and SIGTERM as Ctrl-C, remembered: the KeyboardInterrupt a signal raises can
+    land in a finalizer (``__del__``), where Python prints and drops it, so the run checks
+    the flag again where it waits (between stages, scene tasks and training steps)."""
+
+    requested = False
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.requested:
+            raise KeyboardInterrupt
+
+
 @contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM behaves like Ctrl-C, so temporary files are cleaned up on the way out."""
 
     def handler(signum: int, frame: object) -> None:
+        _Interrupts.requested = True
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    _Interrupts.requested = False
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def _remove_stale_temporaries(out: Path) -> None:
@@ -392,13 +408,18 @@ class Pipeline:
             future.result()
         else:
             with train_progress(self.config["train"], quiet=self.options.quiet) as on_step:
+
+                def after_step(values: dict) -> None:
+                    _Interrupts.check()
+                    on_step(values)
+
                 train(
                     self.config,
                     device_name=self.options.device,
                     resume=resume,
                     compile_model=self.options.compile,
                     scenes=list(self.scenes.values()),
-                    progress=on_step,
+                    progress=after_step,
                 )
         self._mark_stage("train", key, started)
 
@@ -437,6 +458,7 @@ class Pipeline:
             futures[future] = ref
         with stage_progress(name, total=len(futures), quiet=self.options.quiet) as advance:
             for future in as_completed(futures):
+                _Interrupts.check()
                 ref = futures[future]
                 try:
                     result, seconds = future.result()
@@ -582,16 +604,11 @@ class Pipeline:
                     client.submit(_preload, workers=[address], pure=False, allow_other_workers=False)
                     for address in client.scheduler_info()["workers"]
                 ]
-                if "stats" in stages:
-                    self.stage_stats(client)
-                if "train" in stages:
-                    self.stage_train(client)
-                if "embed" in stages:
-                    self.stage_embed(client)
-                if "cluster" in stages:
-                    self.stage_cluster(client)
-                if "export" in stages:
-                    self.stage_export(client)
+                for name in ("stats", "train", "embed", "cluster", "export"):
+                    if name in stages:
+                        _Interrupts.check()
+                        getattr(self, f"stage_{name}")(client)
+                _Interrupts.check()
                 del warm_up
             # Every task is over once the client is closed: what a killed worker left
             # half-written (its task redone elsewhere) goes now, not at the next run.

@@ -459,3 +459,21 @@ def test_a_new_clustering_outdates_class_rasters_mappings_and_switched_off_outpu
         f"{new_model[:12]}; run `sitfuse assign --labels` again (or delete the mapping's `model:` line "
         f"to apply it anyway) ({mapping_path}: model)"
     )
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_interrupt_dropped_by_a_finalizer_still_stops_the_run():
+    import os
+    import signal
+
+    from sitfuse_byol.run.pipeline import _Interrupts, _terminate_as_interrupt
+
+    class Finalizer:
+        def __del__(self):
+            # The handler's KeyboardInterrupt is raised in here, where Python prints and drops it.
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt), _terminate_as_interrupt():
+        Finalizer()
+        _Interrupts.check()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
