@@ -162,7 +162,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "train": {
         "encoder": Key("str", "small_cnn", "Encoder name from the registry (see `sitfuse_byol.train.encoders`)."),
         "encoder_args": Key("mapping", {}, "Extra keyword arguments for the encoder."),
-        "norm": Key("str", "auto", "Normalisation layers: auto (GroupNorm+WS below batch 64), batch or group.", choices=("auto", "batch", "group")),
+        "norm": Key("str", "auto", "Normalisation layers: auto (GroupNorm+WS below batch 64, the BYOL rule), batch or group. GroupNorm normalises each patch on its own, which loses absolute spectral levels; see BENCHMARKS.md.", choices=("auto", "batch", "group")),
         "epochs": Key("int", 10, "Training epochs.", minimum=1),
         "steps_per_epoch": Key("int", 100, "Optimizer steps per epoch.", minimum=1),
         "batch_size": Key("int", 64, "Patches per step (per device); at least 2.", minimum=2),
