@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,6 +77,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _band_table(config: Config) -> str:
+    """The saved band statistics as a table, for `sitfuse stats`."""
     from sitfuse_byol.normalize import BandStats
 
     path = config.output_dir / "stats.json"
@@ -91,9 +93,12 @@ def _band_table(config: Config) -> str:
 
 
 def _training_report(config: Config) -> str:
+    """The last epoch's loss and embedding health, and the checkpoint, for `sitfuse train`."""
     import csv
 
-    checkpoint = config.output_dir / "checkpoints" / "last.pt"
+    from sitfuse_byol.run.tasks import Paths
+
+    checkpoint = Paths(config.output_dir).checkpoint
     lines = []
     metrics = config.output_dir / "train" / "metrics.csv"
     if metrics.exists():
@@ -113,14 +118,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     """`sitfuse train`: the stats and train stages of a run (bad scenes left out, run.json
     kept, so `sitfuse run` goes on from this training); under torchrun (``--ddp``) every
     rank trains here directly."""
+    from sitfuse_byol.run.tasks import Paths
+
     config = config_from_args(args)
-    checkpoint = config.output_dir / "checkpoints" / "last.pt"
+    checkpoint = Paths(config.output_dir).checkpoint
     if args.resume and not checkpoint.exists():
         raise ModelError("nothing to resume: no checkpoint yet (run without --resume)", where=str(checkpoint))
     if not args.ddp:
         return _run_stages(args)
     from sitfuse_byol.progress import train_progress
+    from sitfuse_byol.run.pipeline import record_training
     from sitfuse_byol.train.loop import train
+
+    started = time.perf_counter()
 
     with train_progress(config["train"], quiet=args.quiet) as on_step:
         train(
@@ -132,11 +142,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress=on_step,
         )
     if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the others trained the same model
+        record_training(config, seconds=time.perf_counter() - started)
         print(_training_report(config))
     return EXIT_OK
 
 
-def _cluster_options(args: argparse.Namespace, config: Config):
+def _cluster_options(config: Config):
     from sitfuse_byol.run.cluster_client import ClusterOptions
 
     dask_cfg = config["dask"]
@@ -179,7 +190,7 @@ def _run_stages(args: argparse.Namespace) -> int:
         quiet=args.quiet or args.json,
         json=args.json,
         device=args.device,
-        cluster=_cluster_options(args, config),
+        cluster=_cluster_options(config),
         # Only `run` takes the assign options; the other commands never assign.
         labels=Path(args.labels) if getattr(args, "labels", None) else None,
         label_field=getattr(args, "field", "class"),

@@ -63,6 +63,9 @@ def _mapping_without_duplicate_keys(loader: YamlLoader, node: yaml.MappingNode, 
     # section dropping the first one's scenes); say so instead.
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        # Merge keys (`<<: *defaults`) and non-scalar keys are SafeLoader's business.
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=True)
         if key in seen:
             raise yaml.constructor.ConstructorError(
@@ -422,6 +425,8 @@ def load_config(
 
 
 def _absolute(path: str, base: Path) -> str:
+    if not path.strip():
+        return path  # the scene reader names an empty entry as such
     expanded = Path(path).expanduser()
     return os.path.normpath(expanded if expanded.is_absolute() else base / expanded)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -126,6 +127,11 @@ def test_scene_list_with_one_bad_entry_names_it(capsys, tmp_path, landsat_path):
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["scenes"] == ["landsat7_olinda"]
     assert "statistics of 1 scene(s)" in out
+    # Once the file is there, the scene counts and the old failure is not reported again.
+    shutil.copy(landsat_path, tmp_path / "not_there.tif")
+    code, out, err = run_cli(capsys, "stats", "-c", str(config), "--quiet")
+    assert (code, err) == (0, "")
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["scenes"] == ["landsat7_olinda", "not_there"]
 
 
 def test_malformed_yaml_scene_list_is_a_one_line_error(capsys, tmp_path):

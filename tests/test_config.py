@@ -91,6 +91,14 @@ def test_unreadable_files_and_duplicate_keys_are_config_errors(tmp_path):
     assert str(err.value) == f"config: cannot read the file: not UTF-8 text ({binary})"
     with pytest.raises(ConfigError, match="config: cannot read the file: is a directory"):
         load_config(tmp_path)
+    # Merge keys stay YAML's: a key written after a merge overrides the merged one.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("data:\n  scenes: [a.tif]\ntrain:\n  <<: {epochs: 3, seed: 7}\n  epochs: 5\n")
+    assert (load_config(merged)["train"]["epochs"], load_config(merged)["train"]["seed"]) == (5, 7)
+    odd_key = tmp_path / "odd_key.yaml"
+    odd_key.write_text("data:\n  scenes: [a.tif]\n? [a]\n: 1\n")
+    with pytest.raises(ConfigError, match="config: invalid YAML at line 3"):
+        load_config(odd_key)
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])

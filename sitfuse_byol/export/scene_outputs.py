@@ -28,6 +28,7 @@ from sitfuse_byol.export.atomic import remove_path
 from sitfuse_byol.export.float_raster import write_float_raster
 from sitfuse_byol.export.label_raster import label_dtype_and_nodata, write_label_raster
 from sitfuse_byol.export.palette import hierarchical_colors, label_colors
+from sitfuse_byol.export.sidecars import aux_xml_path_for, qml_path_for
 from sitfuse_byol.read import Scene
 
 RGB_GUESSES = (("B04", "B03", "B02"), ("B4", "B3", "B2"), ("red", "green", "blue"), ("B3", "B2", "B1"))
@@ -235,17 +236,22 @@ def _remove_outdated_outputs(scene_id: str, *, out_dir: Path, written: set[str],
     turned off, a flat model after a hierarchical one), and its class rasters when
     `sitfuse assign` made them from another clustering model's labels: beside the new
     labels they would pass for results of this run."""
-    labels, classes = out_dir / "labels", out_dir / "classes"
+    def with_sidecars(raster: Path) -> list[Path]:
+        return [raster, qml_path_for(raster), aux_xml_path_for(raster)]
+
+    labels = out_dir / "labels"
     optional = {
-        "labels_coarse": [labels / f"{scene_id}_coarse{suffix}" for suffix in (".tif", ".qml", ".tif.aux.xml")],
+        "labels_coarse": with_sidecars(labels / f"{scene_id}_coarse.tif"),
         "quicklook": [labels / f"{scene_id}.png"],
         "polygons": [labels / f"{scene_id}.gpkg"],
         "labels_zarr": [labels / f"{scene_id}.zarr"],
     }
     outdated = [path for kind, paths in optional.items() if kind not in written for path in paths]
-    class_raster = classes / f"{scene_id}.tif"
-    if class_raster.exists() and _tag(class_raster, "model_hash") != model_hash:
-        outdated += [classes / f"{scene_id}{suffix}" for suffix in (".tif", ".qml", ".tif.aux.xml")]
+    class_raster = out_dir / "classes" / f"{scene_id}.tif"
+    # Class rasters older than the tag are left alone: nothing says which labels made them.
+    made_from = _tag(class_raster, "model_hash") if class_raster.exists() else None
+    if made_from and made_from != model_hash:
+        outdated += with_sidecars(class_raster)
     for path in outdated:
         remove_path(path)
 

@@ -51,6 +51,18 @@ class ClusterOptions:
         return replace(self, workers=workers, threads_per_worker=threads)
 
 
+def worker_info(client: Any) -> dict[str, Any]:
+    """Every worker's entry of the scheduler's info, by address.
+
+    Some distributed releases list only the first few workers unless asked for all.
+    """
+    try:
+        info = client.scheduler_info(n_workers=-1)
+    except TypeError:  # releases before the argument, which list them all anyway
+        info = client.scheduler_info()
+    return dict(info["workers"])
+
+
 def _check_gpu_workers(client: Any, options: ClusterOptions) -> None:
     """Refuse GPU tasks that no connected worker could ever run (they would wait forever).
 
@@ -58,7 +70,7 @@ def _check_gpu_workers(client: Any, options: ClusterOptions) -> None:
     """
     if not options.gpus_per_worker:
         return
-    workers = client.scheduler_info()["workers"].values()
+    workers = worker_info(client).values()
     if workers and not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers):
         raise ConfigError(
             f"none of the {len(workers)} Dask workers offers a GPU resource; start them with "

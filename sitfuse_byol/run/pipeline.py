@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,11 +29,11 @@ from dask.utils import format_bytes
 
 from sitfuse_byol.cluster.sampling import sample_matches
 from sitfuse_byol.config import Config
-from sitfuse_byol.errors import InputError, SitfuseError
+from sitfuse_byol.errors import ConfigError, InputError, SitfuseError
 from sitfuse_byol.export.atomic import atomic_write_text, remove_path
 from sitfuse_byol.progress import stage_progress, train_progress
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config, resolve_scene_list
-from sitfuse_byol.run.cluster_client import ClusterOptions, dask_client
+from sitfuse_byol.run.cluster_client import ClusterOptions, dask_client, worker_info
 from sitfuse_byol.run.manifest import Manifest, scene_fingerprint
 from sitfuse_byol.run.tasks import (
     Paths,
@@ -74,15 +74,42 @@ class RunOptions:
     compile: bool | None = None
 
 
+def stats_stage_key(config: Config, fingerprints: Iterable[str]) -> str:
+    """What the band statistics depend on: the data settings and every scene's files."""
+    return "|".join(("stats", config.digest("data"), *sorted(fingerprints)))
+
+
+def train_stage_key(config: Config, stats_path: Path) -> str:
+    """What the trained encoder depends on: data, tiling and train settings, and the statistics."""
+    from sitfuse_byol.train.checkpoint import file_hash
+
+    return "|".join(("train", config.digest("data", "tiling", "train"), file_hash(stats_path)))
+
+
+def record_training(config: Config, *, seconds: float) -> None:
+    """Mark the statistics and training of a run done in ``run.json``, as a run's own stages
+    would, after an encoder was trained outside one (``sitfuse train --ddp`` under
+    torchrun), so that a later ``sitfuse run`` goes on from it instead of training again.
+    """
+    refs = resolve_scene_list(config["data"]["scenes"], base=config.base)
+    paths = Paths(config.output_dir)
+    manifest = Manifest.load(config.output_dir / "run.json")
+    manifest.stages["stats"] = {"key": stats_stage_key(config, (scene_fingerprint(r) for r in refs)), "seconds": 0.0}
+    key = train_stage_key(config, paths.stats)
+    manifest.stages["train_started"] = {"key": key}
+    manifest.stages["train"] = {"key": key, "seconds": round(seconds, 3)}
+    manifest.save()
+
+
 @dataclass
 class RunSummary:
+    """A run's outcome: the scenes' run.json entries, and which scenes failed in this run
+    (an entry may still say ``failed`` from an earlier run that this one did not redo)."""
+
     scenes: dict[str, dict[str, Any]]
     stages: dict[str, dict[str, Any]]
     out_dir: Path
-
-    @property
-    def failed(self) -> list[str]:
-        return [s for s, e in self.scenes.items() if e["status"] == "failed"]
+    failed: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -260,6 +287,24 @@ class Pipeline:
             where=str(self.paths.cluster_model),
         )
 
+    def _check_class_names(self, stages: tuple[str, ...]) -> None:
+        """``output.class_names`` must name every label; found out before any work, not per scene."""
+        names = self.config["output"]["class_names"]
+        if not names or "export" not in stages:
+            return
+        cfg = self.config["cluster"]
+        if "cluster" in stages:
+            n_labels = cfg["n_clusters"] * (cfg["n_fine"] if cfg["hierarchical"] else 1)
+        else:
+            from sitfuse_byol.run.tasks import load_cluster_model
+
+            n_labels = load_cluster_model(self.paths.cluster_model).n_labels
+        if len(names) != n_labels:
+            raise ConfigError(
+                f"{len(names)} class names for {n_labels} cluster labels; give one name per label",
+                where="output.class_names",
+            )
+
     def _encoder_hash(self) -> str:
         """The trained encoder's identity (its checkpoint's hash, from the cached load)."""
         from sitfuse_byol.train.checkpoint import load_encoder
@@ -339,9 +384,7 @@ class Pipeline:
 
         from sitfuse_byol.normalize.stats import HistogramBins, merged_moments, stats_from
 
-        key = self._stage_key(
-            "stats", self.config.digest("data"), *sorted(self.fingerprints[s] for s in self.scenes)
-        )
+        key = stats_stage_key(self.config, (self.fingerprints[s] for s in self.scenes))
         if self._stage_done("stats", key, self.paths.stats):
             return
         started = time.perf_counter()
@@ -382,14 +425,9 @@ class Pipeline:
         self._mark_stage("stats", key, started)
 
     def stage_train(self, client: Any) -> None:
-        from sitfuse_byol.train.checkpoint import file_hash
         from sitfuse_byol.train.loop import train
 
-        key = self._stage_key(
-            "train",
-            self.config.digest("data", "tiling", "train"),
-            file_hash(self.paths.stats),
-        )
+        key = train_stage_key(self.config, self.paths.stats)
         if self._stage_done("train", key, self.paths.checkpoint):
             return
         started = time.perf_counter()
@@ -501,7 +539,7 @@ class Pipeline:
 
         encoder_hash = self._encoder_hash()
         key = self._stage_key(
-            "cluster", encoder_hash, self.config.digest("cluster", "embed", "data"),
+            "cluster", encoder_hash, self.config.digest("cluster", "embed", "data", leave_out=("data.scenes",)),
             *sorted(self.fingerprints[s] for s in self.scenes),
         )
         if self._stage_done("cluster", key, self.paths.cluster_model / "model.json"):
@@ -553,7 +591,7 @@ class Pipeline:
         model_json = self.paths.cluster_model / "model.json"
         model_key = json.loads(model_json.read_text()).get("model_hash", "") if model_json.exists() else ""
         # Where the outputs go is not what they are: a moved OUTDIR is not redone.
-        output_key = self.config.digest("output", "embed", "data", leave_out=("output.dir",))
+        output_key = self.config.digest("output", "embed", "data", leave_out=("output.dir", "data.scenes"))
         keys = {}
         for scene_id in self.scenes:
             key = f"{self.fingerprints[scene_id]}:{model_key}:{output_key}"
@@ -596,13 +634,14 @@ class Pipeline:
             self.open_scenes()
             self._require_scenes()
             self._require_models(stages)
+            self._check_class_names(stages)
             self._require_scenes()
             self.options = replace(self.options, cluster=self.options.cluster.sized_for(len(self.scenes)))
             with dask_client(self.options.cluster, quiet=self.options.quiet) as client:
                 # Workers import torch, GDAL and the package while this process trains.
                 warm_up = [
                     client.submit(_preload, workers=[address], pure=False, allow_other_workers=False)
-                    for address in client.scheduler_info()["workers"]
+                    for address in worker_info(client)
                 ]
                 for name in ("stats", "train", "embed", "cluster", "export"):
                     if name in stages:
@@ -623,7 +662,8 @@ class Pipeline:
             for s in ids
             if s in self.manifest.scenes
         }
-        return RunSummary(scenes=scenes, stages=self.manifest.stages, out_dir=self.out)
+        failed = [s for s in ids if s in self.errors]
+        return RunSummary(scenes=scenes, stages=self.manifest.stages, out_dir=self.out, failed=failed)
 
 
 def _preload() -> None:

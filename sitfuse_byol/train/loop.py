@@ -95,7 +95,8 @@ def ensure_stats(config: Config, scenes: list[Scene]) -> BandStats:
         stats = BandStats.load(path)
         # Statistics of other scenes or bands (the band count alone can agree) would
         # normalise with the wrong values and be saved as this model's.
-        if stats.band_names == tuple(scenes[0].band_names) and stats.scenes == tuple(s.id for s in scenes):
+        same_scenes = sorted(stats.scenes) == sorted(s.id for s in scenes)  # their order does not matter
+        if stats.band_names == tuple(scenes[0].band_names) and same_scenes:
             return stats
     stats = compute_stats(scenes)
     path.parent.mkdir(parents=True, exist_ok=True)

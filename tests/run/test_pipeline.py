@@ -410,6 +410,8 @@ def test_a_moved_output_folder_is_neither_redone_nor_read_from_its_old_place(bas
     old = tmp_path / "old"
     shutil.copytree(folder / "out", old)
     config = write_config(tmp_path, crop_scenes.values(), out="old")
+    # Outputs recorded under `old` itself, which then goes away.
+    assert main(["export", "-c", str(config), "--quiet", "--force"]) == 0
     moved = tmp_path / "moved"
     old.rename(moved)
     label = moved / "labels" / "olinda_a.tif"
@@ -479,3 +481,12 @@ def test_an_interrupt_dropped_by_a_finalizer_still_stops_the_run():
         _Interrupts.check()
     # The handler this process had is back.
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_class_names_of_the_wrong_count_stop_a_run_before_any_work(tmp_path, crop_scenes, capsys):
+    config = write_config(tmp_path, [crop_scenes["olinda_a"]], output={"class_names": ["water", "land"]})
+    assert main(["run", "-c", str(config), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: 2 class names for 6 cluster labels; give one name per label (output.class_names)"
+    )
+    assert not (tmp_path / "out" / "checkpoints").exists()

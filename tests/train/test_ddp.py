@@ -94,3 +94,27 @@ def test_two_ranks_stay_identical_and_checkpoint_loads_in_one_process(tmp_path, 
     resumed = train(load_config(raw=raw, base=tmp_path), resume=True)
     assert [r["epoch"] for r in resumed.metrics] == [0, 1]
     assert torch.is_tensor(load_checkpoint(resumed.checkpoint)["model"]["online.encoder.body.0.weight"])
+
+
+def test_a_run_goes_on_from_a_torchrun_training_instead_of_training_again(tmp_path, landsat_path):
+    from sitfuse_byol.cli import main
+
+    raw = {"data": {"scenes": [str(landsat_path)]}, **TINY, "output": {"dir": str(tmp_path / "out")}}
+    raw["train"] = {**TINY["train"], "epochs": 1, "steps_per_epoch": 2}
+    raw["cluster"] = {"n_clusters": 4, "samples_per_scene": 2000}
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "sitfuse_byol.cli", "train", "-c", str(config_path), "--ddp", "--quiet",
+        ],
+        capture_output=True, text=True, timeout=240, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("checkpoint:") == 1  # rank 0 reports, once
+    checkpoint = tmp_path / "out" / "checkpoints" / "last.pt"
+    trained_at = checkpoint.stat().st_mtime_ns
+    assert main(["run", "-c", str(config_path), "--quiet"]) == 0
+    assert checkpoint.stat().st_mtime_ns == trained_at
+    assert (tmp_path / "out" / "labels" / "landsat7_olinda.tif").exists()

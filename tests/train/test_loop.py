@@ -151,9 +151,12 @@ def test_statistics_of_other_scenes_or_bands_are_computed_again(tmp_path, landsa
     other = write_tif(tmp_path / "other.tif", data)
     again = ensure_stats(config, [open_scene(other)])
     assert again.scenes == ("other",) and again.mean != first.mean
-    assert BandStats.load(config.output_dir / "stats.json").scenes == ("other",)
-    # The same scenes and bands: reused as saved.
+    saved = config.output_dir / "stats.json"
+    assert BandStats.load(saved).scenes == ("other",)
+    # The same scenes and bands (in any order): reused as saved, not computed again.
+    written = saved.stat().st_mtime_ns
     assert ensure_stats(config, [open_scene(other)]) == again
+    assert saved.stat().st_mtime_ns == written
 
 
 def test_metrics_keep_their_counters_integers(tmp_path, landsat_path):
