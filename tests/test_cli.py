@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import dask
 import numpy as np
 import pytest
 import rasterio
@@ -199,10 +200,14 @@ def test_dask_flags_are_checked_before_any_work(capsys, tmp_path, landsat_path, 
     config.write_text(
         yaml.safe_dump({"data": {"scenes": [str(landsat_path)]}, "output": {"dir": str(tmp_path / "out")}})
     )
+    scheduler_before = dask.config.get("scheduler", None)
     code, _, err = run_cli(capsys, "run", "-c", str(config), "--quiet", *flags)
     assert code == 2
     assert err.strip() == message
     assert not (tmp_path / "out" / "stats.json").exists()
+    # A failed connection must not leave dask pointed at a scheduler that is not there
+    # (later computes in this process would wait for it).
+    assert dask.config.get("scheduler", None) == scheduler_before
 
 
 def test_scenes_flag_is_taken_from_the_current_folder(capsys, tmp_path, monkeypatch):

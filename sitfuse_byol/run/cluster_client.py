@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import dask
+
 from sitfuse_byol.errors import ConfigError
 
 log = logging.getLogger("sitfuse_byol.run")
@@ -88,9 +90,16 @@ def dask_client(options: ClusterOptions, *, quiet: bool = False) -> Iterator:
     for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if options.scheduler:
+        scheduler_before = dask.config.get("scheduler", None)
         try:
             client = Client(options.scheduler, timeout="20s")
         except (OSError, ValueError, TypeError) as err:  # unreachable, or not an address at all
+            # The Client made itself dask's default scheduler before it tried to connect,
+            # and a failed one leaves that behind: later computes here would wait for it.
+            if scheduler_before is None:
+                dask.config.config.pop("scheduler", None)
+            else:
+                dask.config.set(scheduler=scheduler_before)
             raise ConfigError(f"cannot reach the Dask scheduler: {err}", where=options.scheduler) from err
         cluster = None
         try:
