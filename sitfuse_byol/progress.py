@@ -23,7 +23,9 @@ def stage_progress(description: str, *, total: int, quiet: bool, fields: str = "
 
     Yields a callable ``advance(n=1, **values)``.
     """
-    if quiet:
+    console = Console(stderr=True)
+    # A bar is for a person at a terminal; in a log or a pipe it would only leave blank lines.
+    if quiet or not console.is_terminal:
         yield lambda n=1, **values: None
         return
     columns = [
@@ -34,8 +36,7 @@ def stage_progress(description: str, *, total: int, quiet: bool, fields: str = "
     ]
     if fields:
         columns.append(TextColumn(fields))
-    console = Console(stderr=True)
-    with Progress(*columns, console=console, transient=not console.is_terminal) as progress:
+    with Progress(*columns, console=console) as progress:
         task = progress.add_task(description, total=total, **_blank(fields))
 
         def advance(n: int = 1, **values: Any) -> None:

@@ -34,3 +34,12 @@ def test_a_missing_value_is_an_error_not_a_blank(monkeypatch) -> None:
         pytest.raises(KeyError, match="data_wait"),
     ):
         on_step({k: v for k, v in STEP.items() if k != "data_wait"})
+
+
+def test_no_bar_and_no_blank_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    with train_progress({"epochs": 1, "steps_per_epoch": 2}, quiet=False) as on_step:
+        on_step(STEP)
+        on_step(STEP)
+    assert capsys.readouterr().err == ""
