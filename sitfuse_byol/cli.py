@@ -79,8 +79,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _band_table(config: Config) -> str:
     """The saved band statistics as a table, for `sitfuse stats`."""
     from sitfuse_byol.normalize import BandStats
+    from sitfuse_byol.run.tasks import Paths
 
-    path = config.output_dir / "stats.json"
+    path = Paths(config.output_dir).stats
     stats = BandStats.load(path)
     lines = [f"{'band':<10} {'count':>12} {'mean':>12} {'std':>12} {'p2':>10} {'p98':>10}"]
     for i, name in enumerate(stats.band_names):
@@ -94,23 +95,18 @@ def _band_table(config: Config) -> str:
 
 def _training_report(config: Config) -> str:
     """The last epoch's loss and embedding health, and the checkpoint, for `sitfuse train`."""
-    import csv
-
     from sitfuse_byol.run.tasks import Paths
+    from sitfuse_byol.train.metrics import read_metrics
 
-    checkpoint = Paths(config.output_dir).checkpoint
     lines = []
-    metrics = config.output_dir / "train" / "metrics.csv"
-    if metrics.exists():
-        with open(metrics, newline="") as file:
-            rows = list(csv.DictReader(file))
-        if rows:
-            last = rows[-1]
-            lines.append(
-                f"trained {len(rows)} epoch(s): loss {float(last['loss']):.4f}, "
-                f"std·√d {float(last['std_sqrt_d']):.3f}, effective rank {float(last['effective_rank']):.1f}"
-            )
-    lines.append(f"checkpoint: {checkpoint}")
+    rows = read_metrics(config.output_dir / "train" / "metrics.csv")
+    if rows:
+        last = rows[-1]
+        lines.append(
+            f"trained {len(rows)} epoch(s): loss {last['loss']:.4f}, "
+            f"std·√d {last['std_sqrt_d']:.3f}, effective rank {last['effective_rank']:.1f}"
+        )
+    lines.append(f"checkpoint: {Paths(config.output_dir).checkpoint}")
     return "\n".join(lines)
 
 
@@ -179,8 +175,8 @@ def _run_stages(args: argparse.Namespace) -> int:
     if args.device:
         args.overrides.append(f"embed.device={args.device}")
     # The Dask flags are config keys too, so the schema checks them (--workers -1).
-    for flag, key in (("workers", "workers"), ("scheduler", "scheduler"), ("gpus_per_worker", "gpus_per_worker")):
-        value = getattr(args, flag)
+    for key in ("workers", "scheduler", "gpus_per_worker"):
+        value = getattr(args, key)
         if value is not None:
             args.overrides.append(f"dask.{key}={json.dumps(value)}")
     config = config_from_args(args)

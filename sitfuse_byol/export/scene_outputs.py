@@ -121,6 +121,19 @@ def _rgb_positions(scene: Scene, rgb_bands: Sequence[int | str] | None) -> list[
     return [0, 0, 0] if scene.n_bands < 3 else [2, 1, 0]
 
 
+def check_class_names(names: Sequence[str] | None, *, n_labels: int) -> None:
+    """``output.class_names``, when given, must name every label.
+
+    Raises:
+        ConfigError: Another number of names.
+    """
+    if names and len(names) != n_labels:
+        raise ConfigError(
+            f"{len(names)} class names for {n_labels} cluster labels; give one name per label",
+            where="output.class_names",
+        )
+
+
 def write_scene_outputs(
     *,
     scene: Scene,
@@ -148,11 +161,7 @@ def write_scene_outputs(
         ``labels_coarse``, ``quicklook``, ``polygons``, ``labels_zarr``.
     """
     n_labels = model.n_labels
-    if options.class_names and len(options.class_names) != n_labels:
-        raise ConfigError(
-            f"{len(options.class_names)} class names for {n_labels} cluster labels; give one name per label",
-            where="output.class_names",
-        )
+    check_class_names(options.class_names, n_labels=n_labels)
     dtype, nodata = label_dtype_and_nodata(n_labels)
     coarse_dtype, coarse_nodata = label_dtype_and_nodata(model.n_clusters)
     layers = 3 if model.n_fine else 2

@@ -27,9 +27,9 @@ from typing import Any
 
 from dask.utils import format_bytes
 
-from sitfuse_byol.cluster.sampling import sample_matches
+from sitfuse_byol.cluster.sampling import load_samples, sample_matches
 from sitfuse_byol.config import Config
-from sitfuse_byol.errors import ConfigError, InputError, SitfuseError
+from sitfuse_byol.errors import InputError, SitfuseError
 from sitfuse_byol.export.atomic import atomic_write_text, remove_path
 from sitfuse_byol.progress import stage_progress, train_progress
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config, resolve_scene_list
@@ -47,7 +47,6 @@ from sitfuse_byol.run.tasks import (
     run_scene_task,
     sample_task,
     saved_embedding_state,
-    saved_sample,
 )
 
 log = logging.getLogger("sitfuse_byol.run")
@@ -289,6 +288,8 @@ class Pipeline:
 
     def _check_class_names(self, stages: tuple[str, ...]) -> None:
         """``output.class_names`` must name every label; found out before any work, not per scene."""
+        from sitfuse_byol.export.scene_outputs import check_class_names
+
         names = self.config["output"]["class_names"]
         if not names or "export" not in stages:
             return
@@ -299,17 +300,13 @@ class Pipeline:
             from sitfuse_byol.run.tasks import load_cluster_model
 
             n_labels = load_cluster_model(self.paths.cluster_model).n_labels
-        if len(names) != n_labels:
-            raise ConfigError(
-                f"{len(names)} class names for {n_labels} cluster labels; give one name per label",
-                where="output.class_names",
-            )
+        check_class_names(names, n_labels=n_labels)
 
     def _encoder_hash(self) -> str:
-        """The trained encoder's identity (its checkpoint's hash, from the cached load)."""
-        from sitfuse_byol.train.checkpoint import load_encoder
+        """The trained encoder's identity: its checkpoint's hash (cached while unchanged)."""
+        from sitfuse_byol.train.checkpoint import checkpoint_hash
 
-        return load_encoder(self.paths.checkpoint).checkpoint_hash
+        return checkpoint_hash(self.paths.checkpoint)
 
     def _check_embedding_space(self, scene_ids: list[str]) -> None:
         """Refuse to start embeddings that cannot fit on the output's disk.
@@ -353,21 +350,18 @@ class Pipeline:
         """The scenes not failed so far, in scene-list order."""
         return [ref for ref in self.refs if ref.id in self.scenes]
 
-    def _sample_saved(self, ref: SceneRef) -> bool:
-        cfg = self.config["cluster"]
-        return has_saved_embedding(self.config, ref) and sample_matches(
-            self.paths.samples(ref.id), n=cfg["samples_per_scene"], seed=cfg["seed"]
-        )
-
-    def _warn_stale_embeddings(self) -> None:
-        """Say so when saved embeddings are passed over: they are recomputed on the fly."""
-        stale = [ref.id for ref in self._live_refs() if saved_embedding_state(self.config, ref) == "stale"]
+    def _embedding_states(self) -> dict[str, str]:
+        """Each live scene's :func:`saved_embedding_state`, warning once about stale stores
+        (they are recomputed on the fly)."""
+        states = {ref.id: saved_embedding_state(self.config, ref) for ref in self._live_refs()}
+        stale = [scene_id for scene_id, state in states.items() if state == "stale"]
         if stale:
             names = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
             log.warning(
                 "warning: saved embeddings of %s were made by another encoder, other settings or an older "
                 "input; computing them on the fly (`sitfuse embed` saves them again)", names,
             )
+        return states
 
     def _require_scenes(self) -> None:
         """Go on while any scene is left; with none, the first scene's error is the run's error."""
@@ -544,9 +538,10 @@ class Pipeline:
         )
         if self._stage_done("cluster", key, self.paths.cluster_model / "model.json"):
             return
-        self._warn_stale_embeddings()
+        states = self._embedding_states()
         started = time.perf_counter()
         cfg = self.config["cluster"]
+        sampled = {"n": cfg["samples_per_scene"], "seed": cfg["seed"]}
         reservoir = EmbeddingReservoir(
             capacity=max(min(cfg["samples_per_scene"] * len(self.scenes), MAX_CLUSTER_SAMPLES), cfg["n_clusters"]),
             seed=cfg["seed"],
@@ -559,12 +554,16 @@ class Pipeline:
             client,
             name="sample",
             func=sample_task,
-            keys={ref.id: "sample" for ref in self._live_refs() if not self._sample_saved(ref)},
+            keys={
+                s: "sample"
+                for s, state in states.items()
+                if not (state == "current" and sample_matches(self.paths.samples(s), **sampled))
+            },
             on_result=lambda scene_id, result, seconds: computed.__setitem__(scene_id, result),
         )
         # Added in scene-list order, so the sample does not depend on task completion order.
         for ref in self._live_refs():
-            sample = computed.pop(ref.id) if ref.id in computed else saved_sample(self.config, ref)
+            sample = computed.pop(ref.id) if ref.id in computed else load_samples(self.paths.samples(ref.id), **sampled)
             if sample is not None:
                 reservoir.add(sample[0], neighbours=sample[1])
         self._require_scenes()
@@ -598,7 +597,7 @@ class Pipeline:
             if self.options.force or not self.manifest.is_done(scene_id, key):
                 keys[scene_id] = key
         if keys and "cluster" not in self.options.stages:
-            self._warn_stale_embeddings()
+            self._embedding_states()
 
         def record(scene_id: str, outputs: Any, seconds: float) -> None:
             self.manifest.record(

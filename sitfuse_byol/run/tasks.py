@@ -185,9 +185,10 @@ def has_saved_embedding(config: Config, ref: SceneRef) -> bool:
     return saved_embedding_state(config, ref) == "current"
 
 
-def scene_embedding(config: Config, ref: SceneRef, scene: Scene) -> SceneEmbedding:
-    """Saved embeddings when present, current (and wanted), else computed on the fly."""
-    if has_saved_embedding(config, ref):
+def scene_embedding(config: Config, scene: Scene, *, saved: bool) -> SceneEmbedding:
+    """The scene's saved embeddings when ``saved`` (see :func:`has_saved_embedding`, which
+    the caller asks once), else embeddings computed on the fly."""
+    if saved:
         embedding = open_embedding(Paths(config.output_dir).embedding(scene.id))
         # The store's own mask (finite first feature) reads every chunk of every feature;
         # the scene's mask, read from the input, is the same pixels at a fraction of the I/O.
@@ -253,31 +254,23 @@ def embed_task(config: Config, ref: SceneRef, threads: int = 1) -> str:
     return str(paths.embedding(scene.id))
 
 
-def saved_sample(config: Config, ref: SceneRef) -> tuple[np.ndarray, np.ndarray] | None:
-    """The sample ``embed_task`` kept beside the scene's embeddings, if both fit this config.
-
-    ``embed_task`` deletes the sample before it replaces the embeddings, so a sample
-    beside current embeddings was drawn from them.
-    """
-    if not has_saved_embedding(config, ref):
-        return None
-    cfg = config["cluster"]
-    return load_samples(Paths(config.output_dir).samples(ref.id), n=cfg["samples_per_scene"], seed=cfg["seed"])
-
-
 def sample_task(config: Config, ref: SceneRef, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """About ``cluster.samples_per_scene`` valid embeddings of a scene, with neighbours."""
-    kept = saved_sample(config, ref)
-    if kept is not None:
-        return kept
     cfg = config["cluster"]
+    saved = has_saved_embedding(config, ref)
+    # ``embed_task`` deletes the sample before it replaces the embeddings, so a sample
+    # beside current embeddings was drawn from them.
+    if saved:
+        kept = load_samples(Paths(config.output_dir).samples(ref.id), n=cfg["samples_per_scene"], seed=cfg["seed"])
+        if kept is not None:
+            return kept
     with local_compute(threads):
         scene = _open(config, ref)
         # Streamed embeddings are computed here and again for the labels, so only a
         # share of the blocks is embedded for the sample.
         return sample_embeddings(
-            scene_embedding(config, ref, scene), n=cfg["samples_per_scene"], seed=cfg["seed"],
-            max_blocks=0 if has_saved_embedding(config, ref) else cfg["sample_blocks"],
+            scene_embedding(config, scene, saved=saved), n=cfg["samples_per_scene"], seed=cfg["seed"],
+            max_blocks=0 if saved else cfg["sample_blocks"],
         )
 
 
@@ -299,11 +292,11 @@ def export_task(config: Config, ref: SceneRef, threads: int = 1) -> dict[str, st
         scene = _open(config, ref)
         # Streamed embeddings load the encoder on the embedding device; the checks reuse
         # that copy (it is cached per device) rather than load one more on the CPU.
-        streamed = not has_saved_embedding(config, ref)
-        trained = load_encoder(paths.checkpoint, device=_embedding_device(config) if streamed else "cpu")
+        saved = has_saved_embedding(config, ref)
+        trained = load_encoder(paths.checkpoint, device="cpu" if saved else _embedding_device(config))
         trained.check_bands(scene.n_bands, where=scene.source)
         model = load_cluster_model(paths.cluster_model)
-        embedding = scene_embedding(config, ref, scene)
+        embedding = scene_embedding(config, scene, saved=saved)
         model.check_compatible(dim=embedding.dim, encoder_hash=trained.checkpoint_hash)
         tags = {
             "model_hash": model.model_hash,
