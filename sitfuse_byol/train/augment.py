@@ -5,11 +5,14 @@ draw taken from the caller's ``torch.Generator`` (which must live on the
 data's device), so two calls with equally seeded generators give equal views.
 
 Nodata handling: invalid pixels are set to 0 — the band mean after z-score
-normalisation — before augmenting, so they cannot poison bilinear resampling
-or blur with NaN or fill values, and are set to 0 again at the end. Every
-geometric transform moves the validity mask with the data (the mask is
-resampled with nearest-neighbour on the same grid), and the mask is what keeps
-invalid pixels out of pooling; the zeros only make them harmless.
+normalisation — so NaN or fill values never enter the arithmetic, and are set
+to 0 again at the end. Bilinear resampling and blur are mask-weighted
+(normalised convolution: the resampled ``x * valid`` over the resampled
+``valid``), so a valid pixel next to nodata is a weighted mean of valid pixels
+only and the 0 fill never leaks into real spectra. Every geometric transform
+moves the validity mask with the data (the mask is resampled with
+nearest-neighbour on the same grid), and the mask is what keeps invalid pixels
+out of pooling.
 
 Per view, in order: random resized crop + flips + rot90 (one affine resample),
 spectral jitter with probability ``jitter_p`` (per-band gain and offset, patch
@@ -162,10 +165,15 @@ def _geometry(
         torch.stack([torch.where(rot, sy, zero), torch.where(rot, zero, sy), cy], dim=1),
     ], dim=1).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    m = F.grid_sample(valid.unsqueeze(1).to(x.dtype), grid, mode="nearest",
-                      padding_mode="zeros", align_corners=False)
-    return x, m.squeeze(1) > 0.5
+    weight = valid.unsqueeze(1).to(x.dtype)
+    # x is 0 off the mask, so resampling [x, mask] together gives the numerator and
+    # denominator of the mask-weighted bilinear mean in one call.
+    both = F.grid_sample(torch.cat([x, weight], 1), grid, mode="bilinear", padding_mode="border",
+                         align_corners=False)
+    m = F.grid_sample(weight, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    # Where the nearest input pixel is valid its bilinear weight is at least 1/4, so the
+    # denominator of every kept pixel is far from 0.
+    return both[:, :-1] / both[:, -1:].clamp(min=1e-6), m.squeeze(1) > 0.5
 
 
 def _jitter(x: torch.Tensor, valid: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
@@ -187,12 +195,16 @@ def _jitter(x: torch.Tensor, valid: torch.Tensor, cfg: AugmentConfig, g: torch.G
     return torch.addcmul(offset[:, :, None, None], x, scale[:, :, None, None])
 
 
-def _blur(x: torch.Tensor, p: float, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """Separable Gaussian blur with a per-sample sigma on a random subset of samples.
+def _blur(
+    x: torch.Tensor, valid: torch.Tensor, p: float, cfg: AugmentConfig, g: torch.Generator
+) -> torch.Tensor:
+    """Mask-weighted separable Gaussian blur with a per-sample sigma on a random subset of samples.
 
     Each sample's 1-D kernel, with reflect boundary handling, is written as a
     P x P matrix G, and the blur is ``G @ x @ G.T``: two batched matmuls, far
     faster on CPU than a depthwise conv with one group per sample and band.
+    ``x`` is 0 off the mask; dividing by the blurred mask makes each valid pixel
+    a Gaussian-weighted mean of valid pixels only.
     """
     b, c, size, _ = x.shape
     dev = x.device
@@ -212,7 +224,10 @@ def _blur(x: torch.Tensor, p: float, cfg: AugmentConfig, g: torch.Generator) -> 
     blur = torch.zeros(n, size, size, device=dev, dtype=x.dtype)
     blur.scatter_add_(2, src.expand(n, size, -1), weights[:, None, :].expand(n, size, -1))
     blur = blur[:, None]  # (n, 1, P, P), broadcast over bands
-    return x.index_copy(0, idx, blur @ x[idx] @ blur.transpose(-1, -2))
+    weight = blur @ valid[idx, None].to(x.dtype) @ blur.transpose(-1, -2)
+    # A valid pixel keeps its own (largest) tap, so its weight is far from 0; invalid
+    # pixels with no valid neighbour are zeroed by the caller.
+    return x.index_copy(0, idx, (blur @ x[idx] @ blur.transpose(-1, -2)) / weight.clamp(min=1e-6))
 
 
 @torch.no_grad()
@@ -246,7 +261,7 @@ def augment_view(
     x, valid = _geometry(x, valid, config, generator)
     x = torch.where(valid.unsqueeze(1), x, 0.0)
     x = _jitter(x, valid, config, generator)
-    x = _blur(x, blur_p, config, generator)
+    x = _blur(x, valid, blur_p, config, generator)
     solarize = (torch.rand(b, generator=generator, device=dev) < solarize_p)[:, None, None, None]
     if solarize_p > 0:
         t = config.solarize_threshold

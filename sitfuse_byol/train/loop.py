@@ -485,7 +485,7 @@ def _run_epoch(
     wait = 0.0
     patches = 0
     start = time.perf_counter()
-    # steps_per_epoch is at least 1 (config minimum), so tau is always set below.
+    # steps_per_epoch is at least 1 (config minimum), so tau and lr are always set below.
     for _ in range(cfg["steps_per_epoch"]):
         t0 = time.perf_counter()
         batch = next(stream)
@@ -494,6 +494,8 @@ def _run_epoch(
         valid = to_device(batch.valid, run.device)
         # τ for step k is applied right after optimizer step k (BYOL's schedule counts from 0).
         tau = tau_schedule(step, run.total_steps, cfg["tau_base"])
+        # The rate this step uses: train_step moves the schedule on after its update.
+        lr = float(run.parts.scheduler.get_last_lr()[0])
         output = train_step(run.parts, x, valid, generator=generator, tau=tau)
         step += 1
         loss = float(output.loss.detach())
@@ -511,7 +513,7 @@ def _run_epoch(
                     "step": step,
                     "loss": loss,
                     "tau": tau,
-                    "lr": float(run.parts.scheduler.get_last_lr()[0]),
+                    "lr": lr,
                     "patches_per_s": patches * run.ctx.world_size / max(elapsed, 1e-9),
                     "data_wait": wait / max(elapsed, 1e-9),
                 }
@@ -523,7 +525,7 @@ def _run_epoch(
         "step": step,
         "loss": sum(losses) / len(losses),
         "tau": tau,
-        "lr": float(run.parts.scheduler.get_last_lr()[0]),
+        "lr": lr,
         "std_sqrt_d": diagnostics["std_sqrt_d"],
         "effective_rank": diagnostics["effective_rank"],
         "patches_per_s": patches * run.ctx.world_size / elapsed,

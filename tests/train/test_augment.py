@@ -160,6 +160,27 @@ def test_blur_smooths_and_solarize_mirrors() -> None:
     torch.testing.assert_close(solar, torch.where(x > 0, -x, x))
 
 
+def test_fill_of_invalid_pixels_never_leaks_into_valid_ones() -> None:
+    # Each band is one constant on the valid pixels, with nodata (0 after the fill) in
+    # the left third of every patch: mask-weighted resampling and blur must keep every
+    # valid output pixel at exactly that constant, right next to the nodata edge too.
+    valid = torch.ones(B, P, P, dtype=torch.bool)
+    valid[..., : P // 3] = False
+    level = torch.linspace(-2.0, 3.0, C).view(1, C, 1, 1)
+    x = torch.where(valid.unsqueeze(1), level.expand(B, C, P, P), float("nan"))
+    cfg = dataclasses.replace(GEOMETRY_ONLY, crop_scale=(0.3, 0.9), crop_ratio=(0.5, 2.0),
+                              blur_sigma=(1.0, 2.0))
+    v, m = augment_view(x, valid, config=cfg, generator=_gen(3), blur_p=1.0, solarize_p=0.0)
+    assert m.any() and not m.all()
+    # Pixels beside the edge: with the 0 fill mixed in they would be pulled toward 0.
+    near_nodata = torch.nn.functional.max_pool2d((~m).float().unsqueeze(1), 3, 1, 1).squeeze(1) > 0
+    assert (m & near_nodata).any()
+    expected = level.expand(B, C, P, P)
+    torch.testing.assert_close(v.masked_select(m.unsqueeze(1)), expected.masked_select(m.unsqueeze(1)),
+                               atol=1e-5, rtol=0)
+    assert (v.masked_select(~m.unsqueeze(1)) == 0).all()
+
+
 def test_bad_inputs_are_refused() -> None:
     x, valid = _data()
     with pytest.raises(ValueError):

@@ -168,6 +168,23 @@ def test_metrics_keep_their_counters_integers(tmp_path, landsat_path):
     assert rows[0]["step"] == 2
 
 
+def test_metrics_log_the_lr_and_tau_of_each_epochs_last_step(tmp_path, landsat_path):
+    import math
+
+    from sitfuse_byol.train.byol import tau_schedule
+    from sitfuse_byol.train.metrics import read_metrics
+
+    # 2 x 3 steps, 1 warm-up step: the last steps are 2 and 5, and step k >= 1 runs at
+    # the cosine factor of (k - 1) / 5; the schedule's next value would be logged wrongly.
+    config = tiny_config(tmp_path, [landsat_path], optimizer="adamw", lr=1e-3)
+    rows = read_metrics(train(config).checkpoint.parent.parent / "train" / "metrics.csv")
+    last_steps = [2, 5]
+    expected_lr = [1e-3 * 0.5 * (1 + math.cos(math.pi * (k - 1) / 5)) for k in last_steps]
+    assert [r["lr"] for r in rows] == pytest.approx(expected_lr)
+    tau_base = config["train"]["tau_base"]
+    assert [r["tau"] for r in rows] == pytest.approx([tau_schedule(k, 6, tau_base) for k in last_steps])
+
+
 @pytest.mark.parametrize(("optimizer", "expected"), [("lars", 0.2 * 8 * 2 / 256), ("adamw", 1e-3)])
 def test_a_null_lr_takes_the_optimizers_default_for_the_global_batch(tmp_path, landsat_path, optimizer, expected):
     from sitfuse_byol.train.loop import build_model, build_optimizer
