@@ -459,7 +459,7 @@ def main() -> None:
           f"(BYOL {ratio['byol_ms']:.1f} ms, plain {ratio['plain_ms']:.1f} ms; "
           f"parts {', '.join(f'{k} {v:.1f} ms' for k, v in ratio['parts_ms'].items())})", flush=True)
     wait = data_wait(epochs=args.wait_epochs, steps=args.wait_steps)
-    # train() gives torch all cores but one (1 thread on 2 cores), the step above 2:
+    # train() gives torch every core the process may use (train.threads null), the step above 2:
     # how much of the 2-thread step's rate (batch / median BYOL step) the real run reaches.
     train_vs_step = wait["patches_per_s"] / ratio["byol_patches_per_s"]
     print(f"data wait {wait['share']:.1%} (per epoch {', '.join(f'{w:.1%}' for w in wait['per_epoch'])}; "
@@ -514,6 +514,8 @@ def main() -> None:
     print(gpu_text)
 
     if not args.no_write:
+        from sitfuse_byol.train.loop import training_threads
+
         write_section(
             "bench_byol",
             "## BYOL: step cost, data wait, disjoint-split quality (`benchmarks/bench_byol.py`)\n\n"
@@ -526,8 +528,9 @@ def main() -> None:
             f"{args.ratio_steps} alternating steps of each kind after 5 warm-up steps; the headline ratio is "
             "of the fastest step of each kind, the least disturbed by other processes. Data wait: `train()` on "
             f"the Sentinel-2 sample, {args.wait_epochs} x {args.wait_steps} steps, default encoder, patch 16, batch 64. "
-            "`train()` gives torch all cores but one (`train.threads`; 1 thread on this 2-core machine), so its "
-            f"patches/s is {train_vs_step:.2f} of what the 2-thread step above implies "
+            f"`train()` gives torch every core the process may use (`train.threads` null: {training_threads()} "
+            f"here) while the sampler reads in background threads; its patches/s is {train_vs_step:.2f} of what "
+            "the 2-thread step above implies "
             f"({ratio['byol_patches_per_s']:.0f} patches/s).\n\n"
             f"{step_table}\n\n"
             "Disjoint split of the North Carolina benchmark: BYOL (bench_quality's settings) trained on the top "

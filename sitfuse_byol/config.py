@@ -180,7 +180,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key("int", 0, "Seed for sampling, augmentation and initialisation.", minimum=0),
         "device": Key("str", "auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda")),
         "compile": Key("bool", False, "Use torch.compile."),
-        "threads": Key("int", None, "CPU threads for torch; null: all cores but one, which feeds the sampler.", nullable=True, minimum=1),
+        "threads": Key("int", None, "CPU threads for torch; null: the cores this process may use, shared among the torchrun processes of the node.", nullable=True, minimum=1),
         "augment": Key("mapping", {}, "Augmentation strengths (see `sitfuse_byol/train/augment.py`); mild spectral jitter, no band dropout by default.", check=_augment),
     },
     "embed": {

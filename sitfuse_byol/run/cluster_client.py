@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import dask
 
+from sitfuse_byol.cores import usable_cores
 from sitfuse_byol.errors import ConfigError
 
 log = logging.getLogger("sitfuse_byol.run")
@@ -47,7 +47,7 @@ class ClusterOptions:
         """
         if self.scheduler:
             return self
-        cores = max(1, os.cpu_count() or 1)
+        cores = usable_cores()
         workers = self.workers or max(1, min(cores // CORES_PER_WORKER, n_scenes))
         threads = self.threads_per_worker or max(1, cores // workers)
         return replace(self, workers=workers, threads_per_worker=threads)

@@ -17,7 +17,7 @@ from sitfuse_byol.run.cluster_client import ClusterOptions
     ],
 )
 def test_local_cluster_shape(monkeypatch, cores, scenes, asked, shape):
-    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    monkeypatch.setattr("sitfuse_byol.run.cluster_client.usable_cores", lambda: cores)
     sized = ClusterOptions(workers=asked).sized_for(scenes)
     assert (sized.workers, sized.threads_per_worker) == shape
     assert ClusterOptions(scheduler="tcp://127.0.0.1:8786").sized_for(scenes).workers is None
