@@ -274,12 +274,10 @@ def _write_quicklook(
     # shows is computed and write_quicklook has nothing left to subsample.
     step = quicklook_step(scene.grid.shape)
     positions = _rgb_positions(scene, options.rgb_bands)
-    # One compute: the RGB and the mask come from the same input chunks, read once.
-    rgb, valid, shown = dask.compute(
-        scene.data[positions][:, ::step, ::step],
-        scene.valid[::step, ::step],
-        labels[::step, ::step],
-    )
+    # Labels are nodata exactly where the input is invalid, so they give the mask: the
+    # input's own mask would read every band where the RGB needs three.
+    rgb, shown = dask.compute(scene.data[positions][:, ::step, ::step], labels[::step, ::step])
+    valid = shown != nodata
     path = out_dir / "labels" / f"{scene.id}.png"
     write_quicklook(
         path, rgb=rgb, valid=valid, labels=shown, nodata=nodata, colors=colors, title=scene.id,

@@ -183,3 +183,53 @@ def test_class_names_that_do_not_match_the_labels_are_a_config_error(
         "3 class names for 4 cluster labels; give one name per label (output.class_names)"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_quicklook_reads_only_its_three_bands_of_a_multi_file_scene(tmp_path: Path) -> None:
+    # Band files are read one by one (as for a multi-file scene); the quicklook's mask
+    # comes from the labels, so the bands it does not show are never read.
+    import threading
+
+    from affine import Affine
+
+    from sitfuse_byol.grid import Grid
+    from sitfuse_byol.read.scene import build_scene
+
+    reads: list[int] = []
+    lock = threading.Lock()
+    rng = np.random.default_rng(0)
+    n_bands, size = 6, 64
+    pixels = rng.integers(1, 100, (n_bands, size, size)).astype(np.uint16)
+    pixels[:, :10, :20] = 0
+
+    def band(index: int) -> da.Array:
+        def read(block: np.ndarray) -> np.ndarray:
+            with lock:
+                reads.append(index)
+            return block
+
+        return da.from_array(pixels[index], chunks=32).map_blocks(read, dtype=np.uint16)
+
+    scene = build_scene(
+        id="bands", data=da.stack([band(i) for i in range(n_bands)]),
+        grid=Grid(size, size, Affine(30.0, 0.0, 500000.0, 0.0, -30.0, 4000000.0), "EPSG:32618"),
+        band_names=[f"B{i}" for i in range(n_bands)], file_nodata=0, nodata=None, valid_range=None,
+        bands=None, source="bands",
+    )  # fmt: skip
+    valid = (pixels != 0).all(axis=0)
+    values = rng.normal(size=(3, size, size)).astype(np.float32)
+    values[:, ~valid] = np.nan
+    embedding = SceneEmbedding(
+        scene_id=scene.id, data=da.from_array(values, chunks=(-1, 32, 32)),
+        valid=da.from_array(valid, chunks=32), grid=scene.grid,
+    )  # fmt: skip
+    model = fit_kmeans(values[:, valid].T, n_clusters=3, seed=0)
+    reads.clear()
+    outputs = write_scene_outputs(
+        scene=scene, embedding=embedding, model=model, out_dir=tmp_path, stride=1,
+        options=OutputOptions(quicklook=True, rgb_bands=["B4", "B2", "B1"]), tags={},
+    )  # fmt: skip
+    assert sorted(reads) == sorted([1, 2, 4] * 4)  # three bands, four chunks each, once
+    assert imread(outputs["quicklook"]).shape[1] > 2 * size
+    with rasterio.open(outputs["labels"]) as src:
+        np.testing.assert_array_equal(src.read(1) != src.nodata, valid)
