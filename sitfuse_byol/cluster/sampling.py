@@ -3,13 +3,15 @@
 Every valid pixel of the blocks drawn from (all of them, or a seeded choice spread over
 the scene) is kept with the same probability, chosen so a scene contributes about ``n``
 samples; each block draws from its own seed, so the sample does not depend on how
-blocks are scheduled (threads, processes or cluster workers).
+blocks are scheduled (threads, processes or cluster workers). The scene's valid count,
+which sets that probability, is learnt from the blocks themselves as they arrive
+(:class:`SceneSample`), so drawing a sample never needs a pass over the input of its own.
 """
 
 from __future__ import annotations
 
+import threading
 import zlib
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import dask
@@ -22,58 +24,89 @@ from sitfuse_byol.export.atomic import atomic_path
 NEIGHBOUR_RADIUS = 2
 
 
-def _block_sample(
-    block: np.ndarray, valid: np.ndarray, *, probability: float, seed: list[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    rows, cols = np.nonzero(valid & (rng.random(valid.shape) < probability))
-    # Neighbours pair each sample with a nearby valid pixel: the positive pairs of IIC.
-    dy = rng.integers(-NEIGHBOUR_RADIUS, NEIGHBOUR_RADIUS + 1, rows.size)
-    dx = rng.integers(-NEIGHBOUR_RADIUS, NEIGHBOUR_RADIUS + 1, rows.size)
-    n_rows = np.clip(rows + dy, 0, valid.shape[0] - 1)
-    n_cols = np.clip(cols + dx, 0, valid.shape[1] - 1)
-    usable = valid[n_rows, n_cols]
-    n_rows, n_cols = np.where(usable, n_rows, rows), np.where(usable, n_cols, cols)
-    return block[:, rows, cols].T.copy(), block[:, n_rows, n_cols].T.copy()
+class SceneSample:
+    """About ``n`` valid embeddings of a scene and a valid neighbour of each, gathered
+    from its blocks in any order, in bounded memory.
 
+    Each valid pixel draws a key ``u`` from its block's own seed and belongs to the
+    sample when ``u < n / V``, V being the valid pixels of all blocks added: a uniform
+    draw, the same whatever the order of the blocks. V is only known at the end, but it
+    is never less than the valid pixels seen so far, so each block keeps just the keys
+    below ``n / seen`` and the blocks already held are thinned as more arrive: about
+    ``n`` rows are held at any time, not a block's worth per block.
 
-def valid_pixel_count(embedding: SceneEmbedding) -> int:
-    """Valid pixels of a scene's embeddings (computed from its lazy mask).
+    :meth:`add` may be called from several threads at once (it is the block hook of
+    :func:`sitfuse_byol.embed.save_embedding`).
 
-    Raises:
-        InputError: The scene has no valid pixel.
+    Args:
+        scene_id: The scene; its name seeds every block's draw with ``seed``.
+        n: Samples wanted.
+        seed: Seed of every block's draw.
     """
-    count = int(embedding.valid.sum().compute())
-    if count == 0:
-        raise InputError("no valid pixel to sample embeddings from", where=embedding.scene_id)
-    return count
 
+    def __init__(self, scene_id: str, *, n: int, seed: int) -> None:
+        self.scene_id = scene_id
+        self.n = n
+        self._seed = [seed, zlib.crc32(scene_id.encode())]
+        self._lock = threading.Lock()
+        self._seen = 0
+        self._held = 0
+        self._blocks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
-def block_sampler(
-    scene_id: str, *, n: int, seed: int, valid_count: int
-) -> Callable[[np.ndarray, tuple[int, int]], tuple[np.ndarray, np.ndarray]]:
-    """A hook drawing a block's share of the scene sample from its embeddings ``(D, h, w)``.
+    @property
+    def valid_count(self) -> int:
+        """Valid pixels in the blocks added so far."""
+        return self._seen
 
-    Invalid pixels are NaN in embeddings, so the mask comes from the block itself. Used as
-    :func:`sitfuse_byol.embed.save_embedding`'s hook while embeddings are written, and by
-    :func:`sample_embeddings` afterwards: the same blocks and seeds give the same sample.
-    """
-    probability = min(1.0, n / valid_count)
-    scene_key = zlib.crc32(scene_id.encode())
+    def add(self, block: np.ndarray, index: tuple[int, int]) -> None:
+        """Draw from one block of embeddings ``(D, h, w)``, NaN where invalid; ``index``
+        is the block's place in the scene's grid of blocks (it seeds the draw)."""
+        valid = np.isfinite(block[0])
+        rng = np.random.default_rng([*self._seed, *index])
+        # Keys and neighbour offsets for every pixel, whichever are kept: a pixel's draw
+        # then never depends on how many others a block kept.
+        keys = rng.random(valid.shape)
+        dy = rng.integers(-NEIGHBOUR_RADIUS, NEIGHBOUR_RADIUS + 1, valid.shape)
+        dx = rng.integers(-NEIGHBOUR_RADIUS, NEIGHBOUR_RADIUS + 1, valid.shape)
+        with self._lock:
+            self._seen += int(valid.sum())
+            bound = self._bound()
+        rows, cols = np.nonzero(valid & (keys < bound))
+        n_rows = np.clip(rows + dy[rows, cols], 0, valid.shape[0] - 1)
+        n_cols = np.clip(cols + dx[rows, cols], 0, valid.shape[1] - 1)
+        # Neighbours pair each sample with a nearby valid pixel: the positive pairs of IIC.
+        usable = valid[n_rows, n_cols]
+        n_rows, n_cols = np.where(usable, n_rows, rows), np.where(usable, n_cols, cols)
+        kept = (keys[rows, cols], block[:, rows, cols].T.copy(), block[:, n_rows, n_cols].T.copy())
+        with self._lock:
+            self._blocks[index] = kept
+            self._held += len(rows)
+            if self._held > 2 * self.n:
+                self._thin(self._bound())
 
-    def sample(block: np.ndarray, index: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        return _block_sample(
-            block, np.isfinite(block[0]), probability=probability, seed=[seed, scene_key, *index]
-        )
+    def _bound(self) -> float:
+        return self.n / self._seen if self._seen else 1.0
 
-    return sample
+    def _thin(self, bound: float) -> None:
+        for index, (keys, samples, neighbours) in self._blocks.items():
+            keep = keys < bound
+            self._blocks[index] = (keys[keep], samples[keep], neighbours[keep])
+        self._held = sum(len(keys) for keys, _, _ in self._blocks.values())
 
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(samples, neighbours)``, both ``(m, D)`` float32, in block order (row-major).
 
-def combine_samples(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate per-block samples in block order."""
-    samples = np.concatenate([p[0] for p in parts]).astype(np.float32)
-    neighbours = np.concatenate([p[1] for p in parts]).astype(np.float32)
-    return samples, neighbours
+        Raises:
+            InputError: No block added holds a valid pixel.
+        """
+        if self._seen == 0:
+            raise InputError("no valid pixel to sample embeddings from", where=self.scene_id)
+        with self._lock:
+            self._thin(self._bound())
+            parts = [self._blocks[index] for index in sorted(self._blocks)]
+        samples = np.concatenate([p[1] for p in parts]).astype(np.float32)
+        neighbours = np.concatenate([p[2] for p in parts]).astype(np.float32)
+        return samples, neighbours
 
 
 def block_valid_counts(embedding: SceneEmbedding) -> np.ndarray:
@@ -103,9 +136,10 @@ def sample_embeddings(
             blocks, in row-major order, are split into this many runs (bands of the
             scene) and one block is drawn at random (seeded) from each, so the choice
             covers the scene from top to bottom. Only those blocks are read or
-            embedded, which is what makes streamed embeddings cheap on large scenes.
-            0: every block, the same sample as :func:`block_sampler` draws while the
-            embeddings are written.
+            embedded, which is what makes streamed embeddings cheap on large scenes;
+            choosing them reads the scene's valid mask. 0: every block, the same
+            sample as a :class:`SceneSample` hooked into
+            :func:`sitfuse_byol.embed.save_embedding` draws while they are written.
 
     Returns:
         ``(samples, neighbours)``, both ``(m, D)`` float32.
@@ -113,18 +147,22 @@ def sample_embeddings(
     Raises:
         InputError: The scene has no valid pixel.
     """
-    counts = block_valid_counts(embedding)
-    indices = [tuple(int(v) for v in index) for index in np.argwhere(counts > 0)]
-    if not indices:
-        raise InputError("no valid pixel to sample embeddings from", where=embedding.scene_id)
-    if 0 < max_blocks < len(indices):
-        rng = np.random.default_rng([seed, zlib.crc32(embedding.scene_id.encode())])
-        runs = np.array_split(np.arange(len(indices)), max_blocks)
-        indices = [indices[int(rng.choice(run))] for run in runs]
-    valid_count = int(sum(counts[index] for index in indices))
-    sample = block_sampler(embedding.scene_id, n=n, seed=seed, valid_count=valid_count)
+    sample = SceneSample(embedding.scene_id, n=n, seed=seed)
     blocks = embedding.data.rechunk({0: -1}).to_delayed()
-    return combine_samples(dask.compute(*[dask.delayed(sample)(blocks[0, i, j], (i, j)) for i, j in indices]))
+    if max_blocks > 0:
+        # Choosing among the blocks with valid pixels reads the scene's mask.
+        counts = block_valid_counts(embedding)
+        indices = [tuple(int(v) for v in index) for index in np.argwhere(counts > 0)]
+        if not indices:
+            raise InputError("no valid pixel to sample embeddings from", where=embedding.scene_id)
+        if max_blocks < len(indices):
+            rng = np.random.default_rng([seed, zlib.crc32(embedding.scene_id.encode())])
+            runs = np.array_split(np.arange(len(indices)), max_blocks)
+            indices = [indices[int(rng.choice(run))] for run in runs]
+    else:
+        indices = [(i, j) for i in range(blocks.shape[1]) for j in range(blocks.shape[2])]
+    dask.compute(*[dask.delayed(sample.add)(blocks[0, i, j], (i, j)) for i, j in indices])
+    return sample.result()
 
 
 def save_samples(path: Path, samples: np.ndarray, neighbours: np.ndarray, *, n: int, seed: int) -> Path:

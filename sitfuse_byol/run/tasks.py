@@ -24,14 +24,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from sitfuse_byol.cluster.model import ClusterModel
-from sitfuse_byol.cluster.sampling import (
-    block_sampler,
-    combine_samples,
-    load_samples,
-    sample_embeddings,
-    save_samples,
-    valid_pixel_count,
-)
+from sitfuse_byol.cluster.sampling import SceneSample, load_samples, sample_embeddings, save_samples
 from sitfuse_byol.config import Config
 from sitfuse_byol.embed import (
     SceneEmbedding,
@@ -41,7 +34,8 @@ from sitfuse_byol.embed import (
     save_embedding,
     saved_embedding_key,
 )
-from sitfuse_byol.errors import SitfuseError
+from sitfuse_byol.errors import InputError, SitfuseError
+from sitfuse_byol.export.atomic import remove_path
 from sitfuse_byol.export.scene_outputs import OutputOptions, write_scene_outputs
 from sitfuse_byol.normalize.stats import HistogramBins, scene_histogram, scene_moment_parts
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config
@@ -237,8 +231,9 @@ def embed_task(config: Config, ref: SceneRef, threads: int = 1) -> str:
     """Write one scene's embeddings to ``OUTDIR/embeddings/<id>.zarr`` (returned), and its cluster sample.
 
     The sample is drawn from the blocks while they are written, so clustering need not
-    read every embedding back; it is the same sample :func:`sample_task` draws from the
-    saved store (same blocks, same seeds).
+    read every embedding back, and nothing reads the input before (the scene's valid
+    count comes from the blocks too); it is the same sample :func:`sample_task` draws
+    from the saved store (same blocks, same seeds).
     """
     paths = Paths(config.output_dir)
     n, seed = config["cluster"]["samples_per_scene"], config["cluster"]["seed"]
@@ -247,10 +242,17 @@ def embed_task(config: Config, ref: SceneRef, threads: int = 1) -> str:
     paths.samples(ref.id).unlink(missing_ok=True)
     with local_compute(threads):
         scene = _open(config, ref)
-        embedding = _embed(config, scene)
-        hook = block_sampler(scene.id, n=n, seed=seed, valid_count=valid_pixel_count(embedding))
-        parts = save_embedding(embedding, paths.embedding(scene.id), block_hook=hook, key=embedding_key(config, ref))
-        save_samples(paths.samples(scene.id), *combine_samples(parts), n=n, seed=seed)
+        sample = SceneSample(scene.id, n=n, seed=seed)
+        save_embedding(
+            _embed(config, scene), paths.embedding(scene.id), block_hook=sample.add, key=embedding_key(config, ref)
+        )
+        try:
+            samples, neighbours = sample.result()
+        except InputError:
+            # No valid pixel: the scene fails, and leaves no embeddings that look usable.
+            remove_path(paths.embedding(scene.id))
+            raise
+        save_samples(paths.samples(scene.id), samples, neighbours, n=n, seed=seed)
     return str(paths.embedding(scene.id))
 
 

@@ -3,14 +3,7 @@
 import numpy as np
 import pytest
 
-from sitfuse_byol.cluster.sampling import (
-    block_sampler,
-    combine_samples,
-    load_samples,
-    sample_embeddings,
-    save_samples,
-    valid_pixel_count,
-)
+from sitfuse_byol.cluster.sampling import SceneSample, load_samples, sample_embeddings, save_samples
 from sitfuse_byol.embed import SceneEmbedding, embed_scene, open_embedding, save_embedding
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.read import open_scene
@@ -23,10 +16,11 @@ def embedding(landsat_path, tiny_checkpoint):
 
 
 def test_sample_drawn_while_saving_equals_sample_from_the_store(tmp_path, embedding):
-    count = valid_pixel_count(embedding)
-    hook = block_sampler(embedding.scene_id, n=3000, seed=5, valid_count=count)
+    sample = SceneSample(embedding.scene_id, n=3000, seed=5)
     path = tmp_path / "scene.zarr"
-    samples, neighbours = combine_samples(save_embedding(embedding, path, block_hook=hook))
+    save_embedding(embedding, path, block_hook=sample.add)
+    samples, neighbours = sample.result()
+    assert sample.valid_count == int(embedding.valid.sum().compute())
 
     saved = open_embedding(path)
     reopened = SceneEmbedding(
@@ -52,17 +46,52 @@ def test_saved_samples_are_reused_only_for_the_same_size_and_seed(tmp_path, embe
     assert load_samples(tmp_path / "missing.npz", n=500, seed=1) is None
 
 
-@pytest.mark.parametrize(
-    "count",
-    [valid_pixel_count, lambda empty: sample_embeddings(empty, n=10, seed=0, max_blocks=3)],
-    ids=["valid_pixel_count", "sample_embeddings"],
-)
-def test_a_scene_without_valid_pixels_is_refused(embedding, count):
+@pytest.mark.parametrize("max_blocks", [0, 3])
+def test_a_scene_without_valid_pixels_is_refused(embedding, max_blocks):
+    # Embeddings are NaN where the input is invalid, and the mask says so too.
     empty = SceneEmbedding(
-        scene_id="empty", data=embedding.data, valid=embedding.valid & False, grid=embedding.grid
+        scene_id="empty", data=embedding.data * np.nan, valid=embedding.valid & False, grid=embedding.grid
     )
     with pytest.raises(InputError, match="no valid pixel"):
-        count(empty)
+        sample_embeddings(empty, n=10, seed=0, max_blocks=max_blocks)
+
+
+def test_the_sample_is_uniform_over_valid_pixels_whatever_the_block_order():
+    # 10 x 10 blocks, emptier from row to row of blocks, added in two orders: the same
+    # rows come out, each valid pixel kept with probability n / V (so a row of blocks
+    # gives n x its share of the valid pixels), and about 2n rows at most are held on
+    # the way (without thinning, n (1 + ln(blocks)): over twice that here).
+    rng = np.random.default_rng(0)
+    blocks = {}
+    for i in range(10):
+        for j in range(10):
+            block = rng.normal(size=(2, 20, 20)).astype(np.float32)
+            block[:, rng.random((20, 20)) < i / 12] = np.nan
+            blocks[(i, j)] = block
+    valid = {index: int(np.isfinite(b[0]).sum()) for index, b in blocks.items()}
+    total, n = sum(valid.values()), 2000
+    results = []
+    for order in (sorted(blocks), sorted(blocks, reverse=True)):
+        sample = SceneSample("s", n=n, seed=1)
+        peak = 0
+        for index in order:
+            sample.add(blocks[index], index)
+            peak = max(peak, sample._held)
+        assert peak <= 2 * n + max(valid.values())
+        assert sample.valid_count == total
+        results.append(sample.result())
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    samples = results[0][0]
+    assert abs(len(samples) - n) < 4 * np.sqrt(n)
+    row_of = {
+        b[:, r, c].tobytes(): index[0]
+        for index, b in blocks.items()
+        for r, c in zip(*np.nonzero(np.isfinite(b[0])), strict=True)
+    }
+    per_row = np.bincount([row_of[row.tobytes()] for row in samples], minlength=10)
+    expected = np.array([n * sum(v for (i, _), v in valid.items() if i == row) / total for row in range(10)])
+    assert (np.abs(per_row - expected) < 5 * np.sqrt(expected)).all(), (per_row, expected)
 
 
 def test_a_sample_from_some_blocks_draws_from_one_block_of_each_band(embedding):

@@ -125,15 +125,25 @@ def test_a_bad_scene_does_not_stop_the_others(tmp_path, crop_scenes, capsys):
         profile = src.profile | {"count": 4}
         with rasterio.open(four_bands, "w", **profile) as dst:
             dst.write(src.read([1, 2, 3, 4]))
-    config = write_config(tmp_path, [four_bands, crop_scenes["olinda_a"], broken, crop_scenes["olinda_b"]])
+    empty = tmp_path / "empty.tif"
+    with rasterio.open(crop_scenes["olinda_a"]) as src, rasterio.open(empty, "w", **src.profile) as dst:
+        dst.write(np.zeros((src.count, src.height, src.width), src.dtypes[0]))
+    config = write_config(
+        tmp_path, [four_bands, crop_scenes["olinda_a"], broken, crop_scenes["olinda_b"], empty]
+    )
     code = main(["run", "-c", str(config), "--quiet", "--json"])
     assert code == 1
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["scenes"]["four_bands"] == summary["scenes"]["four_bands"] | {
-        "status": "failed", "error": "read: scene has 4 bands but 2 of the 3 scenes (e.g. olinda_a) have 6",
+        "status": "failed", "error": "read: scene has 4 bands but 3 of the 4 scenes (e.g. olinda_a) have 6",
     }
     assert summary["scenes"]["broken"]["status"] == "failed"
     assert "broken.tif" in summary["scenes"]["broken"]["error"]
+    # All nodata: it fails when embedded, and leaves no embeddings behind.
+    assert summary["scenes"]["empty"] == summary["scenes"]["empty"] | {
+        "status": "failed", "error": "embed: no valid pixel to sample embeddings from (empty)",
+    }
+    assert not (tmp_path / "out" / "embeddings" / "empty.zarr").exists()
     assert summary["scenes"]["olinda_a"]["status"] == "done"
     assert summary["scenes"]["olinda_b"]["status"] == "done"
     assert (tmp_path / "out" / "labels" / "olinda_b.tif").exists()
