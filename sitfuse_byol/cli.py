@@ -185,6 +185,8 @@ def _run_stages(args: argparse.Namespace) -> int:
         force=args.force,
         quiet=args.quiet or args.json,
         json=args.json,
+        # --json silences progress but not the dashboard address (then on stderr).
+        dashboard=not args.quiet,
         device=args.device,
         cluster=_cluster_options(config),
         # Only `run` takes the assign options; the other commands never assign.

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TextIO
 
 import dask
 
@@ -82,8 +83,9 @@ def _check_gpu_workers(client: Any, options: ClusterOptions) -> None:
 
 
 @contextlib.contextmanager
-def dask_client(options: ClusterOptions, *, quiet: bool = False) -> Iterator:
-    """A distributed ``Client``; the dashboard address is printed unless ``quiet``."""
+def dask_client(options: ClusterOptions, *, quiet: bool = False, stream: TextIO | None = None) -> Iterator:
+    """A distributed ``Client``; the dashboard address is printed to ``stream`` (default
+    stdout) unless ``quiet``."""
     from distributed import Client, LocalCluster
 
     # The scheduler of a LocalCluster lives in this process; its INFO chatter is not for users.
@@ -124,7 +126,7 @@ def dask_client(options: ClusterOptions, *, quiet: bool = False) -> Iterator:
         client = Client(cluster)
     try:
         if not quiet and client.dashboard_link:
-            print(f"Dask dashboard: {client.dashboard_link}")
+            print(f"Dask dashboard: {client.dashboard_link}", file=stream or sys.stdout)
         yield client
     finally:
         client.close()

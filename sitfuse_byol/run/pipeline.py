@@ -61,6 +61,8 @@ class RunOptions:
     force: bool = False
     quiet: bool = False
     json: bool = False
+    # Print the Dask dashboard's address (on stderr under --json); None: unless quiet.
+    dashboard: bool | None = None
     device: str | None = None
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
     labels: Path | None = None
@@ -636,7 +638,10 @@ class Pipeline:
             self._check_class_names(stages)
             self._require_scenes()
             self.options = replace(self.options, cluster=self.options.cluster.sized_for(len(self.scenes)))
-            with dask_client(self.options.cluster, quiet=self.options.quiet) as client:
+            dashboard = self.options.dashboard if self.options.dashboard is not None else not self.options.quiet
+            # Under --json, stdout holds the summary alone.
+            stream = sys.stderr if self.options.json else sys.stdout
+            with dask_client(self.options.cluster, quiet=not dashboard, stream=stream) as client:
                 # Workers import torch, GDAL and the package while this process trains.
                 warm_up = [
                     client.submit(_preload, workers=[address], pure=False, allow_other_workers=False)

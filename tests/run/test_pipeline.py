@@ -500,3 +500,14 @@ def test_class_names_of_the_wrong_count_stop_a_run_before_any_work(tmp_path, cro
         "error: 2 class names for 6 cluster labels; give one name per label (output.class_names)"
     )
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_json_keeps_stdout_for_the_summary_and_prints_the_dashboard_on_stderr(base_run, capsys):
+    folder, config, *_ = base_run
+    assert main(["run", "-c", str(config), "--json"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert set(summary["scenes"]) == {"olinda_a", "olinda_b", "olinda_c"}
+    assert "Dask dashboard: http" in captured.err
+    assert main(["run", "-c", str(config), "--json", "--quiet"]) == 0
+    assert "Dask dashboard" not in capsys.readouterr().err
