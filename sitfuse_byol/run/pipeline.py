@@ -631,6 +631,13 @@ class Pipeline:
         _remove_stale_temporaries(self.out)
         atomic_write_text(self.out / "config.resolved.yaml", self.config.to_yaml())
         stages = self.options.stages
+        try:
+            return self._run(stages)
+        finally:
+            # Scene records not yet written (see Manifest), interrupted or not.
+            self.manifest.flush()
+
+    def _run(self, stages: tuple[str, ...]) -> RunSummary:
         with _terminate_as_interrupt():
             self.open_scenes()
             self._require_scenes()
