@@ -194,7 +194,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "n_clusters": Key("int", 16, "Number of clusters (coarse clusters when hierarchical).", minimum=2, maximum=65534),
         "method": Key("str", "kmeans", "kmeans (streaming MiniBatchKMeans) or iic (deep-clustering head).", choices=("kmeans", "iic")),
         "samples_per_scene": Key("int", 20000, "Embeddings sampled from each scene to fit the model.", minimum=1),
-        "sample_blocks": Key("int", 32, "Streamed embeddings (embed.save false): draw a scene's sample from this many blocks, one at random from each of as many bands of the scene (embedding only those twice); 0: every block.", minimum=0),
+        "sample_blocks": Key("int", 32, "Streamed embeddings (embed.save false): draw a scene's sample from this many blocks, one at random holding valid pixels from each of as many bands of the scene (embedding only those twice); 0: every block.", minimum=0),
         "hierarchical": Key("bool", False, "Also split every cluster into n_fine sub-clusters."),
         "n_fine": Key("int", 4, "Sub-clusters per cluster when hierarchical.", minimum=2),
         "seed": Key("int", 0, "Seed for sampling and initialisation.", minimum=0),

@@ -109,18 +109,28 @@ class SceneSample:
         return samples, neighbours
 
 
-def block_valid_counts(embedding: SceneEmbedding) -> np.ndarray:
-    """Valid pixels in each block of a scene's embeddings, as a ``(block rows, block cols)`` grid.
+def choose_blocks(embedding: SceneEmbedding, *, max_blocks: int, seed: int) -> list[tuple[int, int]]:
+    """Up to ``max_blocks`` blocks holding valid pixels, spread over the scene.
 
-    Reads the input's mask only, not the embeddings.
+    The blocks, in row-major order, are split into ``max_blocks`` runs (bands of the
+    scene), and each run gives the first block holding a valid pixel in a seeded random
+    order of its blocks (a run without one gives none). Candidates are checked in rounds,
+    one per run at a time, so only the blocks tried have their mask read, not the scene.
+
+    Returns:
+        Block indices ``(i, j)``, in run order.
     """
-    valid = embedding.valid.rechunk(embedding.data.chunks[1:])
-    counts = valid.map_blocks(
-        lambda block: np.full((1, 1), block.sum(), np.int64),
-        chunks=(((1,) * len(valid.chunks[0])), ((1,) * len(valid.chunks[1]))),
-        dtype=np.int64,
-    )
-    return np.asarray(counts.compute())
+    valid = embedding.valid.rechunk(embedding.data.chunks[1:]).to_delayed()
+    blocks = [(i, j) for i in range(valid.shape[0]) for j in range(valid.shape[1])]
+    runs = np.array_split(np.arange(len(blocks)), min(max_blocks, len(blocks)))
+    rng = np.random.default_rng([seed, zlib.crc32(embedding.scene_id.encode())])
+    orders = [rng.permutation(run) for run in runs]
+    chosen: dict[int, int] = {}
+    for depth in range(max(len(order) for order in orders)):
+        candidates = [(r, int(order[depth])) for r, order in enumerate(orders) if r not in chosen and depth < len(order)]
+        counts = dask.compute(*[dask.delayed(np.count_nonzero)(valid[blocks[b]]) for _, b in candidates])
+        chosen.update((r, b) for (r, b), count in zip(candidates, counts, strict=True) if count)
+    return [blocks[chosen[r]] for r in sorted(chosen)]
 
 
 def sample_embeddings(
@@ -132,13 +142,12 @@ def sample_embeddings(
         embedding: The scene's embeddings, saved or computed on the fly.
         n: Samples wanted.
         seed: Seed of the block choice and of every block's draw.
-        max_blocks: Draw from at most this many blocks holding valid pixels: the
-            blocks, in row-major order, are split into this many runs (bands of the
-            scene) and one block is drawn at random (seeded) from each, so the choice
-            covers the scene from top to bottom. Only those blocks are read or
-            embedded, which is what makes streamed embeddings cheap on large scenes;
-            choosing them reads the scene's valid mask. 0: every block, the same
-            sample as a :class:`SceneSample` hooked into
+        max_blocks: Draw from at most this many blocks holding valid pixels, one
+            from each of as many bands of the scene (see :func:`choose_blocks`), so
+            the choice covers the scene from top to bottom. Only those blocks are
+            embedded (and a few more have their mask read), which is what makes
+            streamed embeddings cheap on large scenes. 0: every block, the same sample
+            as a :class:`SceneSample` hooked into
             :func:`sitfuse_byol.embed.save_embedding` draws while they are written.
 
     Returns:
@@ -150,15 +159,7 @@ def sample_embeddings(
     sample = SceneSample(embedding.scene_id, n=n, seed=seed)
     blocks = embedding.data.rechunk({0: -1}).to_delayed()
     if max_blocks > 0:
-        # Choosing among the blocks with valid pixels reads the scene's mask.
-        counts = block_valid_counts(embedding)
-        indices = [tuple(int(v) for v in index) for index in np.argwhere(counts > 0)]
-        if not indices:
-            raise InputError("no valid pixel to sample embeddings from", where=embedding.scene_id)
-        if max_blocks < len(indices):
-            rng = np.random.default_rng([seed, zlib.crc32(embedding.scene_id.encode())])
-            runs = np.array_split(np.arange(len(indices)), max_blocks)
-            indices = [indices[int(rng.choice(run))] for run in runs]
+        indices = choose_blocks(embedding, max_blocks=max_blocks, seed=seed)
     else:
         indices = [(i, j) for i in range(blocks.shape[1]) for j in range(blocks.shape[2])]
     dask.compute(*[dask.delayed(sample.add)(blocks[0, i, j], (i, j)) for i, j in indices])

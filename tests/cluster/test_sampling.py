@@ -120,3 +120,37 @@ def test_a_sample_from_some_blocks_draws_from_one_block_of_each_band(embedding):
     other, _ = sample_embeddings(embedding, n=1000, seed=4, max_blocks=2)
     assert len({block_of[row.tobytes()] for row in other}) == 2
     assert not np.array_equal(other, samples)
+
+
+def test_blocks_are_chosen_by_reading_only_the_masks_of_the_blocks_tried():
+    # 6 x 6 blocks whose top half holds no valid pixel, 4 runs of 9 blocks: the two runs
+    # in the empty half give no block (each of their 9 masks read once), the other two
+    # give their first candidate: 20 masks read of 36, none twice.
+    import threading
+
+    import dask.array as da
+    from affine import Affine
+
+    from sitfuse_byol.cluster.sampling import choose_blocks
+    from sitfuse_byol.grid import Grid
+
+    reads = []
+    lock = threading.Lock()
+
+    def read(block, block_info=None):
+        with lock:
+            reads.append(tuple(block_info[0]["chunk-location"]))
+        return block
+
+    valid = np.ones((60, 60), bool)
+    valid[:30] = False
+    mask = da.from_array(valid, chunks=10).map_blocks(read, dtype=bool)
+    data = da.from_array(np.where(valid, 1.0, np.nan)[None].astype(np.float32), chunks=(1, 10, 10))
+    embedding = SceneEmbedding(scene_id="half", data=data, valid=mask, grid=Grid(60, 60, Affine.identity(), None))
+    chosen = choose_blocks(embedding, max_blocks=4, seed=0)
+    assert len(chosen) == 2
+    assert 3 <= chosen[0][0] <= 4 and chosen[1][0] >= 4  # one from each run of the valid half
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == 20
+    assert chosen == choose_blocks(embedding, max_blocks=4, seed=0)
+    samples, _ = sample_embeddings(embedding, n=100, seed=0, max_blocks=4)
+    assert 50 < len(samples) < 150 and (samples == 1.0).all()
