@@ -9,7 +9,7 @@ normalisation — so NaN or fill values never enter the arithmetic, and are set
 to 0 again at the end. Bilinear resampling and blur are mask-weighted
 (normalised convolution: the resampled ``x * valid`` over the resampled
 ``valid``), so a valid pixel next to nodata is a weighted mean of valid pixels
-only and the 0 fill never leaks into real spectra. Every geometric transform
+only and whatever invalid pixels hold never leaks into real spectra. Every geometric transform
 moves the validity mask with the data (the mask is resampled with
 nearest-neighbour on the same grid), and the mask is what keeps invalid pixels
 out of pooling.
@@ -166,9 +166,9 @@ def _geometry(
     ], dim=1).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     weight = valid.unsqueeze(1).to(x.dtype)
-    # x is 0 off the mask, so resampling [x, mask] together gives the numerator and
-    # denominator of the mask-weighted bilinear mean in one call.
-    both = F.grid_sample(torch.cat([x, weight], 1), grid, mode="bilinear", padding_mode="border",
+    # Resampling [x * mask, mask] together gives the numerator and denominator of the
+    # mask-weighted bilinear mean in one call.
+    both = F.grid_sample(torch.cat([x * weight, weight], 1), grid, mode="bilinear", padding_mode="border",
                          align_corners=False)
     m = F.grid_sample(weight, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     # Where the nearest input pixel is valid its bilinear weight is at least 1/4, so the
@@ -203,8 +203,9 @@ def _blur(
     Each sample's 1-D kernel, with reflect boundary handling, is written as a
     P x P matrix G, and the blur is ``G @ x @ G.T``: two batched matmuls, far
     faster on CPU than a depthwise conv with one group per sample and band.
-    ``x`` is 0 off the mask; dividing by the blurred mask makes each valid pixel
-    a Gaussian-weighted mean of valid pixels only.
+    Blurring ``x * valid`` and dividing by the blurred mask makes each valid pixel a
+    Gaussian-weighted mean of valid pixels only, whatever ``x`` holds off the mask (the
+    spectral jitter before the blur moves the fill of invalid pixels too).
     """
     b, c, size, _ = x.shape
     dev = x.device
@@ -224,10 +225,11 @@ def _blur(
     blur = torch.zeros(n, size, size, device=dev, dtype=x.dtype)
     blur.scatter_add_(2, src.expand(n, size, -1), weights[:, None, :].expand(n, size, -1))
     blur = blur[:, None]  # (n, 1, P, P), broadcast over bands
-    weight = blur @ valid[idx, None].to(x.dtype) @ blur.transpose(-1, -2)
+    mask = valid[idx, None].to(x.dtype)
+    weight = blur @ mask @ blur.transpose(-1, -2)
     # A valid pixel keeps its own (largest) tap, so its weight is far from 0; invalid
     # pixels with no valid neighbour are zeroed by the caller.
-    return x.index_copy(0, idx, (blur @ x[idx] @ blur.transpose(-1, -2)) / weight.clamp(min=1e-6))
+    return x.index_copy(0, idx, (blur @ (x[idx] * mask) @ blur.transpose(-1, -2)) / weight.clamp(min=1e-6))
 
 
 @torch.no_grad()

@@ -181,6 +181,24 @@ def test_fill_of_invalid_pixels_never_leaks_into_valid_ones() -> None:
     assert (v.masked_select(~m.unsqueeze(1)) == 0).all()
 
 
+def test_spectral_jitter_before_the_blur_does_not_leak_into_valid_pixels() -> None:
+    # The jitter's offset moves every pixel, the nodata fill too; the blur after it must
+    # still average valid pixels only: each band of each sample stays one constant.
+    valid = torch.ones(B, P, P, dtype=torch.bool)
+    valid[..., : P // 3] = False
+    level = torch.linspace(-2.0, 3.0, C).view(1, C, 1, 1)
+    x = torch.where(valid.unsqueeze(1), level.expand(B, C, P, P), float("nan"))
+    cfg = dataclasses.replace(GEOMETRY_ONLY, jitter_p=1.0, band_offset=1.0, brightness=1.0,
+                              blur_sigma=(1.0, 2.0))
+    v, m = augment_view(x, valid, config=cfg, generator=_gen(4), blur_p=1.0, solarize_p=0.0)
+    near_nodata = torch.nn.functional.max_pool2d((~m).float().unsqueeze(1), 3, 1, 1).squeeze(1) > 0
+    assert (m & near_nodata).any()
+    kept = m.unsqueeze(1).expand_as(v)
+    high = torch.where(kept, v, -torch.inf).amax(dim=(2, 3))
+    low = torch.where(kept, v, torch.inf).amin(dim=(2, 3))
+    torch.testing.assert_close(high, low, atol=1e-5, rtol=0)
+
+
 def test_bad_inputs_are_refused() -> None:
     x, valid = _data()
     with pytest.raises(ValueError):
