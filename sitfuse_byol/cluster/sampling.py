@@ -58,6 +58,11 @@ class SceneSample:
         """Valid pixels in the blocks added so far."""
         return self._seen
 
+    @property
+    def held_rows(self) -> int:
+        """Rows held now: about ``n``, at most ``2 n`` plus one block's share."""
+        return self._held
+
     def add(self, block: np.ndarray, index: tuple[int, int]) -> None:
         """Draw from one block of embeddings ``(D, h, w)``, NaN where invalid; ``index``
         is the block's place in the scene's grid of blocks (it seeds the draw)."""

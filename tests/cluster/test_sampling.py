@@ -76,7 +76,7 @@ def test_the_sample_is_uniform_over_valid_pixels_whatever_the_block_order():
         peak = 0
         for index in order:
             sample.add(blocks[index], index)
-            peak = max(peak, sample._held)
+            peak = max(peak, sample.held_rows)
         assert peak <= 2 * n + max(valid.values())
         assert sample.valid_count == total
         results.append(sample.result())
