@@ -376,10 +376,11 @@ def run_floors(seeds: list[int], image, strata, valid, polygons, cluster_seeds: 
         out = WORK / f"raw_kmeans_seed{seed}"
         shutil.rmtree(out, ignore_errors=True)
         raw["acc"].append(class_accuracy(assign_raw(image, valid_image, polygons, seed, out), strata, valid))
-        # Raw pixels have no training seed; the extra seeds only change the sample and the k-means init.
+        # Raw pixels have no training seed: the seed only picks the sample and the k-means init,
+        # so each seed gets its own extra seeds, or the same clusterings would count once per seed.
         raw["acc_reclustered"].append([raw["acc"][-1]] + [
-            class_accuracy(assign_raw(image, valid_image, polygons, cluster_seed, out), strata, valid)
-            for cluster_seed in cluster_seeds
+            class_accuracy(assign_raw(image, valid_image, polygons, c + len(cluster_seeds) * seed, out), strata, valid)
+            for c in cluster_seeds
         ])
         print(f"  raw k-means seed {seed}: NMI {raw['nmi'][-1]:.3f}  ARI {raw['ari'][-1]:.3f}  "
               f"accuracy {raw['acc'][-1]:.3f};  PCA+k-means NMI {pca['nmi'][-1]:.3f}", flush=True)
