@@ -504,7 +504,7 @@ def section_text(args, table, stage_table, goal_table, ours, n_polygons, elapsed
         "Lloyd iterations) instead of the pipeline's streaming MiniBatchKMeans: NMI at K=7 varies as much between "
         "k-means optima as between training seeds, so neither clustering is consistently better here. "
         "The two accuracy diagnostics re-cluster each trained model (or, for raw pixels, the same pixels) at "
-        f"K={K_ASSIGN} with {len(ours['acc_reclustered'][0]) - 1} more k-means seeds through the same "
+        f"K={K_ASSIGN} with {args.cluster_seeds} more k-means seeds through the same "
         "assignment: at K=32 the k-means seed alone moves our accuracy by several points (the within-model sd), "
         "so a single clustering per model says little about the gap; these means over every clustering do.\n\n"
         f"{stage_table}\n\n"
