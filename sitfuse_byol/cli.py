@@ -158,8 +158,11 @@ def _cluster_options(config: Config):
 
 def _setup_run_logging(config: Config) -> None:
     logs = config.output_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(logs / "sitfuse.log")
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(logs / "sitfuse.log")
+    except OSError as err:
+        raise InputError(f"cannot write to the output folder: {err.strerror}", where=str(err.filename or logs)) from err
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     log.addHandler(handler)
@@ -353,6 +356,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        # What the system refused outside the checks above (a folder made read-only or
+        # full during the run): still one line, naming the file.
+        if args.debug:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

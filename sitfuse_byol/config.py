@@ -88,6 +88,13 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=YamlLoader)
 
 
+def describe_yaml_error(err: yaml.YAMLError) -> str:
+    """A YAML error in one line, its problem and line, without PyYAML's excerpt of the text."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    return f"{problem} at line {mark.line + 1}" if mark is not None else problem
+
+
 @dataclass(frozen=True)
 class Key:
     """One configuration key.
@@ -134,6 +141,12 @@ def _bands(value: Any) -> str | None:
         if isinstance(v, bool) or not isinstance(v, int | str):
             return f"must hold band indices (from 1) or names (got {v!r})"
     return None
+
+
+def _rgb_bands(value: Any) -> str | None:
+    if not isinstance(value, list) or len(value) != 3:
+        return "must list three bands (red, green, blue) by index (from 1) or name"
+    return _bands(value)
 
 
 def _augment(value: Any) -> str | None:
@@ -205,7 +218,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "min_polygon_px": Key("int", 16, "Sieve size in pixels for polygons.", minimum=1),
         "zarr": Key("bool", False, "Also write labels as Zarr."),
         "quicklook": Key("bool", True, "Write a PNG quicklook beside each label raster."),
-        "rgb_bands": Key("list", None, "Three bands for quicklooks; guessed when null.", nullable=True, check=_bands),
+        "rgb_bands": Key("list", None, "Three bands for quicklooks; guessed when null.", nullable=True, check=_rgb_bands),
         "class_names": Key("list", None, "Names for cluster labels; 'cluster N' when null.", nullable=True),
     },
     "dask": {

@@ -33,6 +33,7 @@ from sitfuse_byol.assign.polygons import (
     read_class_polygons,
     reproject_polygons,
 )
+from sitfuse_byol.config import describe_yaml_error
 from sitfuse_byol.errors import ConfigError, InputError
 from sitfuse_byol.export.atomic import atomic_write_text
 from sitfuse_byol.export.label_raster import label_dtype_and_nodata, write_label_raster
@@ -463,7 +464,7 @@ def _parse_yaml(path: Path) -> dict[str, Any]:
     except ConfigError as exc:
         raise ConfigError(exc.what, where=str(path)) from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"mapping file is not valid YAML: {exc}", where=str(path)) from exc
+        raise ConfigError(f"mapping file is not valid YAML: {describe_yaml_error(exc)}", where=str(path)) from exc
     if not isinstance(data, dict):
         raise ConfigError("mapping file must be a YAML mapping with 'clusters'", where=str(path))
     unknown = sorted(str(k) for k in data if k not in _MAPPING_KEYS)

@@ -26,8 +26,9 @@ import rasterio.features
 import rasterio.warp
 import shapely
 import shapely.geometry
+from rasterio._err import CPLE_BaseError  # PROJ failures; rasterio exports it nowhere public
 from rasterio.crs import CRS
-from rasterio.errors import CRSError
+from rasterio.errors import CRSError, RasterioError
 from rasterio.windows import Window
 from scipy.sparse import coo_array
 from scipy.sparse.csgraph import connected_components
@@ -250,6 +251,8 @@ def read_class_polygons(path: Path, *, field: str, layer: str | None = None) -> 
             "draw the classes as polygons",
             where=str(path),
         )
+    _check_geographic_range(geometries, crs, path)
+    notes += _conflicting_overlaps(geometries, classes)
     if UNCERTAIN in classes:
         raise InputError(
             f"class name {UNCERTAIN!r} is reserved for clusters no class dominates; "
@@ -266,6 +269,43 @@ def read_class_polygons(path: Path, *, field: str, layer: str | None = None) -> 
     )
 
 
+def _conflicting_overlaps(geometries: Sequence[shapely.Geometry], classes: Sequence[str]) -> list[str]:
+    """A note when polygons of different classes overlap: their shared pixels count for the
+    later one only (see :func:`burn_windows`), which a user who drew them should know."""
+    shapes = np.array(geometries, dtype=object)
+    first, second = shapely.STRtree(shapes).query(shapes, predicate="intersects")
+    candidates = (first < second) & (np.array(classes)[first] != np.array(classes)[second])
+    first, second = first[candidates], second[candidates]
+    # Relative to the smaller polygon, so slivers that rounding leaves between polygons
+    # drawn edge to edge (then reprojected) do not count.
+    smaller = np.minimum(shapely.area(shapes[first]), shapely.area(shapes[second]))
+    shared = shapely.area(shapely.intersection(shapes[first], shapes[second])) > 1e-6 * smaller
+    first, second = first[shared], second[shared]
+    if not len(first):
+        return []
+    i, j = int(first[0]), int(second[0])
+    return [
+        f"{len(first)} pair(s) of polygons of different classes overlap (e.g. a {classes[i]!r} and a "
+        f"{classes[j]!r} polygon); where they do, the class of the later one in the file counts"
+    ]
+
+
+def _check_geographic_range(geometries: Sequence[shapely.Geometry], crs: str, path: Path) -> None:
+    """Coordinates beyond ±180/±90 in a longitude/latitude CRS are projected coordinates
+    under the wrong CRS, most often a GeoJSON without a ``crs`` member (WGS 84 by RFC 7946)
+    saved from a projected layer."""
+    if not CRS.from_user_input(crs).is_geographic:
+        return
+    west, south, east, north = shapely.total_bounds(np.array(geometries, dtype=object))
+    if west < -180.5 or east > 360.5 or south < -90.5 or north > 90.5:
+        raise InputError(
+            f"polygon coordinates (x {west:.6g} to {east:.6g}, y {south:.6g} to {north:.6g}) are not "
+            f"longitude/latitude, but the file's CRS is {crs} (a GeoJSON without a 'crs' member "
+            "is read as WGS 84); save the polygons with their real CRS in QGIS (Layer › Save As › CRS)",
+            where=str(path),
+        )
+
+
 def reproject_polygons(polygons: ClassPolygons, crs: CRS) -> list[shapely.Geometry]:
     """The polygons' geometries in another CRS, in feature order.
 
@@ -279,9 +319,16 @@ def reproject_polygons(polygons: ClassPolygons, crs: CRS) -> list[shapely.Geomet
     source = CRS.from_user_input(polygons.crs)
     if source == crs:
         return list(polygons.geometries)
-    moved = rasterio.warp.transform_geom(
-        source, crs, [shapely.geometry.mapping(g) for g in polygons.geometries]
-    )
+    try:
+        moved = rasterio.warp.transform_geom(
+            source, crs, [shapely.geometry.mapping(g) for g in polygons.geometries]
+        )
+    except (RasterioError, CPLE_BaseError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"cannot reproject the polygons from {polygons.crs} to the label raster's CRS: {message}",
+            where=str(polygons.path),
+        ) from exc
     return [shapely.geometry.shape(g) for g in moved]
 
 

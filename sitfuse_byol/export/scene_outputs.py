@@ -11,6 +11,7 @@ at stride 1 the embeddings already carry it (see :func:`_to_scene_grid`).
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,7 @@ import numpy as np
 from sitfuse_byol.cluster.model import ClusterModel
 from sitfuse_byol.embed import SceneEmbedding
 from sitfuse_byol.errors import ConfigError
-from sitfuse_byol.export.atomic import remove_path
+from sitfuse_byol.export.atomic import remove_path, temporary_sibling
 from sitfuse_byol.export.float_raster import write_float_raster
 from sitfuse_byol.export.label_raster import label_dtype_and_nodata, write_label_raster
 from sitfuse_byol.export.palette import hierarchical_colors, label_colors
@@ -150,8 +151,10 @@ def write_scene_outputs(
         scene: The scene; outputs are written on its grid.
         embedding: The scene's embeddings, NaN where the input is invalid.
         model: The clustering model.
-        out_dir: The run's output directory; a temporary ``.work`` folder is used
-            there and emptied again.
+        out_dir: The run's output directory. Everything is written into a temporary
+            ``.work`` folder there first and moved into place only once every output
+            of the scene is complete, so a failure part-way (a bad quicklook band, a
+            full disk) leaves the scene's earlier outputs as they were, not a mix.
         stride: The embedding stride (1: one embedding per scene pixel).
         options: Which extra outputs to write.
         tags: Dataset tags of the rasters.
@@ -177,6 +180,7 @@ def write_scene_outputs(
     work = out_dir / ".work" / f"{scene.id}.export"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    staged = work / "out"
     outputs: dict[str, str] = {}
     try:
         stores = [predicted.to_zarr(str(work / "predicted.zarr"), compute=False, compressors=None)]
@@ -198,14 +202,14 @@ def write_scene_outputs(
         names = list(options.class_names) if options.class_names else None
         colors = hierarchical_colors(model.n_clusters, model.n_fine) if model.n_fine else label_colors(n_labels)
         labels = layer(0, dtype, dtype.type(nodata))
-        label_path = out_dir / "labels" / f"{scene.id}.tif"
+        label_path = staged / "labels" / f"{scene.id}.tif"
         write_label_raster(
             labels, grid=scene.grid, path=label_path, n_labels=n_labels,
             class_names=names, colors=colors, tags=dict(tags), description="cluster",
         )
         outputs["labels"] = str(label_path)
         confidence = layer(1, np.dtype(np.float32), np.float32(np.nan))
-        confidence_path = out_dir / "confidence" / f"{scene.id}.tif"
+        confidence_path = staged / "confidence" / f"{scene.id}.tif"
         write_float_raster(
             confidence, grid=scene.grid, path=confidence_path,
             description=model.confidence_meaning, tags=dict(tags),
@@ -213,7 +217,7 @@ def write_scene_outputs(
         outputs["confidence"] = str(confidence_path)
         if model.n_fine:
             coarse = layer(2, coarse_dtype, coarse_dtype.type(coarse_nodata))
-            coarse_path = out_dir / "labels" / f"{scene.id}_coarse.tif"
+            coarse_path = staged / "labels" / f"{scene.id}_coarse.tif"
             write_label_raster(
                 coarse, grid=scene.grid, path=coarse_path, n_labels=model.n_clusters,
                 tags=dict(tags), description="coarse cluster",
@@ -221,23 +225,69 @@ def write_scene_outputs(
             outputs["labels_coarse"] = str(coarse_path)
         if options.quicklook:
             outputs["quicklook"] = str(
-                _write_quicklook(scene, labels, nodata=nodata, colors=colors, out_dir=out_dir, options=options)
+                _write_quicklook(scene, labels, nodata=nodata, colors=colors, out_dir=staged, options=options)
             )
         if options.polygons:
             from sitfuse_byol.export.polygons import write_polygons
 
-            polygon_path = out_dir / "labels" / f"{scene.id}.gpkg"
+            polygon_path = staged / "labels" / f"{scene.id}.gpkg"
             write_polygons(
                 polygon_path, labels=labels.compute(), grid=scene.grid, nodata=nodata,
                 min_size_px=options.min_polygon_px, class_names=names,
             )
             outputs["polygons"] = str(polygon_path)
         if options.zarr:
-            outputs["labels_zarr"] = str(_write_label_zarr(scene, labels, nodata=nodata, out_dir=out_dir))
+            outputs["labels_zarr"] = str(_write_label_zarr(scene, labels, nodata=nodata, out_dir=staged))
+        _publish(staged, out_dir)
         _remove_outdated_outputs(scene.id, out_dir=out_dir, written=set(outputs), model_hash=model.model_hash)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return outputs
+    return {kind: str(out_dir / Path(path).relative_to(staged)) for kind, path in outputs.items()}
+
+
+def _publish(staged: Path, out_dir: Path) -> None:
+    """Move every complete output from ``staged/<folder>/`` onto ``out_dir/<folder>/``.
+
+    Each move is a rename within one file system (``.work`` is inside ``out_dir``), so
+    each file appears whole; a Zarr store replaces the old one the way
+    :func:`~sitfuse_byol.export.atomic.atomic_path` does.
+    """
+    for folder in sorted(p for p in staged.iterdir() if p.is_dir()):
+        target = out_dir / folder.name
+        target.mkdir(parents=True, exist_ok=True)
+        for item in sorted(folder.iterdir()):
+            final = target / item.name
+            if item.is_dir() and final.is_dir() and not final.is_symlink():
+                old = temporary_sibling(final)
+                os.replace(final, old)
+                os.replace(item, final)
+                remove_path(old)
+            else:
+                os.replace(item, final)
+
+
+def _output_paths(scene_id: str, out_dir: Path) -> dict[str, list[Path]]:
+    """Every file a scene's export (and `sitfuse assign`) can leave, by output kind."""
+    def with_sidecars(raster: Path) -> list[Path]:
+        return [raster, qml_path_for(raster), aux_xml_path_for(raster)]
+
+    labels = out_dir / "labels"
+    return {
+        "labels": with_sidecars(labels / f"{scene_id}.tif"),
+        "confidence": with_sidecars(out_dir / "confidence" / f"{scene_id}.tif"),
+        "labels_coarse": with_sidecars(labels / f"{scene_id}_coarse.tif"),
+        "quicklook": [labels / f"{scene_id}.png"],
+        "polygons": [labels / f"{scene_id}.gpkg"],
+        "labels_zarr": [labels / f"{scene_id}.zarr"],
+        "classes": with_sidecars(out_dir / "classes" / f"{scene_id}.tif"),
+    }
+
+
+def remove_scene_outputs(scene_id: str, *, out_dir: Path) -> None:
+    """Remove everything a scene's export and class assignment wrote."""
+    for paths in _output_paths(scene_id, out_dir).values():
+        for path in paths:
+            remove_path(path)
 
 
 def _remove_outdated_outputs(scene_id: str, *, out_dir: Path, written: set[str], model_hash: str) -> None:
@@ -245,22 +295,14 @@ def _remove_outdated_outputs(scene_id: str, *, out_dir: Path, written: set[str],
     turned off, a flat model after a hierarchical one), and its class rasters when
     `sitfuse assign` made them from another clustering model's labels: beside the new
     labels they would pass for results of this run."""
-    def with_sidecars(raster: Path) -> list[Path]:
-        return [raster, qml_path_for(raster), aux_xml_path_for(raster)]
-
-    labels = out_dir / "labels"
-    optional = {
-        "labels_coarse": with_sidecars(labels / f"{scene_id}_coarse.tif"),
-        "quicklook": [labels / f"{scene_id}.png"],
-        "polygons": [labels / f"{scene_id}.gpkg"],
-        "labels_zarr": [labels / f"{scene_id}.zarr"],
-    }
-    outdated = [path for kind, paths in optional.items() if kind not in written for path in paths]
-    class_raster = out_dir / "classes" / f"{scene_id}.tif"
+    paths = _output_paths(scene_id, out_dir)
+    optional = ("labels_coarse", "quicklook", "polygons", "labels_zarr")
+    outdated = [path for kind in optional if kind not in written for path in paths[kind]]
+    class_raster = paths["classes"][0]
     # Class rasters older than the tag are left alone: nothing says which labels made them.
     made_from = _tag(class_raster, "model_hash") if class_raster.exists() else None
     if made_from and made_from != model_hash:
-        outdated += with_sidecars(class_raster)
+        outdated += paths["classes"]
     for path in outdated:
         remove_path(path)
 

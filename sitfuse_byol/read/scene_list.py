@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from sitfuse_byol.config import load_yaml
+from sitfuse_byol.config import describe_yaml_error, load_yaml
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.read.multifile import MultiFileSpec
 
@@ -65,7 +65,7 @@ def _read_yaml(path: Path, *, where: str) -> object:
     try:
         return load_yaml(path.read_text())
     except yaml.YAMLError as err:
-        raise InputError(f"invalid YAML: {str(err).splitlines()[0]}", where=str(path)) from err
+        raise InputError(f"invalid YAML: {describe_yaml_error(err)}", where=str(path)) from err
 
 
 def _multifile_from_yaml(content: object, *, path: Path) -> MultiFileSpec:

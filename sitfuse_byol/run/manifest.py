@@ -107,6 +107,12 @@ class Manifest:
             and (scene_ids is None or scene_id in scene_ids)
         ]
 
+    def forget_outputs(self, scene_id: str) -> None:
+        """Drop a scene's recorded outputs (they were removed) and the key they were made under."""
+        entry = self.scenes[scene_id]
+        entry["outputs"], entry["key"] = {}, ""
+        self._pending = True
+
     def _relative(self, path: str) -> str:
         folder = self.path.parent.resolve()
         resolved = Path(path).resolve()

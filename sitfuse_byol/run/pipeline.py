@@ -92,13 +92,17 @@ def record_training(config: Config, *, seconds: float) -> None:
     would, after an encoder was trained outside one (``sitfuse train --ddp`` under
     torchrun), so that a later ``sitfuse run`` goes on from it instead of training again.
     """
+    from sitfuse_byol.train.checkpoint import checkpoint_hash
+
     refs = resolve_scene_list(config["data"]["scenes"], base=config.base)
     paths = Paths(config.output_dir)
     manifest = Manifest.load(config.output_dir / "run.json")
     manifest.stages["stats"] = {"key": stats_stage_key(config, (scene_fingerprint(r) for r in refs)), "seconds": 0.0}
     key = train_stage_key(config, paths.stats)
     manifest.stages["train_started"] = {"key": key}
-    manifest.stages["train"] = {"key": key, "seconds": round(seconds, 3)}
+    manifest.stages["train"] = {
+        "key": key, "seconds": round(seconds, 3), "checkpoint": checkpoint_hash(paths.checkpoint),
+    }
     manifest.save()
 
 
@@ -178,6 +182,17 @@ def _remove_stale_temporaries(out: Path) -> None:
     remove_path(out / ".work")
 
 
+def export_key(fingerprint: str, model_hash: str, output_digest: str) -> str:
+    """A scene's export key in run.json: its input, the clustering model, the output settings."""
+    return f"{fingerprint}:{model_hash}:{output_digest}"
+
+
+def export_key_model(key: str) -> str:
+    """The clustering model's hash in an :func:`export_key` ('' for another key)."""
+    parts = key.split(":")
+    return parts[1] if len(parts) == 3 else ""
+
+
 def _error_text(err: BaseException) -> str:
     if isinstance(err, SitfuseError):
         return str(err)
@@ -199,6 +214,13 @@ class Pipeline:
         self.errors: dict[str, BaseException] = {}
         # Each scene's task seconds in this run, by stage, for its run.json entry.
         self.scene_seconds: dict[str, dict[str, float]] = {}
+        # Until the run-wide checks pass, nothing is written: a refused command (exit 2)
+        # leaves the output folder as it was, its run.json included.
+        self.checked = False
+        self.deferred_failures: dict[str, tuple[dict[str, float], str]] = {}
+        # Failed scenes' outputs from earlier runs, with their export keys: kept, and kept
+        # in run.json, while the clustering model is the same (see _remove_stale_outputs).
+        self.earlier_exports: dict[str, tuple[str, dict[str, str]]] = {}
 
     # -- bookkeeping -----------------------------------------------------------------
 
@@ -207,11 +229,20 @@ class Pipeline:
         self.errors[scene_id] = err
         log.info("scene %s failed in %s: %s", scene_id, stage, message)
         log.debug("".join(traceback.format_exception(err)))
-        self.manifest.record(
-            scene_id, status="failed", key="", timings=self.scene_seconds.get(scene_id, {}),
-            error=f"{stage}: {message}",
-        )
+        earlier = self.manifest.scenes.get(scene_id) or {}
+        if export_key_model(earlier.get("key", "")) and scene_id not in self.earlier_exports:
+            outputs = {kind: str(path) for kind, path in self.manifest.outputs(scene_id).items() if path.exists()}
+            self.earlier_exports[scene_id] = (earlier["key"], outputs)
+        failure = (self.scene_seconds.get(scene_id, {}), f"{stage}: {message}")
+        if self.checked:
+            self._record_failure(scene_id, *failure)
+        else:
+            self.deferred_failures[scene_id] = failure
         self.scenes.pop(scene_id, None)
+
+    def _record_failure(self, scene_id: str, timings: dict[str, float], error: str) -> None:
+        key, outputs = self.earlier_exports.get(scene_id, ("", {}))
+        self.manifest.record(scene_id, status="failed", key=key, timings=timings, outputs=outputs, error=error)
 
     def _stage_key(self, name: str, *parts: str) -> str:
         return "|".join((name, *parts))
@@ -224,9 +255,28 @@ class Pipeline:
             and all(p.exists() for p in required)
         )
 
-    def _mark_stage(self, name: str, key: str, started: float) -> None:
-        self.manifest.stages[name] = {"key": key, "seconds": round(time.perf_counter() - started, 3)}
+    def _mark_stage(self, name: str, key: str, started: float, **extra: str) -> None:
+        self.manifest.stages[name] = {"key": key, "seconds": round(time.perf_counter() - started, 3), **extra}
         self.manifest.save()
+
+    def _checkpoint_loads(self) -> bool:
+        """Whether the trained checkpoint is still the one training wrote, or at least loads:
+        a truncated or damaged copy means training again, not a success that every later
+        stage then refuses."""
+        from sitfuse_byol.errors import ModelError
+        from sitfuse_byol.train.checkpoint import checkpoint_hash, load_checkpoint
+
+        entry = self.manifest.stages.get("train", {})
+        if entry.get("checkpoint") == checkpoint_hash(self.paths.checkpoint):
+            return True
+        try:
+            load_checkpoint(self.paths.checkpoint)
+        except ModelError as err:
+            log.warning("warning: %s; training again", err)
+            return False
+        # Replaced by another good checkpoint (an epoch_NNN.pt copied over it): kept.
+        entry["checkpoint"] = checkpoint_hash(self.paths.checkpoint)
+        return True
 
     # -- stages ----------------------------------------------------------------------
 
@@ -254,7 +304,8 @@ class Pipeline:
                         scene.id,
                         InputError(
                             f"scene has {scene.n_bands} bands but {agreeing} of the "
-                            f"{len(self.scenes)} scenes (e.g. {example}) have {bands}"
+                            f"{len(self.scenes)} scenes (e.g. {example}) have {bands}",
+                            where=scene.source,
                         ),
                         stage="read",
                     )
@@ -264,7 +315,17 @@ class Pipeline:
         from sitfuse_byol.errors import ModelError
         from sitfuse_byol.train.checkpoint import load_encoder
 
-        if "train" in stages or not {"embed", "cluster", "export"} & set(stages):
+        if "train" in stages:
+            if self.options.resume and self.paths.checkpoint.exists():
+                # Before the stats stage rewrites stats.json for scenes the model cannot take.
+                trained = load_encoder(self.paths.checkpoint)
+                for scene in list(self.scenes.values()):
+                    try:
+                        trained.check_bands(scene.n_bands, where=scene.source)
+                    except ModelError as err:
+                        self._fail(scene.id, err, stage="read")
+            return
+        if not {"embed", "cluster", "export"} & set(stages):
             return
         if not self.paths.checkpoint.exists():
             raise ModelError("no trained encoder; run `sitfuse train` first", where=str(self.paths.checkpoint))
@@ -303,6 +364,63 @@ class Pipeline:
 
             n_labels = load_cluster_model(self.paths.cluster_model).n_labels
         check_class_names(names, n_labels=n_labels)
+
+    def _check_rgb_bands(self, stages: tuple[str, ...]) -> None:
+        """Each scene must have ``output.rgb_bands`` for its quicklook; found out at the
+        start, not after training."""
+        from sitfuse_byol.read.bands import select_bands
+
+        rgb = self.config["output"]["rgb_bands"]
+        if rgb is None or not self.config["output"]["quicklook"] or "export" not in stages:
+            return
+        for scene in list(self.scenes.values()):
+            try:
+                select_bands(scene.band_names, rgb, where=f"output.rgb_bands, {scene.source}")
+            except InputError as err:
+                self._fail(scene.id, err, stage="read")
+
+    def _prepare_output_dirs(self, stages: tuple[str, ...]) -> None:
+        """Create the folders outputs are renamed into, so one that cannot be made (a file
+        of that name, no permission) stops the run before any work, not each scene after it."""
+        folders = [self.out / "logs"]
+        if "export" in stages:
+            folders += [self.out / "labels", self.out / "confidence"]
+        for folder in folders:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise InputError(f"cannot create an output folder: {err.strerror}", where=str(folder)) from err
+
+    def _start_writing(self) -> None:
+        """The run-wide checks passed: record what failed so far and the resolved config."""
+        self.checked = True
+        atomic_write_text(self.out / "config.resolved.yaml", self.config.to_yaml())
+        for scene_id, failure in self.deferred_failures.items():
+            self._record_failure(scene_id, *failure)
+        self.deferred_failures.clear()
+
+    def _remove_stale_outputs(self) -> None:
+        """A scene that failed in this run keeps outputs of an earlier run only while they
+        come from the clustering model the other scenes were just labelled with: beside
+        those, labels of another model would pass for this run's (cluster 7 meaning
+        something else)."""
+        from sitfuse_byol.export.scene_outputs import remove_scene_outputs
+
+        model_json = self.paths.cluster_model / "model.json"
+        if not self.earlier_exports or not model_json.exists():
+            return
+        current = json.loads(model_json.read_text()).get("model_hash", "")
+        stale = [
+            s for s, (key, _) in self.earlier_exports.items() if s in self.errors and export_key_model(key) != current
+        ]
+        for scene_id in stale:
+            remove_scene_outputs(scene_id, out_dir=self.out)
+            self.manifest.forget_outputs(scene_id)
+        if stale:
+            log.warning(
+                "warning: removed the outputs of %s from an earlier run: they were made by another clustering model",
+                ", ".join(stale),
+            )
 
     def _encoder_hash(self) -> str:
         """The trained encoder's identity: its checkpoint's hash (cached while unchanged)."""
@@ -424,11 +542,12 @@ class Pipeline:
         from sitfuse_byol.train.loop import train
 
         key = train_stage_key(self.config, self.paths.stats)
-        if self._stage_done("train", key, self.paths.checkpoint):
+        loads = not self.paths.checkpoint.exists() or self._checkpoint_loads()
+        if self._stage_done("train", key, self.paths.checkpoint) and loads:
             return
         started = time.perf_counter()
         resume = self.options.resume or (
-            self.manifest.stages.get("train_started", {}).get("key") == key and not self.options.force
+            self.manifest.stages.get("train_started", {}).get("key") == key and not self.options.force and loads
         )
         self.manifest.stages["train_started"] = {"key": key}
         self.manifest.save()
@@ -455,7 +574,9 @@ class Pipeline:
                     scenes=list(self.scenes.values()),
                     progress=after_step,
                 )
-        self._mark_stage("train", key, started)
+        from sitfuse_byol.train.checkpoint import checkpoint_hash
+
+        self._mark_stage("train", key, started, checkpoint=checkpoint_hash(self.paths.checkpoint))
 
     def _scene_tasks(
         self,
@@ -595,7 +716,7 @@ class Pipeline:
         output_key = self.config.digest("output", "embed", "data", leave_out=("output.dir", "data.scenes"))
         keys = {}
         for scene_id in self.scenes:
-            key = f"{self.fingerprints[scene_id]}:{model_key}:{output_key}"
+            key = export_key(self.fingerprints[scene_id], model_key, output_key)
             if self.options.force or not self.manifest.is_done(scene_id, key):
                 keys[scene_id] = key
         if keys and "cluster" not in self.options.stages:
@@ -627,15 +748,18 @@ class Pipeline:
     # -- driver ----------------------------------------------------------------------
 
     def run(self) -> RunSummary:
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"cannot create the output folder: {err.strerror}", where=str(self.out)) from err
         _remove_stale_temporaries(self.out)
-        atomic_write_text(self.out / "config.resolved.yaml", self.config.to_yaml())
         stages = self.options.stages
         try:
             return self._run(stages)
         finally:
             # Scene records not yet written (see Manifest), interrupted or not.
-            self.manifest.flush()
+            if self.checked:
+                self.manifest.flush()
 
     def _run(self, stages: tuple[str, ...]) -> RunSummary:
         with _terminate_as_interrupt():
@@ -643,7 +767,10 @@ class Pipeline:
             self._require_scenes()
             self._require_models(stages)
             self._check_class_names(stages)
+            self._check_rgb_bands(stages)
             self._require_scenes()
+            self._prepare_output_dirs(stages)
+            self._start_writing()
             self.options = replace(self.options, cluster=self.options.cluster.sized_for(len(self.scenes)))
             dashboard = self.options.dashboard if self.options.dashboard is not None else not self.options.quiet
             # Under --json, stdout holds the summary alone.
@@ -663,6 +790,8 @@ class Pipeline:
             # Every task is over once the client is closed: what a killed worker left
             # half-written (its task redone elsewhere) goes now, not at the next run.
             _remove_stale_temporaries(self.out)
+            if "export" in stages:
+                self._remove_stale_outputs()
             table = self.stage_assign() if "assign" in stages else None
         if table:
             print(table, file=sys.stderr if self.options.json else sys.stdout)

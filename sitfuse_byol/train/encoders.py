@@ -241,9 +241,9 @@ class SmallCNN(Encoder):
         out_channels: int = 128, stride: int = 1,
     ) -> None:
         if stride not in (1, 2):
-            raise ConfigError(f"small_cnn stride must be 1 or 2, got {stride}", where="train.encoder.stride")
+            raise ConfigError(f"small_cnn stride must be 1 or 2, got {stride}", where="train.encoder_args.stride")
         if depth < 2:
-            raise ConfigError(f"small_cnn depth must be at least 2, got {depth}", where="train.encoder.depth")
+            raise ConfigError(f"small_cnn depth must be at least 2, got {depth}", where="train.encoder_args.depth")
         build = _Layers(norm)
         layers: list[nn.Module] = []
         chans = [in_channels] + [width] * (depth - 1) + [out_channels]
@@ -348,7 +348,7 @@ class ResNetEncoder(Encoder):
         if output_stride not in (1, 2, 4):
             raise ConfigError(
                 f"output_stride must be 1, 2 or 4, got {output_stride}",
-                where="train.encoder.output_stride",
+                where="train.encoder_args.output_stride",
             )
         build = _Layers(norm)
         stem = nn.Sequential(
@@ -436,12 +436,19 @@ def create_encoder(
                           where="train.in_channels")
     factory = _REGISTRY[name]
     accepted = set(inspect.signature(factory).parameters) - {"in_channels", "norm"}
-    for key in kwargs:
+    parameters = inspect.signature(factory).parameters
+    for key, value in kwargs.items():
         if key not in accepted:
             raise ConfigError(
                 f"encoder {name!r} has no option {key!r}; it accepts {', '.join(sorted(accepted))}",
-                where=f"train.encoder.{key}",
+                where=f"train.encoder_args.{key}",
             )
+        # Every encoder option is a size (channels, layers, stride): a positive integer.
+        default = parameters[key].default
+        if isinstance(default, int) and not isinstance(default, bool) and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ConfigError(f"must be a positive integer (got {value!r})", where=f"train.encoder_args.{key}")
     encoder = factory(in_channels=in_channels, norm=resolve_norm(norm, batch_size), **kwargs)
     if not isinstance(encoder, Encoder) or encoder.stride > 4:
         raise ModelError(f"encoder {name!r} is not an Encoder with stride <= 4", where="train.encoder")

@@ -346,7 +346,7 @@ def test_written_yaml_quotes_class_names_yaml_would_misread(tmp_path: Path) -> N
         (("n_labels: 6", "n_labels: 7"), "mapping is for 7 clusters, but the label rasters have 6"),
         (("threshold: 0.51", "threshold: 2"), "threshold must be in"),
         (("clusters:", "clusterz:"), "unknown key"),
-        (("classes: [", "classes: [["), "not valid YAML"),
+        (("classes: [", "classes: [["), "not valid YAML: .* at line \\d+ \\("),
     ],
 )
 def test_load_mapping_rejects_bad_edits_clearly(
@@ -360,6 +360,7 @@ def test_load_mapping_rejects_bad_edits_clearly(
     with pytest.raises(ConfigError, match=message) as info:
         load_mapping(path, n_labels=K)
     assert str(path) in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
 
 
 def test_load_mapping_accepts_quoted_ids_and_names(tmp_path: Path) -> None:
@@ -410,6 +411,31 @@ def test_polygon_file_without_crs(tmp_path: Path) -> None:
     assert info.value.where == str(path)
 
 
+def test_a_projected_geojson_read_as_wgs84_is_named_not_reprojected(tmp_path: Path) -> None:
+    # RFC 7946: a GeoJSON without a 'crs' member is WGS 84, so UTM metres arrive as degrees.
+    geometries = [utm_box(s, r, c) for s, r, c, _ in FEATURES[:2]]
+    path = write_vector(tmp_path / "p.geojson", geometries, {"class": ["w", "f"]}, crs="EPSG:4326")
+    with pytest.raises(InputError) as info:
+        read_class_polygons(path, field="class")
+    assert info.value.what.startswith(
+        "polygon coordinates (x 500000 to 500200, y 4.4998e+06 to 4.5e+06) are not longitude/latitude, "
+        "but the file's CRS is EPSG:4326"
+    )
+    assert info.value.where == str(path)
+
+
+def test_overlapping_polygons_of_different_classes_get_a_note(tmp_path: Path) -> None:
+    # FEATURES[0] (water) and FEATURES[9] (forest) overlap; FEATURES[1] only touches FEATURES[0].
+    polygons = read_class_polygons(write_class_polygons(tmp_path / "p.gpkg"), field="class")
+    assert polygons.notes == [
+        "1 pair(s) of polygons of different classes overlap (e.g. a 'water' and a 'forest' polygon); "
+        "where they do, the class of the later one in the file counts"
+    ]
+    same_class = [f[:3] + ("water",) for f in FEATURES]
+    polygons = read_class_polygons(write_class_polygons(tmp_path / "q.gpkg", same_class), field="class")
+    assert polygons.notes == []
+
+
 def test_points_and_lines_are_not_polygons(tmp_path: Path) -> None:
     points = write_vector(
         tmp_path / "pts.gpkg", [shapely.Point(-75, 40)], {"class": ["w"]}, geometry_type="Point"
@@ -437,7 +463,11 @@ def test_points_and_lines_are_not_polygons(tmp_path: Path) -> None:
     polygons = read_class_polygons(mixed, field="class")
     assert polygons.classes == ["w", "u"]
     assert polygons.geometries[0].equals(shapely.MultiPolygon([square]))
-    assert polygons.notes == ["skipped 1 feature(s) without a polygon (points, lines, empty)"]
+    assert polygons.notes == [
+        "skipped 1 feature(s) without a polygon (points, lines, empty)",
+        "1 pair(s) of polygons of different classes overlap (e.g. a 'w' and a 'u' polygon); "
+        "where they do, the class of the later one in the file counts",
+    ]
 
 
 def test_unreadable_polygon_files(tmp_path: Path, label_paths: list[Path]) -> None:

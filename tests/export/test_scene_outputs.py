@@ -233,3 +233,28 @@ def test_the_quicklook_reads_only_its_three_bands_of_a_multi_file_scene(tmp_path
     assert imread(outputs["quicklook"]).shape[1] > 2 * size
     with rasterio.open(outputs["labels"]) as src:
         np.testing.assert_array_equal(src.read(1) != src.nodata, valid)
+
+
+def test_a_failed_export_leaves_the_earlier_outputs_of_the_scene_whole(
+    tmp_path: Path, holed_scene: Scene, tiny_checkpoint: Path
+) -> None:
+    from sitfuse_byol.errors import InputError
+
+    embedding = fixed_embedding(holed_scene, tiny_checkpoint, stride=1)
+    values = embedding.data.compute()
+    samples = values.reshape(values.shape[0], -1).T
+    first = write_scene_outputs(
+        scene=holed_scene, embedding=embedding, model=fit_kmeans(samples, n_clusters=4, seed=0),
+        out_dir=tmp_path, stride=1, options=OutputOptions(quicklook=True), tags={},
+    )  # fmt: skip
+    assert set(first) == {"labels", "confidence", "quicklook"}
+    assert first["labels"] == str(tmp_path / "labels" / f"{holed_scene.id}.tif")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    # The labels and confidence of another model are complete when the quicklook fails.
+    with pytest.raises(InputError, match="band index 99 out of range"):
+        write_scene_outputs(
+            scene=holed_scene, embedding=embedding, model=fit_kmeans(samples, n_clusters=5, seed=1),
+            out_dir=tmp_path, stride=1, options=OutputOptions(quicklook=True, rgb_bands=[99, 1, 2]), tags={},
+        )  # fmt: skip
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before

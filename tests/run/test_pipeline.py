@@ -135,7 +135,8 @@ def test_a_bad_scene_does_not_stop_the_others(tmp_path, crop_scenes, capsys):
     assert code == 1
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["scenes"]["four_bands"] == summary["scenes"]["four_bands"] | {
-        "status": "failed", "error": "read: scene has 4 bands but 3 of the 4 scenes (e.g. olinda_a) have 6",
+        "status": "failed",
+        "error": f"read: scene has 4 bands but 3 of the 4 scenes (e.g. olinda_a) have 6 ({four_bands})",
     }
     assert summary["scenes"]["broken"]["status"] == "failed"
     assert "broken.tif" in summary["scenes"]["broken"]["error"]
@@ -511,3 +512,96 @@ def test_json_keeps_stdout_for_the_summary_and_prints_the_dashboard_on_stderr(ba
     assert "Dask dashboard: http" in captured.err
     assert main(["run", "-c", str(config), "--json", "--quiet"]) == 0
     assert "Dask dashboard" not in capsys.readouterr().err
+
+
+def test_a_refused_command_leaves_the_output_folder_as_it_was(base_run, tmp_path, crop_scenes, capsys):
+    folder, *_ = base_run
+    out = tmp_path / "out"
+    shutil.copytree(folder / "out", out)
+    kept = ("run.json", "config.resolved.yaml", "stats.json")
+    before = {name: (out / name).read_bytes() for name in kept}
+    config = write_config(tmp_path, crop_scenes.values())
+    # Three of the six bands: every scene misfits the trained model, so the command is refused.
+    for command in (["cluster"], ["train", "--resume"]):
+        capsys.readouterr()
+        assert main([*command, "-c", str(config), "--quiet", "--set", "data.bands=[1,2,3]"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: the model was trained on 6 bands") and err.endswith("but this scene has 3 "
+                                                                                         f"({crop_scenes['olinda_a']})")
+        assert {name: (out / name).read_bytes() for name in kept} == before, command
+
+
+def test_quicklook_bands_a_scene_lacks_stop_it_before_training(tmp_path, crop_scenes, capsys):
+    scene = crop_scenes["olinda_a"]
+    config = write_config(tmp_path, [scene], output={"rgb_bands": [99, 1, 2]})
+    assert main(["run", "-c", str(config), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: band index 99 out of range 1..6 (bands count from 1) (output.rgb_bands, {scene})"
+    )
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    config = write_config(tmp_path, [scene], output={"rgb_bands": [1, 2]})
+    assert main(["run", "-c", str(config), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        "error: config: output.rgb_bands: must list three bands (red, green, blue)"
+    )
+
+
+def test_a_failed_scene_keeps_earlier_outputs_only_while_the_clustering_is_the_same(base_run, tmp_path, crop_scenes):
+    folder, *_ = base_run
+    out = tmp_path / "out"
+    shutil.copytree(folder / "out", out)
+    # The same scene id, its file now truncated.
+    broken = tmp_path / "scenes" / "olinda_c.tif"
+    broken.parent.mkdir()
+    data = crop_scenes["olinda_c"].read_bytes()
+    broken.write_bytes(data[: len(data) // 3])
+    scenes = [crop_scenes["olinda_a"], crop_scenes["olinda_b"], broken]
+    earlier = [out / "labels" / f"olinda_c.{ext}" for ext in ("tif", "qml", "tif.aux.xml", "png")]
+    earlier.append(out / "confidence" / "olinda_c.tif")
+    assert all(path.exists() for path in earlier)
+    # The same clustering model: olinda_c's labels still mean what the others' mean.
+    assert main(["export", "-c", str(write_config(tmp_path, scenes)), "--quiet"]) == 1
+    assert all(path.exists() for path in earlier)
+    # Another model labels the other scenes: olinda_c's old cluster numbers would pass for its.
+    reseeded = write_config(tmp_path, scenes, cluster={"seed": 11})
+    assert main(["run", "-c", str(reseeded), "--quiet"]) == 1
+    assert not any(path.exists() for path in earlier)
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["scenes"]["olinda_c"]["status"] == "failed"
+    assert {manifest["scenes"][s]["status"] for s in ("olinda_a", "olinda_b")} == {"done"}
+    with rasterio.open(out / "labels" / "olinda_a.tif") as src:
+        assert src.tags()["model_hash"] == json.loads((out / "cluster" / "model.json").read_text())["model_hash"]
+
+
+def test_output_folders_that_cannot_be_made_are_one_line_errors(base_run, tmp_path, crop_scenes, capsys):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    config = write_config(tmp_path, [crop_scenes["olinda_a"]], out="taken")
+    assert main(["run", "-c", str(config), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: cannot write to the output folder: Not a directory ({tmp_path / 'taken' / 'logs'})"
+    )
+    folder, *_ = base_run
+    out = tmp_path / "out"
+    shutil.copytree(folder / "out", out)
+    shutil.rmtree(out / "labels")
+    (out / "labels").write_text("a file where the label rasters go")
+    config = write_config(tmp_path, crop_scenes.values())
+    assert main(["export", "-c", str(config), "--quiet", "--force"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: cannot create an output folder: File exists ({out / 'labels'})"
+    )
+
+
+def test_a_damaged_checkpoint_is_trained_again_not_reported_as_done(base_run, tmp_path, crop_scenes, caplog):
+    from sitfuse_byol.train.checkpoint import load_checkpoint
+
+    folder, *_ = base_run
+    out = tmp_path / "out"
+    shutil.copytree(folder / "out", out)
+    checkpoint = out / "checkpoints" / "last.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+    config = write_config(tmp_path, crop_scenes.values())
+    with caplog.at_level("WARNING"):
+        assert main(["train", "-c", str(config), "--quiet"]) == 0
+    assert "cannot read checkpoint" in caplog.text and "training again" in caplog.text
+    assert load_checkpoint(checkpoint)["step"] == 4

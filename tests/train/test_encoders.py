@@ -88,9 +88,20 @@ def test_bad_norm_and_options_are_config_errors() -> None:
         create_encoder("small_cnn", in_channels=6, norm="layer")
     with pytest.raises(ConfigError) as err:
         create_encoder("small_cnn", in_channels=6, widht=32)
-    assert err.value.where == "train.encoder.widht"
+    assert err.value.where == "train.encoder_args.widht"
     with pytest.raises(ConfigError):
         create_encoder("small_cnn", in_channels=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "option", "value"),
+    [("small_cnn", "width", -3), ("small_cnn", "width", "abc"), ("small_cnn", "depth", 2.5),
+     ("small_cnn", "out_channels", True), ("resnet18", "width", 0)],
+)
+def test_encoder_sizes_must_be_positive_integers(name: str, option: str, value: object) -> None:
+    with pytest.raises(ConfigError) as err:
+        create_encoder(name, in_channels=6, norm="batch", **{option: value})
+    assert str(err.value) == f"must be a positive integer (got {value!r}) (train.encoder_args.{option})"
 
 
 @pytest.mark.parametrize(
