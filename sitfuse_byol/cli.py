@@ -17,7 +17,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sitfuse_byol.config import Config, load_config
-from sitfuse_byol.errors import ConfigError, InputError, ModelError, SitfuseError
+from sitfuse_byol.errors import (
+    NOT_GEOREFERENCED_WARNING,
+    ConfigError,
+    InputError,
+    ModelError,
+    SitfuseError,
+)
 
 EXIT_OK, EXIT_USAGE = 0, 2
 log = logging.getLogger("sitfuse_byol")
@@ -27,6 +33,7 @@ def _quiet_library_warnings() -> None:
     # affine 3 makes every rioxarray call warn; it says nothing to our users.
     warnings.filterwarnings("ignore", category=PendingDeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module="xarray")
+    warnings.filterwarnings("ignore", message=NOT_GEOREFERENCED_WARNING)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -34,3 +34,8 @@ class ConfigError(SitfuseError):
 
 class ModelError(SitfuseError):
     """A checkpoint or clustering model does not fit the data or each other."""
+
+
+#: The start of rasterio's warning for a raster without georeferencing; the pipeline says
+#: so once per scene instead (``warnings.filterwarnings(message=...)`` needs no rasterio import).
+NOT_GEOREFERENCED_WARNING = "Dataset has no geotransform"

@@ -23,6 +23,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import rasterio
+import shapely
 import yaml
 from rasterio.errors import RasterioIOError
 
@@ -251,6 +252,9 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
     # Scenes of one run usually share a CRS; reproject the polygons once per CRS.
     reprojected: dict[str, list[Any]] = {}
     scenes = []
+    # Why no pixel counted, for the message: outside every scene, between pixel centres,
+    # or only over nodata.
+    in_extent = burnt_any = False
     for path in map(Path, label_paths):
         with _open_labels(path) as (src, info):
             if info.grid.crs is None:
@@ -262,7 +266,9 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
             if key not in reprojected:
                 reprojected[key] = reproject_polygons(polygons, info.grid.crs)
             found = False
+            in_extent = in_extent or bool(shapely.intersects(shapely.box(*info.grid.bounds), reprojected[key]).any())
             for window, burnt in burn_windows(reprojected[key], class_indices, grid=info.grid):
+                burnt_any = True
                 labels = src.read(1, window=window)
                 inside = (burnt > 0) & (labels != info.nodata)
                 values = labels[inside].astype(np.int64)
@@ -276,10 +282,13 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
             if found:
                 scenes.append(path.stem)
     if not scenes:
-        raise InputError(
-            "no polygon overlaps any scene; check the polygons' CRS and extent",
-            where=str(polygons.path),
-        )
+        if burnt_any:
+            what = "the polygons cover only nodata pixels of the scenes"
+        elif in_extent:
+            what = "no polygon holds a pixel centre of a scene; draw them larger than a pixel"
+        else:
+            what = "no polygon overlaps any scene; check the polygons' CRS and extent"
+        raise InputError(what, where=str(polygons.path))
     return CountTable(
         counts=counts,
         class_names=list(polygons.class_names),

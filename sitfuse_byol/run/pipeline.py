@@ -292,6 +292,8 @@ class Pipeline:
                 self._fail(ref.id, err, stage="read")
                 continue
             self.scenes[ref.id] = scene
+            if scene.grid.crs is None:
+                log.warning("warning: scene has no CRS; its outputs will not be georeferenced (%s)", scene.source)
         counts = Counter(s.n_bands for s in self.scenes.values())
         if len(counts) > 1:
             # The odd ones out fail, not everything after an odd first scene; a tie goes

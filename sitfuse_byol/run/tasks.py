@@ -13,6 +13,7 @@ import functools
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from sitfuse_byol.embed import (
     save_embedding,
     saved_embedding_key,
 )
-from sitfuse_byol.errors import InputError, SitfuseError
+from sitfuse_byol.errors import NOT_GEOREFERENCED_WARNING, InputError, SitfuseError
 from sitfuse_byol.export.atomic import remove_path
 from sitfuse_byol.export.scene_outputs import OutputOptions, write_scene_outputs
 from sitfuse_byol.normalize.stats import HistogramBins, scene_histogram, scene_moment_parts
@@ -207,6 +208,8 @@ def run_scene_task(
     value: Dask retries only what raises (a lost worker, a transient I/O error). The
     seconds exclude time spent queued behind other scenes.
     """
+    # Worker processes do not inherit the command's filters; the run warns once per scene.
+    warnings.filterwarnings("ignore", message=NOT_GEOREFERENCED_WARNING)
     start = time.perf_counter()
     try:
         result = func(config, ref, threads)

@@ -385,6 +385,20 @@ def test_polygons_that_overlap_no_scene(tmp_path: Path, label_paths: list[Path])
     assert info.value.where == str(path)
 
 
+def test_polygons_in_a_scene_that_count_no_pixel_say_why(tmp_path: Path, label_paths: list[Path]) -> None:
+    # Inside pixel (row 5, col 5) of scene a, away from its centre (500055, 4499945).
+    sliver = to_wgs84(shapely.box(500_050.5, 4_499_941.0, 500_053.0, 4_499_943.0))
+    path = write_vector(tmp_path / "sliver.gpkg", [sliver], {"class": ["water"]})
+    with pytest.raises(InputError) as info:
+        count_cluster_classes(label_paths, read_class_polygons(path, field="class"))
+    assert info.value.what == "no polygon holds a pixel centre of a scene; draw them larger than a pixel"
+    # Rows 35.. of scene a are nodata.
+    path = write_class_polygons(tmp_path / "nodata.gpkg", [("a", (36, 40), (0, 10), "water")])
+    with pytest.raises(InputError) as info:
+        count_cluster_classes(label_paths, read_class_polygons(path, field="class"))
+    assert info.value.what == "the polygons cover only nodata pixels of the scenes"
+
+
 def test_missing_field_lists_the_fields(tmp_path: Path) -> None:
     path = write_vector(
         tmp_path / "p.gpkg", feature_geometries(FEATURES[:2]), {"name": ["w", "f"], "id": [1, 2]}

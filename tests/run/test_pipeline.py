@@ -605,3 +605,21 @@ def test_a_damaged_checkpoint_is_trained_again_not_reported_as_done(base_run, tm
         assert main(["train", "-c", str(config), "--quiet"]) == 0
     assert "cannot read checkpoint" in caplog.text and "training again" in caplog.text
     assert load_checkpoint(checkpoint)["step"] == 4
+
+
+def test_a_scene_without_georeferencing_gets_one_warning_line(tmp_path, crop_scenes):
+    with rasterio.open(crop_scenes["olinda_a"]) as src:
+        data, profile = src.read(), src.profile
+    plain = tmp_path / "plain.tif"
+    profile = {k: v for k, v in profile.items() if k not in ("crs", "transform")}
+    with rasterio.open(plain, "w", **profile) as dst:
+        dst.write(data)
+    config = write_config(tmp_path, [plain])
+    done = subprocess.run(
+        [sys.executable, "-m", "sitfuse_byol.cli", "run", "-c", str(config), "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == f"warning: scene has no CRS; its outputs will not be georeferenced ({plain})"
+    with rasterio.open(tmp_path / "out" / "labels" / "plain.tif") as labels:
+        assert labels.crs is None and labels.shape == data.shape[1:]
