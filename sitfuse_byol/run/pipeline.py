@@ -385,6 +385,8 @@ class Pipeline:
         """Create the folders outputs are renamed into, so one that cannot be made (a file
         of that name, no permission) stops the run before any work, not each scene after it."""
         folders = [self.out / "logs"]
+        if "embed" in stages and self.config["embed"]["save"]:
+            folders.append(self.out / "embeddings")
         if "export" in stages:
             folders += [self.out / "labels", self.out / "confidence"]
         for folder in folders:
