@@ -163,19 +163,6 @@ def _cluster_options(config: Config):
     )
 
 
-def _setup_run_logging(config: Config) -> None:
-    logs = config.output_dir / "logs"
-    try:
-        logs.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(logs / "sitfuse.log")
-    except OSError as err:
-        raise InputError(f"cannot write to the output folder: {err.strerror}", where=str(err.filename or logs)) from err
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-
-
 def _run_stages(args: argparse.Namespace) -> int:
     """Run the pipeline stages of a run-family command (``args.stages``, see the parser)."""
     from sitfuse_byol.run.pipeline import RunOptions, run_pipeline
@@ -190,7 +177,6 @@ def _run_stages(args: argparse.Namespace) -> int:
         if value is not None:
             args.overrides.append(f"dask.{key}={json.dumps(value)}")
     config = config_from_args(args)
-    _setup_run_logging(config)
     options = RunOptions(
         force=args.force,
         quiet=args.quiet or args.json,

@@ -13,6 +13,7 @@ import functools
 import importlib
 import json
 import logging
+import logging.handlers
 import shutil
 import signal
 import sys
@@ -175,7 +176,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 def _remove_stale_temporaries(out: Path) -> None:
     """Leftovers of a run killed too hard to clean up after itself (SIGKILL, power loss)."""
-    if not out.exists():
+    if not out.is_dir():
         return
     for path in list(out.rglob(".*.tmp-*")) + list(out.rglob(".*.staging-*")):
         remove_path(path)
@@ -191,6 +192,40 @@ def export_key_model(key: str) -> str:
     """The clustering model's hash in an :func:`export_key` ('' for another key)."""
     parts = key.split(":")
     return parts[1] if len(parts) == 3 else ""
+
+
+class _RunLog:
+    """A run's log records: held in memory until the run passes its checks, so a refused
+    command leaves no log file (nor folder) behind, then kept in ``OUTDIR/logs/sitfuse.log``."""
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger("sitfuse_byol")
+        self.handler: logging.Handler = logging.handlers.MemoryHandler(
+            capacity=1 << 20, flushLevel=logging.CRITICAL + 1
+        )
+        self.level = self.logger.level
+
+    def __enter__(self) -> _RunLog:
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def write_to(self, path: Path) -> None:
+        file = logging.FileHandler(path)
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        file.setLevel(logging.INFO)
+        buffer = self.handler
+        assert isinstance(buffer, logging.handlers.MemoryHandler)
+        buffer.setTarget(file)
+        buffer.flush()
+        self.logger.removeHandler(buffer)
+        self.logger.addHandler(file)
+        self.handler = file
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+        self.logger.setLevel(self.level)
 
 
 def _error_text(err: BaseException) -> str:
@@ -217,6 +252,7 @@ class Pipeline:
         # Until the run-wide checks pass, nothing is written: a refused command (exit 2)
         # leaves the output folder as it was, its run.json included.
         self.checked = False
+        self.log: _RunLog | None = None
         self.deferred_failures: dict[str, tuple[dict[str, float], str]] = {}
         # Failed scenes' outputs from earlier runs, with their export keys: kept, and kept
         # in run.json, while the clustering model is the same (see _remove_stale_outputs).
@@ -381,12 +417,44 @@ class Pipeline:
             except InputError as err:
                 self._fail(scene.id, err, stage="read")
 
+    def _check_training(self, stages: tuple[str, ...]) -> None:
+        """The device and the encoder the config asks for, before the statistics pass."""
+        from sitfuse_byol.train.device import resolve_device
+        from sitfuse_byol.train.encoders import create_encoder, resolve_norm
+
+        if "train" not in stages or not self.scenes:
+            return
+        cfg = self.config["train"]
+        if not self.options.cluster.gpus_per_worker:  # else a GPU worker trains
+            resolve_device(self.options.device or cfg["device"], where="train.device")
+        bands = next(iter(self.scenes.values())).n_bands
+        create_encoder(
+            cfg["encoder"], in_channels=bands, norm=resolve_norm(cfg["norm"], cfg["batch_size"]),
+            **cfg["encoder_args"],
+        )
+
+    def _check_cluster_count(self, stages: tuple[str, ...]) -> None:
+        """More clusters than samples can ever be drawn is known before training."""
+        from sitfuse_byol.errors import ConfigError
+
+        cfg = self.config["cluster"]
+        most = cfg["samples_per_scene"] * len(self.scenes)
+        if "cluster" in stages and self.scenes and cfg["n_clusters"] > most:
+            raise ConfigError(
+                f"cluster.n_clusters is {cfg['n_clusters']} but only {most} pixels can be sampled "
+                f"({cfg['samples_per_scene']} from each of {len(self.scenes)} scene(s)); lower n_clusters or "
+                "raise cluster.samples_per_scene",
+                where="cluster.n_clusters",
+            )
+
     def _prepare_output_dirs(self, stages: tuple[str, ...]) -> None:
         """Create the folders outputs are renamed into, so one that cannot be made (a file
         of that name, no permission) stops the run before any work, not each scene after it."""
-        folders = [self.out / "logs"]
-        if "embed" in stages and self.config["embed"]["save"]:
-            folders.append(self.out / "embeddings")
+        folders = [self.out, self.out / "logs"]
+        embeddings = self.out / "embeddings"
+        if "embed" in stages and self.config["embed"]["save"] and embeddings.exists() and not embeddings.is_dir():
+            # Made by the embed stage once it knows the stores fit on the disk.
+            raise InputError("cannot create an output folder: File exists", where=str(embeddings))
         if "export" in stages:
             folders += [self.out / "labels", self.out / "confidence"]
         for folder in folders:
@@ -395,10 +463,13 @@ class Pipeline:
             except OSError as err:
                 raise InputError(f"cannot create an output folder: {err.strerror}", where=str(folder)) from err
 
-    def _start_writing(self) -> None:
-        """The run-wide checks passed: record what failed so far and the resolved config."""
+    def _start_writing(self, stages: tuple[str, ...]) -> None:
+        """The run-wide checks passed and the cluster is up: make the output folders, keep
+        the log there, and record what failed so far."""
+        self._prepare_output_dirs(stages)
         self.checked = True
-        atomic_write_text(self.out / "config.resolved.yaml", self.config.to_yaml())
+        if self.log is not None:
+            self.log.write_to(self.out / "logs" / "sitfuse.log")
         for scene_id, failure in self.deferred_failures.items():
             self._record_failure(scene_id, *failure)
         self.deferred_failures.clear()
@@ -752,18 +823,15 @@ class Pipeline:
     # -- driver ----------------------------------------------------------------------
 
     def run(self) -> RunSummary:
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise InputError(f"cannot create the output folder: {err.strerror}", where=str(self.out)) from err
         _remove_stale_temporaries(self.out)
         stages = self.options.stages
-        try:
-            return self._run(stages)
-        finally:
-            # Scene records not yet written (see Manifest), interrupted or not.
-            if self.checked:
-                self.manifest.flush()
+        with _RunLog() as self.log:
+            try:
+                return self._run(stages)
+            finally:
+                # Scene records not yet written (see Manifest), interrupted or not.
+                if self.checked:
+                    self.manifest.flush()
 
     def _run(self, stages: tuple[str, ...]) -> RunSummary:
         with _terminate_as_interrupt():
@@ -773,13 +841,14 @@ class Pipeline:
             self._check_class_names(stages)
             self._check_rgb_bands(stages)
             self._require_scenes()
-            self._prepare_output_dirs(stages)
-            self._start_writing()
+            self._check_training(stages)
+            self._check_cluster_count(stages)
             self.options = replace(self.options, cluster=self.options.cluster.sized_for(len(self.scenes)))
             dashboard = self.options.dashboard if self.options.dashboard is not None else not self.options.quiet
             # Under --json, stdout holds the summary alone.
             stream = sys.stderr if self.options.json else sys.stdout
             with dask_client(self.options.cluster, quiet=not dashboard, stream=stream) as client:
+                self._start_writing(stages)
                 # Workers import torch, GDAL and the package while this process trains.
                 warm_up = [
                     client.submit(_preload, workers=[address], pure=False, allow_other_workers=False)
@@ -796,6 +865,8 @@ class Pipeline:
             _remove_stale_temporaries(self.out)
             if "export" in stages:
                 self._remove_stale_outputs()
+            # Written once the run went through, so it always describes the outputs beside it.
+            atomic_write_text(self.out / "config.resolved.yaml", self.config.to_yaml())
             table = self.stage_assign() if "assign" in stages else None
         if table:
             print(table, file=sys.stderr if self.options.json else sys.stdout)

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rio_cogeo.cogeo import cog_validate
 
 from sitfuse_byol.cli import main
@@ -199,7 +200,19 @@ def test_too_many_clusters_is_a_clear_error(tmp_path, crop_scenes, capsys):
     config = write_config(tmp_path, [crop_scenes["olinda_a"]], cluster={"n_clusters": 500, "samples_per_scene": 100})
     assert main(["run", "-c", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: cluster.n_clusters is 500 but only")
+    assert err == (
+        "error: cluster.n_clusters is 500 but only 100 pixels can be sampled (100 from each of 1 scene(s)); "
+        "lower n_clusters or raise cluster.samples_per_scene (cluster.n_clusters)"
+    )
+    # Found before any work: nothing trained, nothing written.
+    assert not (tmp_path / "out").exists()
+    # Within the sample size, but more than the scene's valid pixels: found when sampling.
+    config = write_config(
+        tmp_path, [crop_scenes["olinda_a"]], cluster={"n_clusters": 30_000, "samples_per_scene": 100_000}
+    )
+    assert main(["run", "-c", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cluster.n_clusters is 30000 but only")
     assert len(err.splitlines()) == 1
 
 
@@ -208,8 +221,9 @@ def test_scene_with_other_bands_and_model_from_other_encoder(base_run, tmp_path,
     out = tmp_path / "out"
     shutil.copytree(folder / "out", out)
     config = write_config(tmp_path, [sentinel2_zarr])
-    # The console script itself: the scene's failure is logged to OUTDIR/logs, not to the
-    # terminal, where the error stays one line.
+    log_before = (out / "logs" / "sitfuse.log").read_text()
+    # The console script itself: the error stays one line on the terminal, and the refused
+    # command writes nothing, not even to the log.
     done = subprocess.run(
         [sys.executable, "-m", "sitfuse_byol.cli", "export", "-c", str(config), "--quiet"],
         capture_output=True, text=True, timeout=300,
@@ -218,7 +232,7 @@ def test_scene_with_other_bands_and_model_from_other_encoder(base_run, tmp_path,
     err = done.stderr.strip()
     assert err.startswith("error: ") and "trained on 6 bands" in err and "has 13" in err
     assert len(err.splitlines()) == 1, err
-    assert "failed in" in (out / "logs" / "sitfuse.log").read_text()
+    assert (out / "logs" / "sitfuse.log").read_text() == log_before
 
     # Retrain (another encoder), keep the old clustering model, export: refused.
     config = write_config(tmp_path, crop_scenes.values(), train={"seed": 99})
@@ -529,6 +543,16 @@ def test_a_refused_command_leaves_the_output_folder_as_it_was(base_run, tmp_path
         assert err.startswith("error: the model was trained on 6 bands") and err.endswith("but this scene has 3 "
                                                                                          f"({crop_scenes['olinda_a']})")
         assert {name: (out / name).read_bytes() for name in kept} == before, command
+    # Settings found wrong before the statistics pass: nothing written, here or in a new folder.
+    refused = [["--set", "train.encoder_args={width: -3}"], ["--set", "cluster.n_clusters=20000"]]
+    if not torch.cuda.is_available():
+        refused.append(["--device", "cuda"])
+    for flags in refused:
+        for folder_flags in ([], ["--out", str(tmp_path / "new")]):
+            assert main(["run", "-c", str(config), "--quiet", *flags, *folder_flags]) == 2, flags
+            assert len(capsys.readouterr().err.strip().splitlines()) == 1
+            assert {name: (out / name).read_bytes() for name in kept} == before, flags
+            assert not (tmp_path / "new").exists(), flags
 
 
 def test_quicklook_bands_a_scene_lacks_stop_it_before_training(tmp_path, crop_scenes, capsys):
@@ -578,7 +602,7 @@ def test_output_folders_that_cannot_be_made_are_one_line_errors(base_run, tmp_pa
     config = write_config(tmp_path, [crop_scenes["olinda_a"]], out="taken")
     assert main(["run", "-c", str(config), "--quiet"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: cannot write to the output folder: Not a directory ({tmp_path / 'taken' / 'logs'})"
+        f"error: cannot create an output folder: File exists ({tmp_path / 'taken'})"
     )
     folder, *_ = base_run
     out = tmp_path / "out"
