@@ -468,6 +468,8 @@ def _parse_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError("mapping file not found", where=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("mapping file is not UTF-8 text", where=str(path)) from exc
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except ConfigError as exc:

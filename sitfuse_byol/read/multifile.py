@@ -69,19 +69,33 @@ class MultiFileSpec:
         if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
             raise InputError("multi-file scene needs 'bands': a list of files", where=where)
         names = entry.get("names") or [Path(f).stem for f in files]
+        if not isinstance(names, list) or not all(isinstance(n, str | int) and not isinstance(n, bool) for n in names):
+            raise InputError("'names' must be a list of band names", where=where)
         if len(names) != len(files):
             raise InputError(f"{len(names)} names for {len(files)} band files", where=where)
         resampling = entry.get("resampling") or {}
+        if not isinstance(resampling, Mapping) or set(resampling) - {"refine", "coarsen"}:
+            raise InputError(
+                "'resampling' must be a mapping with 'refine' and/or 'coarsen' (e.g. {refine: cubic})", where=where
+            )
         refine = resampling.get("refine", "bilinear")
         coarsen = resampling.get("coarsen", "average")
         for method in (refine, coarsen):
-            if method not in RESAMPLING_NAMES:
-                raise InputError(f"unknown resampling {method!r}", where=where)
+            if not isinstance(method, str) or method not in RESAMPLING_NAMES:
+                raise InputError(
+                    f"unknown resampling {method!r}; use one of {', '.join(sorted(RESAMPLING_NAMES))}", where=where
+                )
         reference = entry.get("reference")
         if isinstance(reference, str):
             if reference not in names:
                 raise InputError(f"reference band {reference!r} is not a band name", where=where)
             reference = list(names).index(reference)
+        elif reference is not None and (isinstance(reference, bool) or not isinstance(reference, int)):
+            raise InputError(
+                f"'reference' must be a band name or a 0-based band position, got {reference!r}", where=where
+            )
+        if not isinstance(entry.get("reproject", False), bool):
+            raise InputError("'reproject' must be true or false", where=where)
         return cls(
             id=entry["id"],
             files=tuple((base / f) for f in files),

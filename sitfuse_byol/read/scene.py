@@ -96,8 +96,16 @@ def reading(where: str) -> Iterator[None]:
     except InputError:
         raise
     except (RasterioError, OSError, ValueError, RuntimeError) as err:
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"cannot read pixels: {detail}", where=where) from err
+        raise InputError(f"cannot read pixels: {_first_line(err)}", where=where) from err
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's first line; rasterio's "Read failed. See previous exception for details."
+    points at its cause, whose text (GDAL's, e.g. a bad TIFF tile) is the one that helps."""
+    cause = err.__cause__ or err.__context__
+    if "See previous exception" in str(err) and cause is not None:
+        return _first_line(cause)
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def build_scene(

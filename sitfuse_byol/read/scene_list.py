@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ def _read_yaml(path: Path, *, where: str) -> object:
     if not path.exists():
         raise InputError("file not found", where=f"{where}: {path}")
     try:
-        return load_yaml(path.read_text())
+        return load_yaml(_read_text(path))
     except yaml.YAMLError as err:
         raise InputError(f"invalid YAML: {describe_yaml_error(err)}", where=str(path)) from err
 
@@ -93,7 +94,8 @@ def resolve_scene_list(scenes: object, *, base: Path) -> list[SceneRef]:
         text = str(scenes)
         path = Path(text).expanduser()
         path = path if path.is_absolute() else base / path
-        if GLOB_CHARS & set(text):
+        # A file whose name holds "[" is that file, not a pattern.
+        if GLOB_CHARS & set(text) and not path.exists():
             matches = sorted(glob.glob(str(path)))
             if not matches:
                 raise InputError("glob matches no file", where=text)
@@ -117,6 +119,7 @@ def resolve_scene_list(scenes: object, *, base: Path) -> list[SceneRef]:
         raise InputError("the scene list is empty", where=str(scenes))
     seen: dict[str, str] = {}
     for ref in refs:
+        _check_scene_id(ref)
         if ref.id in seen:
             raise InputError(
                 f"two scenes share the id {ref.id!r} ({seen[ref.id]}); outputs would collide",
@@ -124,6 +127,25 @@ def resolve_scene_list(scenes: object, *, base: Path) -> list[SceneRef]:
             )
         seen[ref.id] = ref.entry
     return refs
+
+
+def _check_scene_id(ref: SceneRef) -> None:
+    """Scene ids name output files (``labels/<id>.tif``), so they must be plain file names."""
+    scene_id = ref.id
+    if scene_id in ("", ".", "..") or "/" in scene_id or "\\" in scene_id or scene_id.startswith("."):
+        raise InputError(
+            f"scene id {scene_id!r} cannot name output files; use letters, digits, '-', '_' and inner dots",
+            where=ref.entry,
+        )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError("not UTF-8 text", where=str(path)) from err
+    except IsADirectoryError as err:
+        raise InputError("a folder, not a file; name its scenes with a glob such as folder/*.tif", where=str(path)) from err
 
 
 def _entries(entries: Sequence, *, base: Path, label: str) -> list[SceneRef]:
@@ -138,8 +160,9 @@ def _read_text_list(path: Path) -> list[SceneRef]:
     if not path.exists():
         raise InputError("scene list not found", where=str(path))
     refs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        text = line.split("#", 1)[0].strip()
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        # A comment starts a line or follows a space; "#" inside a file name is kept.
+        text = re.split(r"(?:^|\s)#", line, maxsplit=1)[0].strip()
         if text:
             where = f"{path}:{number}"
             refs.append(SceneRef(spec=parse_scene_entry(text, base=path.parent, where=where), entry=where))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +28,26 @@ def _open_dataset(path: Path) -> xr.Dataset:
         "mask_and_scale": False,
         "decode_coords": "all",
     }
-    try:
-        if path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists():
-            return xr.open_zarr(path, consolidated=False, **kwargs)
-        for engine in ("h5netcdf", "scipy"):
-            try:
-                return xr.open_dataset(path, engine=engine, **kwargs)
-            except (OSError, ValueError, TypeError):
-                continue
-    except Exception as err:  # zarr and xarray raise many unrelated types for a bad store
-        raise InputError(f"cannot open dataset: {str(err).splitlines()[0]}", where=str(path)) from err
+    is_zarr = path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists()
+    if path.is_dir() and not is_zarr:
+        raise InputError(
+            f"a folder that is not a Zarr store; for the rasters in it give a glob such as {path}/*.tif",
+            where=str(path),
+        )
+    # zarr and xarray warn about what then fails anyway (a store missing its metadata);
+    # the error below says it in one line.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if is_zarr:
+                return xr.open_zarr(path, consolidated=False, **kwargs)
+            for engine in ("h5netcdf", "scipy"):
+                try:
+                    return xr.open_dataset(path, engine=engine, **kwargs)
+                except (OSError, ValueError, TypeError):
+                    continue
+        except Exception as err:  # zarr and xarray raise many unrelated types for a bad store
+            raise InputError(f"cannot open dataset: {str(err).splitlines()[0]}", where=str(path)) from err
     raise InputError("cannot open dataset: not a NetCDF file xarray can read", where=str(path))
 
 
@@ -78,6 +88,24 @@ def _select_array(ds: xr.Dataset, variable: str | None, *, where: str) -> xr.Dat
     return stacked.assign_coords(band=[str(v.name) for v in candidates])
 
 
+def _check_even_spacing(array: xr.DataArray, dim: Hashable, *, where: str) -> None:
+    """A grid needs evenly spaced coordinates; uneven ones would get an average pixel size
+    and misplace every output pixel."""
+    if dim not in array.coords or array.sizes[dim] < 3:
+        return
+    values = np.asarray(array.coords[dim].values)
+    if not np.issubdtype(values.dtype, np.number):
+        return  # grid_of's transform fails on these, with its own message
+    steps = np.diff(values.astype(np.float64))
+    step = float(np.median(steps))
+    if step == 0 or np.abs(steps - step).max() > 0.01 * abs(step):
+        raise InputError(
+            f"the {dim} coordinates are not evenly spaced (steps from {steps.min():.6g} to {steps.max():.6g}); "
+            "resample the data onto a regular grid first",
+            where=where,
+        )
+
+
 def grid_of(array: xr.DataArray, *, where: str) -> Grid:
     """The grid of a ``(band, y, x)`` array, from its CRS and (y, x) coordinates.
 
@@ -88,6 +116,8 @@ def grid_of(array: xr.DataArray, *, where: str) -> Grid:
         InputError: The coordinates cannot be read as a grid (e.g. they are not numbers).
     """
     y, x = array.dims[1], array.dims[2]
+    for dim in (y, x):
+        _check_even_spacing(array, dim, where=where)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         crs = array.rio.crs

@@ -91,6 +91,8 @@ def dask_client(options: ClusterOptions, *, quiet: bool = False, stream: TextIO 
     # The scheduler of a LocalCluster lives in this process; its INFO chatter is not for users.
     for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # A lone worker runs in this process; see silence_logs below.
+    logging.getLogger("distributed.worker").setLevel(logging.CRITICAL)
     if options.scheduler:
         scheduler_before = dask.config.get("scheduler", None)
         try:
@@ -121,7 +123,9 @@ def dask_client(options: ClusterOptions, *, quiet: bool = False, stream: TextIO 
             processes=workers > 1,
             dashboard_address=":0",
             resources={"GPU": options.gpus_per_worker} if options.gpus_per_worker else None,
-            silence_logs=logging.ERROR,
+            # A failing task's "Compute Failed" dump (ERROR) is the scene's failure, which
+            # run.json and the summary already give in one line.
+            silence_logs=logging.CRITICAL,
         )
         client = Client(cluster)
     try:

@@ -417,6 +417,20 @@ class Pipeline:
             except InputError as err:
                 self._fail(scene.id, err, stage="read")
 
+    def _check_output_names(self, stages: tuple[str, ...]) -> None:
+        """With two levels, scene X's coarse labels are ``labels/X_coarse.tif``: a scene of
+        that id would overwrite them, or they it."""
+        if "export" not in stages or not self.config["cluster"]["hierarchical"]:
+            return
+        ids = {ref.id for ref in self.refs}
+        clash = next((ref for ref in self.refs if f"{ref.id}_coarse" in ids), None)
+        if clash is not None:
+            raise InputError(
+                f"scene ids {clash.id!r} and {clash.id + '_coarse'!r} clash: with cluster.hierarchical the coarse "
+                f"labels of {clash.id!r} are labels/{clash.id}_coarse.tif; rename one of the scenes",
+                where=clash.entry,
+            )
+
     def _check_training(self, stages: tuple[str, ...]) -> None:
         """The device and the encoder the config asks for, before the statistics pass."""
         from sitfuse_byol.train.device import resolve_device
@@ -482,7 +496,7 @@ class Pipeline:
         from sitfuse_byol.export.scene_outputs import remove_scene_outputs
 
         model_json = self.paths.cluster_model / "model.json"
-        if not self.earlier_exports or not model_json.exists():
+        if not model_json.exists():
             return
         current = json.loads(model_json.read_text()).get("model_hash", "")
         stale = [
@@ -495,6 +509,16 @@ class Pipeline:
             log.warning(
                 "warning: removed the outputs of %s from an earlier run: they were made by another clustering model",
                 ", ".join(stale),
+            )
+        others = [
+            s for s, entry in self.manifest.scenes.items()
+            if s not in self.fingerprints and entry.get("status") == "done" and export_key_model(entry["key"]) != current
+        ]
+        if others:
+            names = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            log.warning(
+                "warning: the labels of %s (not in this run's scene list) come from another clustering model; "
+                "their cluster numbers mean something else (`sitfuse assign` refuses the mix)", names,
             )
 
     def _encoder_hash(self) -> str:
@@ -840,6 +864,7 @@ class Pipeline:
             self._require_models(stages)
             self._check_class_names(stages)
             self._check_rgb_bands(stages)
+            self._check_output_names(stages)
             self._require_scenes()
             self._check_training(stages)
             self._check_cluster_count(stages)

@@ -41,15 +41,15 @@ def apply_blocks(
     Returns:
         A lazy float32 ``(out_channels, Y, X)`` array with the (y, x) chunks of the input,
         except that a chunk narrower than ``halo`` (a ragged last one) is merged into its
-        neighbour.
+        neighbour. An array smaller than the halo is one block.
 
     Raises:
-        ValueError: ``halo`` is negative or larger than the array.
+        ValueError: ``halo`` is negative.
     """
     if halo < 0:
         raise ValueError("halo must be non-negative")
     if halo > min(array.shape[1:]):
-        raise ValueError(f"halo {halo} exceeds the scene size {array.shape[1:]}")
+        return _apply_whole(func, array, halo=halo, out_channels=out_channels)
     # func needs every channel of a pixel at once.
     if len(array.chunks[0]) > 1:
         array = array.rechunk({0: -1})
@@ -72,9 +72,29 @@ def apply_blocks(
         run,
         array,
         depth={0: 0, 1: halo, 2: halo},
+        # Dask's "reflect" repeats the edge pixel, as np.pad's "symmetric" (see _apply_whole).
         boundary={1: "reflect", 2: "reflect"},
         trim=False,
         chunks=((out_channels,), array.chunks[1], array.chunks[2]),
         dtype=np.float32,
+        meta=np.empty((0, 0, 0), dtype=np.float32),
+    )
+
+
+def _apply_whole(
+    func: Callable[[np.ndarray], np.ndarray], array: da.Array, *, halo: int, out_channels: int
+) -> da.Array:
+    """:func:`apply_blocks` for an array smaller than its halo (Dask borrows a halo only from
+    a chunk at least as large): one block, mirrored at its edges as map_overlap's boundary
+    is, repeatedly where the halo exceeds it."""
+
+    def run(block: np.ndarray) -> np.ndarray:
+        padded = np.pad(block, ((0, 0), (halo, halo), (halo, halo)), mode="symmetric")
+        out = func(padded)
+        return np.copy(out[:, halo : out.shape[1] - halo, halo : out.shape[2] - halo], order="K")
+
+    whole = array.rechunk(-1)
+    return whole.map_blocks(
+        run, chunks=((out_channels,), whole.chunks[1], whole.chunks[2]), dtype=np.float32,
         meta=np.empty((0, 0, 0), dtype=np.float32),
     )

@@ -363,6 +363,14 @@ def test_load_mapping_rejects_bad_edits_clearly(
     assert len(str(info.value).splitlines()) == 1
 
 
+def test_a_mapping_file_that_is_not_utf8_text(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_bytes(b"clusters:\n  0: \xff\xfe\n")
+    with pytest.raises(ConfigError) as info:
+        load_mapping(path, n_labels=3)
+    assert str(info.value) == f"mapping file is not UTF-8 text ({path})"
+
+
 def test_load_mapping_accepts_quoted_ids_and_names(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     path.write_text("clusters:\n  '0': '3'\n  1: water\n")

@@ -6,6 +6,7 @@ import rasterio
 
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.read import open_scene
+from sitfuse_byol.read.scene import reading
 from tests.conftest import write_tif
 
 
@@ -88,3 +89,27 @@ def test_ungeoreferenced_file_is_allowed(tmp_path):
     scene = open_scene(path)
     assert scene.grid.crs is None
     assert scene.grid.crs_string is None
+
+
+def test_a_corrupt_tile_names_gdals_reason_not_rasterios_pointer(tmp_path):
+    from rasterio.transform import from_origin
+
+    path = tmp_path / "tiles.tif"
+    rng = np.random.default_rng(0)
+    profile = {
+        "driver": "GTiff", "width": 64, "height": 64, "count": 2, "dtype": "uint16", "tiled": True,
+        "blockxsize": 16, "blockysize": 16, "compress": "deflate", "crs": "EPSG:32618",
+        "transform": from_origin(0, 640, 10, 10),
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(rng.integers(0, 5000, (2, 64, 64)).astype("uint16"))
+    with rasterio.open(path) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 64] = b"\xff" * 64  # the deflate stream of one tile
+    path.write_bytes(bytes(data))
+    scene = open_scene(path)  # the header is intact
+    with pytest.raises(InputError) as err, reading(scene.source):
+        scene.data.compute()
+    assert err.value.what.startswith("cannot read pixels: ")
+    assert "TIFFReadEncodedTile" in err.value.what and "See previous exception" not in err.value.what

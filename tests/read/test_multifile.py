@@ -81,3 +81,19 @@ def test_bad_multifile_mappings(tmp_path):
         MultiFileSpec.from_mapping(
             {"id": "s", "bands": ["a.tif"], "resampling": {"refine": "bicubic"}}, base=tmp_path, where="x"
         )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"resampling": "cubic"}, "'resampling' must be a mapping"),
+        ({"resampling": {"refine": ["cubic"]}}, "unknown resampling \\['cubic'\\]"),
+        ({"reference": 1.5}, "'reference' must be a band name or a 0-based band position, got 1.5"),
+        ({"reference": [1]}, "'reference' must be"),
+        ({"names": "B1"}, "'names' must be a list"),
+        ({"reproject": "yes"}, "'reproject' must be true or false"),
+    ],
+)
+def test_multifile_values_of_the_wrong_type(tmp_path, extra, message):
+    with pytest.raises(InputError, match=message):
+        MultiFileSpec.from_mapping({"id": "s", "bands": ["a.tif"], **extra}, base=tmp_path, where="x")

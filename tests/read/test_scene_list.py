@@ -62,3 +62,29 @@ def test_yaml_holding_one_multifile_scene(three_tifs):
     assert ref.id == "multi" and ref.entry == "scene.yaml"
     assert ref.spec.files == (three_tifs / "a.tif", three_tifs / "c.tif")
     assert ref.spec.reference == 1
+
+
+def test_scene_ids_must_be_plain_file_names(three_tifs):
+    (three_tifs / "list.yaml").write_text("- {id: ../evil, bands: [a.tif]}\n")
+    with pytest.raises(InputError) as err:
+        resolve_scene_list("list.yaml", base=three_tifs)
+    assert err.value.what.startswith("scene id '../evil' cannot name output files")
+    assert err.value.where == f"{three_tifs / 'list.yaml'}[1]"
+
+
+def test_literal_names_with_glob_or_comment_characters(three_tifs):
+    write_tif(three_tifs / "sc[2].tif", np.ones((2, 16, 16), np.uint8))
+    write_tif(three_tifs / "sc#3.tif", np.ones((2, 16, 16), np.uint8))
+    assert [r.id for r in resolve_scene_list(str(three_tifs / "sc[2].tif"), base=three_tifs)] == ["sc[2]"]
+    (three_tifs / "scenes.txt").write_text("sc#3.tif\n#a.tif\nb.tif #comment\n")
+    assert [r.id for r in resolve_scene_list("scenes.txt", base=three_tifs)] == ["sc#3", "b"]
+
+
+def test_a_scene_list_that_is_not_utf8_text(three_tifs):
+    (three_tifs / "scenes.txt").write_bytes(b"a.tif\n\xff\xfe\x00binary\n")
+    with pytest.raises(InputError) as err:
+        resolve_scene_list("scenes.txt", base=three_tifs)
+    assert str(err.value) == f"not UTF-8 text ({three_tifs / 'scenes.txt'})"
+    (three_tifs / "scene.yaml").write_bytes(b"\xff\xfe{id: x}")
+    with pytest.raises(InputError, match="not UTF-8 text"):
+        resolve_scene_list("scene.yaml", base=three_tifs)

@@ -58,3 +58,23 @@ def test_coordinates_that_are_not_a_grid_are_an_input_error(tmp_path):
     with pytest.raises(InputError, match="cannot derive the grid") as err:
         open_scene(path)
     assert err.value.where == str(path)
+
+
+def test_unevenly_spaced_coordinates_are_an_input_error(tmp_path):
+    x = np.array([0.0, 10.0, 20.0, 35.0, 45.0])  # one 15 m step among 10 m ones
+    ds = xr.Dataset({"v": (("band", "y", "x"), np.zeros((1, 4, 5), np.float32))},
+                    coords={"y": np.arange(4) * -10.0, "x": x})
+    path = tmp_path / "uneven.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    with pytest.raises(InputError) as err:
+        open_scene(path)
+    assert err.value.what == (
+        "the x coordinates are not evenly spaced (steps from 10 to 15); resample the data onto a regular grid first"
+    )
+
+
+def test_a_folder_that_is_not_a_zarr_store_says_how_to_name_its_rasters(tmp_path):
+    (tmp_path / "scenes").mkdir()
+    with pytest.raises(InputError) as err:
+        open_scene(tmp_path / "scenes")
+    assert err.value.what.startswith("a folder that is not a Zarr store; for the rasters in it give a glob")

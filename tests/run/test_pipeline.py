@@ -647,3 +647,31 @@ def test_a_scene_without_georeferencing_gets_one_warning_line(tmp_path, crop_sce
     assert done.stderr.strip() == f"warning: scene has no CRS; its outputs will not be georeferenced ({plain})"
     with rasterio.open(tmp_path / "out" / "labels" / "plain.tif") as labels:
         assert labels.crs is None and labels.shape == data.shape[1:]
+
+
+def test_scene_ids_that_clash_with_coarse_label_names_are_refused(tmp_path, crop_scenes, capsys):
+    coarse = tmp_path / "olinda_a_coarse.tif"
+    shutil.copy(crop_scenes["olinda_b"], coarse)
+    config = write_config(tmp_path, [crop_scenes["olinda_a"], coarse], cluster={"hierarchical": True, "n_fine": 2})
+    assert main(["run", "-c", str(config), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: scene ids 'olinda_a' and 'olinda_a_coarse' clash: with cluster.hierarchical the coarse labels of "
+        "'olinda_a' are labels/olinda_a_coarse.tif; rename one of the scenes (data.scenes[1])"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_over_some_scenes_warns_of_the_others_labels_from_another_clustering(
+    base_run, tmp_path, crop_scenes, caplog
+):
+    folder, *_ = base_run
+    out = tmp_path / "out"
+    shutil.copytree(folder / "out", out)
+    config = write_config(tmp_path, [crop_scenes["olinda_a"]], cluster={"seed": 5})
+    with caplog.at_level("WARNING"):
+        assert main(["run", "-c", str(config), "--quiet"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "warning: the labels of olinda_b, olinda_c (not in this run's scene list) come from another clustering "
+        "model; their cluster numbers mean something else (`sitfuse assign` refuses the mix)"
+    ]

@@ -27,6 +27,18 @@ def test_blocks_equal_whole_array_with_mirrored_edges(chunks):
     np.testing.assert_array_equal(tiled, whole)
 
 
+@pytest.mark.parametrize("shape", [(3, 1, 1), (3, 2, 9), (3, 9, 3)])
+def test_an_array_smaller_than_its_halo_is_one_mirrored_block(shape):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=shape).astype(np.float32)
+    func = conv5x5(rng.normal(size=(5, 5)).astype(np.float32))
+    out = apply_blocks(func, da.from_array(x, chunks=(3, 1, 2)), halo=4, out_channels=3)
+    assert out.shape == shape and out.dtype == np.float32
+    np.testing.assert_array_equal(
+        out.compute(), func(np.pad(x, ((0, 0), (4, 4), (4, 4)), mode="symmetric"))[:, 4:-4, 4:-4]
+    )
+
+
 def test_too_small_halo_leaves_seams():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 64, 64)).astype(np.float32)
