@@ -381,11 +381,17 @@ class Pipeline:
             raise ModelError("no clustering model; run `sitfuse cluster` first", where=str(self.paths.cluster_model))
         from sitfuse_byol.run.tasks import load_cluster_model
 
-        load_cluster_model(self.paths.cluster_model).check_compatible(
+        model = load_cluster_model(self.paths.cluster_model)
+        model.check_compatible(
             dim=trained.encoder.out_channels,
             encoder_hash=trained.checkpoint_hash,
             where=str(self.paths.cluster_model),
         )
+        if model.metadata.get("config_hash") not in (None, self.config.digest("cluster", "embed")):
+            log.warning(
+                "warning: the clustering model was fitted with other cluster or embed settings than this config's; "
+                "it labels the scenes as fitted (`sitfuse cluster` fits it again) (%s)", self.paths.cluster_model,
+            )
 
     def _check_class_names(self, stages: tuple[str, ...]) -> None:
         """``output.class_names`` must name every label; found out before any work, not per scene."""

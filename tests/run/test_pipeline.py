@@ -675,3 +675,16 @@ def test_a_run_over_some_scenes_warns_of_the_others_labels_from_another_clusteri
         "warning: the labels of olinda_b, olinda_c (not in this run's scene list) come from another clustering "
         "model; their cluster numbers mean something else (`sitfuse assign` refuses the mix)"
     ]
+
+
+def test_export_with_other_cluster_settings_than_the_model_warns(base_run, tmp_path, crop_scenes, caplog):
+    folder, *_ = base_run
+    out = tmp_path / "out"
+    shutil.copytree(folder / "out", out)
+    for cluster, expected in (({}, 0), ({"n_clusters": 5}, 1)):
+        caplog.clear()
+        config = write_config(tmp_path, crop_scenes.values(), cluster=cluster)
+        with caplog.at_level("WARNING"):
+            assert main(["export", "-c", str(config), "--quiet"]) == 0
+        warnings = [r.getMessage() for r in caplog.records if "other cluster or embed settings" in r.getMessage()]
+        assert len(warnings) == expected, cluster
