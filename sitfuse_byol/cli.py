@@ -126,7 +126,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     checkpoint = Paths(config.output_dir).checkpoint
     if args.resume and not checkpoint.exists():
-        raise ModelError("nothing to resume: no checkpoint yet (run without --resume)", where=str(checkpoint))
+        epochs = sorted(checkpoint.parent.glob("epoch_*.pt"))
+        hint = f"copy {epochs[-1].name} (or another epoch) to last.pt to resume from it" if epochs else (
+            "no checkpoint yet (run without --resume)"
+        )
+        raise ModelError(f"nothing to resume: {hint}", where=str(checkpoint))
     if not args.ddp:
         return _run_stages(args)
     from sitfuse_byol.progress import train_progress

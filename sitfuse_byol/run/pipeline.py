@@ -295,24 +295,24 @@ class Pipeline:
         self.manifest.stages[name] = {"key": key, "seconds": round(time.perf_counter() - started, 3), **extra}
         self.manifest.save()
 
-    def _checkpoint_loads(self) -> bool:
-        """Whether the trained checkpoint is still the one training wrote, or at least loads:
-        a truncated or damaged copy means training again, not a success that every later
-        stage then refuses."""
+    def _checkpoint_status(self) -> tuple[str, dict | None]:
+        """What ``checkpoints/last.pt`` is: ``"missing"``; ``"written"``, the one training
+        finished with; ``"other"``, another good checkpoint (an ``epoch_NNN.pt`` copied over
+        it), returned loaded; or ``"damaged"`` (truncated, a disk error), which means
+        training again, not a success that every later stage then refuses."""
         from sitfuse_byol.errors import ModelError
         from sitfuse_byol.train.checkpoint import checkpoint_hash, load_checkpoint
 
-        entry = self.manifest.stages.get("train", {})
-        if entry.get("checkpoint") == checkpoint_hash(self.paths.checkpoint):
-            return True
+        if not self.paths.checkpoint.exists():
+            return "missing", None
+        if self.manifest.stages.get("train", {}).get("checkpoint") == checkpoint_hash(self.paths.checkpoint):
+            return "written", None
         try:
-            load_checkpoint(self.paths.checkpoint)
+            state = load_checkpoint(self.paths.checkpoint)
         except ModelError as err:
             log.warning("warning: %s; training again", err)
-            return False
-        # Replaced by another good checkpoint (an epoch_NNN.pt copied over it): kept.
-        entry["checkpoint"] = checkpoint_hash(self.paths.checkpoint)
-        return True
+            return "damaged", None
+        return "other", state
 
     # -- stages ----------------------------------------------------------------------
 
@@ -644,15 +644,27 @@ class Pipeline:
         self._mark_stage("stats", key, started)
 
     def stage_train(self, client: Any) -> None:
-        from sitfuse_byol.train.loop import train
+        from sitfuse_byol.train.checkpoint import checkpoint_hash
+        from sitfuse_byol.train.loop import resume_conflict, train
 
         key = train_stage_key(self.config, self.paths.stats)
-        loads = not self.paths.checkpoint.exists() or self._checkpoint_loads()
-        if self._stage_done("train", key, self.paths.checkpoint) and loads:
+        status, state = self._checkpoint_status()
+        # A checkpoint put in place of the trained one is kept when it is a full training
+        # under these settings, and continued when it stopped short of it.
+        conflict = resume_conflict(state, self.config) if state is not None else None
+        complete = status == "written" or (
+            status == "other" and conflict is None and state is not None and state["epoch"] + 1 == self.config["train"]["epochs"]
+        )
+        if self._stage_done("train", key, self.paths.checkpoint) and complete:
+            if status == "other":
+                self.manifest.stages["train"]["checkpoint"] = checkpoint_hash(self.paths.checkpoint)
             return
         started = time.perf_counter()
+        resumable = status == "written" or (status == "other" and conflict is None)
         resume = self.options.resume or (
-            self.manifest.stages.get("train_started", {}).get("key") == key and not self.options.force and loads
+            not self.options.force and resumable and (
+                status == "other" or self.manifest.stages.get("train_started", {}).get("key") == key
+            )
         )
         self.manifest.stages["train_started"] = {"key": key}
         self.manifest.save()
@@ -679,8 +691,6 @@ class Pipeline:
                     scenes=list(self.scenes.values()),
                     progress=after_step,
                 )
-        from sitfuse_byol.train.checkpoint import checkpoint_hash
-
         self._mark_stage("train", key, started, checkpoint=checkpoint_hash(self.paths.checkpoint))
 
     def _scene_tasks(

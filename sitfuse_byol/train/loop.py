@@ -341,7 +341,7 @@ def train(
     history: list[dict[str, float]] = []
     if resume and (ckpt_dir / "last.pt").exists():
         state = load_checkpoint(ckpt_dir / "last.pt")
-        _check_resumable(state, stats=stats, encoder_spec=encoder_spec, total_steps=total_steps)
+        _check_resumable(state, stats=stats, encoder_spec=encoder_spec, total_steps=total_steps, config=config)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -463,7 +463,37 @@ def _stats_dict(stats: BandStats) -> dict[str, list]:
     return json.loads(stats.to_json())
 
 
-def _check_resumable(state: dict, *, stats: BandStats, encoder_spec: dict, total_steps: int) -> None:
+#: Train settings a resumed run may change: how long it runs, and where.
+RESUME_MAY_CHANGE = frozenset({"epochs", "steps_per_epoch", "device", "compile", "threads"})
+
+
+def resume_conflict(state: dict, config: Config) -> str | None:
+    """Why a checkpoint cannot be resumed under ``config`` (None: it can).
+
+    The optimizer and scheduler states restored on resume hold the old learning rate,
+    optimizer kind and parameter shapes, so any other train setting than the run's
+    length would be silently ignored, or fail deep inside torch.
+    """
+    old, new = state["config"]["train"], config["train"]
+    changed = sorted(k for k in set(old) | set(new) if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
+    if changed:
+        key = changed[0]
+        return (
+            f"train.{key} was {old.get(key)!r} when the checkpoint was trained, now {new.get(key)!r}; only "
+            f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume (train afresh without --resume)"
+        )
+    if state["epoch"] + 1 > new["epochs"]:
+        return (
+            f"the checkpoint has trained {state['epoch'] + 1} epochs, more than train.epochs ({new['epochs']}); "
+            "raise train.epochs to continue"
+        )
+    return None
+
+
+def _check_resumable(state: dict, *, stats: BandStats, encoder_spec: dict, total_steps: int, config: Config) -> None:
+    conflict = resume_conflict(state, config)
+    if conflict:
+        raise ModelError(f"cannot resume: {conflict}", where="checkpoints/last.pt")
     if list(state["band_names"]) != list(stats.band_names):
         raise ModelError(
             f"the checkpoint was trained on bands {', '.join(state['band_names'])}, "

@@ -119,6 +119,42 @@ def test_resume_with_other_bands_is_refused(tmp_path, landsat_path):
         train(tiny_config(tmp_path, [other], epochs=2, steps_per_epoch=1), resume=True)
 
 
+@pytest.mark.parametrize(
+    ("changed", "message"),
+    [
+        ({"optimizer": "lars"}, "train.optimizer was 'adamw' when the checkpoint was trained, now 'lars'"),
+        ({"lr": 0.05}, "train.lr was None when the checkpoint was trained, now 0.05"),
+        ({"projector_hidden": 64}, "train.projector_hidden was 32"),
+        ({"epochs": 1}, "the checkpoint has trained 2 epochs, more than train.epochs \\(1\\)"),
+    ],
+)
+def test_resume_refuses_settings_it_would_ignore(tmp_path, landsat_path, changed, message):
+    train(tiny_config(tmp_path, [landsat_path], steps_per_epoch=1))
+    with pytest.raises(ModelError, match=f"cannot resume: {message}"):
+        train(tiny_config(tmp_path, [landsat_path], steps_per_epoch=1, **{"epochs": 3, **changed}), resume=True)
+    # Only the length of the run may change.
+    train(tiny_config(tmp_path, [landsat_path], steps_per_epoch=1, epochs=3), resume=True)
+    assert load_checkpoint(tmp_path / "out" / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_an_earlier_epoch_put_in_place_of_the_checkpoint_is_continued(tmp_path, landsat_path):
+    import shutil
+
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    raw = {"data": {"scenes": [str(landsat_path)]}, **TINY, "output": {"dir": "out"}}
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train", "-c", str(config), "--quiet"]) == 0
+    checkpoints = tmp_path / "out" / "checkpoints"
+    straight = model_weights(checkpoints / "last.pt")
+    shutil.copy(checkpoints / "epoch_000.pt", checkpoints / "last.pt")
+    assert main(["train", "-c", str(config), "--quiet"]) == 0
+    resumed = load_checkpoint(checkpoints / "last.pt")
+    assert resumed["epoch"] == 1
+    assert all(torch.equal(resumed["model"][k], v) for k, v in straight.items())
+
+
 def test_train_command_and_batch_of_one(capsys, tmp_path, landsat_path):
     import yaml
 
@@ -135,8 +171,12 @@ def test_train_command_and_batch_of_one(capsys, tmp_path, landsat_path):
     (tmp_path / "out" / "checkpoints" / "last.pt").unlink()
     assert main(["train", "-c", str(config), "--quiet", "--resume"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: nothing to resume: no checkpoint yet (run without --resume) ({tmp_path / 'out' / 'checkpoints' / 'last.pt'})"
+        "error: nothing to resume: copy epoch_000.pt (or another epoch) to last.pt to resume from it "
+        f"({tmp_path / 'out' / 'checkpoints' / 'last.pt'})"
     )
+    (tmp_path / "out" / "checkpoints" / "epoch_000.pt").unlink()
+    assert main(["train", "-c", str(config), "--quiet", "--resume"]) == 2
+    assert "nothing to resume: no checkpoint yet (run without --resume)" in capsys.readouterr().err
 
 
 def test_statistics_of_other_scenes_or_bands_are_computed_again(tmp_path, landsat_path):
