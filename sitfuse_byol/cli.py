@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from sitfuse_byol.config import Config, load_config
 from sitfuse_byol.errors import (
@@ -26,6 +27,7 @@ from sitfuse_byol.errors import (
 )
 
 EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_BROKEN_PIPE = 128 + 13  # as a process killed by SIGPIPE
 log = logging.getLogger("sitfuse_byol")
 
 
@@ -226,7 +228,13 @@ def cmd_assign(args: argparse.Namespace) -> int:
     if not label_paths:
         raise InputError("no label rasters yet; run `sitfuse run` first", where=str(config.output_dir))
     if args.apply is None and args.labels is None:
-        raise ConfigError("give --labels POLYGONS to assign, or --apply MAPPING to re-apply a mapping")
+        raise ConfigError(
+            "give --labels POLYGONS to assign, or --apply MAPPING to re-apply a mapping", where="sitfuse assign"
+        )
+    if args.apply is not None and args.labels is not None:
+        raise ConfigError(
+            "give --labels POLYGONS to count classes anew, or --apply MAPPING, not both", where="sitfuse assign"
+        )
     result = run_assign(
         label_paths=label_paths,
         polygons_path=Path(args.labels) if args.labels else None,
@@ -257,8 +265,15 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, as every other error (the usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} ({self.prog}; see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sitfuse",
         description="Unsupervised, scene-consistent segmentation of multispectral imagery.",
     )
@@ -352,8 +367,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SitfuseError as err:
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        # Under torchrun every rank meets the same error; one says it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`sitfuse config reference | head`): nothing wrong with the input.
+        # Python would complain again flushing stdout at exit, so that goes nowhere now.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as err:
         # What the system refused outside the checks above (a folder made read-only or
         # full during the run): still one line, naming the file.

@@ -149,6 +149,15 @@ def _rgb_bands(value: Any) -> str | None:
     return _bands(value)
 
 
+def _class_names(value: Any) -> str | None:
+    if not all(isinstance(v, str) and v.strip() for v in value):
+        return "must be a list of non-empty names"
+    repeated = sorted({v for v in value if value.count(v) > 1})
+    if repeated:
+        return f"names must differ; {', '.join(map(repr, repeated))} appears more than once"
+    return None
+
+
 def _augment(value: Any) -> str | None:
     # Imported here: the augmentation module pulls in torch, which config loading need not.
     from sitfuse_byol.train.augment import AugmentConfig
@@ -219,7 +228,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "zarr": Key("bool", False, "Also write labels as Zarr."),
         "quicklook": Key("bool", True, "Write a PNG quicklook beside each label raster."),
         "rgb_bands": Key("list", None, "Three bands for quicklooks; guessed when null.", nullable=True, check=_rgb_bands),
-        "class_names": Key("list", None, "Names for cluster labels; 'cluster N' when null.", nullable=True),
+        "class_names": Key("list", None, "Names for cluster labels; 'cluster N' when null.", nullable=True, check=_class_names),
     },
     "dask": {
         "workers": Key("int", None, "LocalCluster workers; null: one per 4 cores, at most one per scene.", nullable=True, minimum=1),

@@ -219,3 +219,30 @@ def test_scenes_flag_is_taken_from_the_current_folder(capsys, tmp_path, monkeypa
     code, out, _ = run_cli(capsys, "config", "show", "-c", str(config), "--scenes", "scenes/*.tif")
     assert code == 0
     assert yaml.safe_load(out)["data"]["scenes"] == str(tmp_path / "scenes" / "*.tif")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["train"], "error: the following arguments are required: -c/--config (sitfuse train; see --help)"),
+        (["assign", "-c", "x.yaml", "--threshold", "abc"],
+         "error: argument --threshold: invalid float value: 'abc' (sitfuse assign; see --help)"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_too(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == expected + "\n"
+
+
+def test_repeated_or_empty_class_names_are_config_errors(tmp_path, capsys, landsat_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"scenes": [str(landsat_path)]}, "output": {"class_names": ["A", "A", "B"]}}))
+    assert main(["config", "show", "-c", str(config)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: config: output.class_names: names must differ; 'A' appears more than once (got ['A', 'A', 'B'])"
+    )
+    config.write_text(yaml.safe_dump({"data": {"scenes": [str(landsat_path)]}, "output": {"class_names": ["A", ""]}}))
+    assert main(["config", "show", "-c", str(config)]) == 2
+    assert "output.class_names: must be a list of non-empty names" in capsys.readouterr().err

@@ -81,7 +81,8 @@ class ClusterMapping:
     """Which class each cluster stands for.
 
     Attributes:
-        classes: The real classes, sorted; :data:`UNCERTAIN` is not among them.
+        classes: The real classes, in class raster value order: sorted, or as a mapping
+            file's ``classes`` lists them; :data:`UNCERTAIN` is not among them.
         clusters: The class of each cluster ``0 .. n_labels - 1``: one of
             ``classes`` or :data:`UNCERTAIN`.
         threshold: The share a class needed to win a cluster; ``None`` when a
@@ -615,9 +616,14 @@ def load_mapping(path: Path, *, n_labels: int, model_hash: str | None = None) ->
     missing = [k for k in range(n_labels) if k not in assigned]
     if missing:
         notes.append(f"clusters {_ranges(missing)} are not in {path.name}; they count as uncertain")
-    names = declared if declared is not None else list(assigned.values())
+    # A file's own class list keeps its order, so renaming a class there keeps every
+    # class raster value; without one the order is alphabetical, as when built.
+    if declared is not None:
+        classes = [c for c in declared if c != UNCERTAIN]
+    else:
+        classes = sorted({c for c in assigned.values() if c != UNCERTAIN})
     return ClusterMapping(
-        classes=sorted({c for c in names if c != UNCERTAIN}),
+        classes=classes,
         clusters=[assigned.get(k, UNCERTAIN) for k in range(n_labels)],
         threshold=threshold,
         notes=notes,
@@ -840,8 +846,15 @@ def run_assign(
     if apply is not None:
         n_labels, model_hash = _common_clustering(label_paths)
         mapping = load_mapping(Path(apply), n_labels=n_labels, model_hash=model_hash)
-        mapping_path = Path(apply)
         counts = None
+        # The run's mapping is the one its class rasters come from, whichever file was applied.
+        mapping_path = out_dir / "assign" / "mapping.yaml"
+        if not (mapping_path.exists() and mapping_path.samefile(apply)):
+            text = Path(apply).read_text(encoding="utf-8")
+            previous = _keep_previous(mapping_path)
+            if previous is not None:
+                notes.append(f"kept the earlier mapping as {previous}")
+            atomic_write_text(mapping_path, text)
     else:
         threshold = _check_threshold(threshold)
         if polygons_path is None:

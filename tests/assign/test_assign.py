@@ -270,7 +270,7 @@ def test_mapping_yaml_round_trips_and_an_edit_is_re_applied(
     first = run_assign(
         label_paths=label_paths, polygons_path=polygons, field="class", threshold=0.51, out_dir=out
     )
-    text = first.mapping_path.read_text()
+    text = written = first.mapping_path.read_text()
     # The re-apply command in the header works from any folder.
     assert f"#     sitfuse assign -c CONFIG --apply {first.mapping_path.resolve()}\n" in text
     assert re.search(r"^  0: water +# 275 px in polygons, 81.8% water$", text, re.M)
@@ -296,7 +296,10 @@ def test_mapping_yaml_round_trips_and_an_edit_is_re_applied(
     )
 
     assert again.counts is None
-    assert again.mapping_path == edited
+    # The applied file becomes the run's mapping, the one the class rasters come from.
+    assert again.mapping_path == out / "assign" / "mapping.yaml"
+    assert again.mapping_path.read_text() == edited.read_text()
+    assert (out / "assign" / "mapping.previous.yaml").read_text() == written
     assert again.mapping.clusters == [UNCERTAIN, "forest", "forest", "forest", UNCERTAIN, "water"]
     assert any("clusters 0 are not in edited.yaml" in n for n in again.notes)
     labels, _ = read_band(label_paths[0])
@@ -361,6 +364,17 @@ def test_load_mapping_rejects_bad_edits_clearly(
         load_mapping(path, n_labels=K)
     assert str(path) in str(info.value)
     assert len(str(info.value).splitlines()) == 1
+
+
+def test_renaming_a_class_in_the_mapping_keeps_every_class_value(tmp_path: Path) -> None:
+    counts = CountTable(EXPECTED_COUNTS.astype(np.int64), ["forest", "water"], tmp_path, ["a"])
+    path = write_mapping(tmp_path / "mapping.yaml", build_mapping(counts))
+    assert load_mapping(path, n_labels=K).classes == ["forest", "water"]
+    path.write_text(path.read_text().replace("forest", "woods"))
+    renamed = load_mapping(path, n_labels=K)
+    # "woods" sorts after "water", but keeps forest's place (value 0) from the file's list.
+    assert renamed.classes == ["woods", "water"]
+    assert renamed.clusters == [c.replace("forest", "woods") for c in EXPECTED_MAPPING]
 
 
 def test_a_mapping_file_that_is_not_utf8_text(tmp_path: Path) -> None:
