@@ -151,7 +151,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress=on_step,
         )
     if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the others trained the same model
+        from sitfuse_byol.export.atomic import atomic_write_text
+
         record_training(config, seconds=time.perf_counter() - started)
+        atomic_write_text(config.output_dir / "config.resolved.yaml", config.to_yaml())
         print(_training_report(config))
     return EXIT_OK
 

@@ -113,6 +113,7 @@ def test_a_run_goes_on_from_a_torchrun_training_instead_of_training_again(tmp_pa
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("checkpoint:") == 1  # rank 0 reports, once
+    assert yaml.safe_load((tmp_path / "out" / "config.resolved.yaml").read_text())["train"]["steps_per_epoch"] == 2
     checkpoint = tmp_path / "out" / "checkpoints" / "last.pt"
     trained_at = checkpoint.stat().st_mtime_ns
     assert main(["run", "-c", str(config_path), "--quiet"]) == 0
