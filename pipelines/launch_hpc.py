@@ -32,6 +32,8 @@ from typing import Any
 import yaml
 from dask.utils import parse_bytes
 
+from sitfuse_byol.config import load_yaml
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 STOP_TIMEOUT_S = 30
@@ -123,7 +125,10 @@ def load_spec(path: Path) -> ClusterSpec:
 
 def _read_yaml(*, path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        # The project's safe loader: a key given twice (kind: slurm, then kind: pbs) is an error.
+        raw = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise LaunchError("the cluster file is not UTF-8 text", where=str(path)) from err
     except OSError as err:
         raise LaunchError(f"cannot read the cluster file: {err.strerror}", where=str(path)) from err
     except yaml.YAMLError as err:

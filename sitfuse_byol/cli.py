@@ -45,7 +45,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         dest="overrides",
         action="append",
         default=[],
-        metavar="KEY.PATH=VALUE",
+        metavar="SECTION.KEY=VALUE",
         help="override a config key (value parsed as YAML); repeatable",
     )
     parser.add_argument("--scenes", help="override data.scenes (a path, list file or glob)")

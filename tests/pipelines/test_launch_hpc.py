@@ -180,6 +180,7 @@ def test_missing_command_is_a_one_line_error(tmp_path):
         ("kind: slurm\ncores: 8\nmemry: 64GB\n", ["unknown key 'memry'", "did you mean 'memory'"]),
         ("- kind: slurm\n", ["must be a mapping"]),
         ("kind: [slurm\n", ["invalid YAML"]),
+        ("kind: slurm\ncores: 8\nmemory: 64GB\nkind: pbs\n", ["invalid YAML", "duplicate key"]),
     ],
 )
 def test_invalid_cluster_files_are_one_line_errors(tmp_path, capsys, text, fragments):
