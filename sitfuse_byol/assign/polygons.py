@@ -272,7 +272,8 @@ def read_class_polygons(path: Path, *, field: str, layer: str | None = None) -> 
 def _conflicting_overlaps(geometries: Sequence[shapely.Geometry], classes: Sequence[str]) -> list[str]:
     """A note when polygons of different classes overlap: their shared pixels count for the
     later one only (see :func:`burn_windows`), which a user who drew them should know."""
-    shapes = np.array(geometries, dtype=object)
+    # Hand-drawn layers hold self-intersecting rings, on which GEOS overlays fail.
+    shapes = shapely.make_valid(np.array(geometries, dtype=object))
     first, second = shapely.STRtree(shapes).query(shapes, predicate="intersects")
     candidates = (first < second) & (np.array(classes)[first] != np.array(classes)[second])
     first, second = first[candidates], second[candidates]

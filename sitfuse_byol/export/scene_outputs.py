@@ -11,6 +11,7 @@ at stride 1 the embeddings already carry it (see :func:`_to_scene_grid`).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import warnings
@@ -255,15 +256,36 @@ def _publish(staged: Path, out_dir: Path) -> None:
     for folder in sorted(p for p in staged.iterdir() if p.is_dir()):
         target = out_dir / folder.name
         target.mkdir(parents=True, exist_ok=True)
+        names = {item.name for item in folder.iterdir()}
         for item in sorted(folder.iterdir()):
             final = target / item.name
+            if item.suffix == ".tif":
+                # A sidecar this export did not write (QGIS's statistics .aux.xml) would
+                # describe the old raster.
+                for sidecar in (aux_xml_path_for(final), qml_path_for(final)):
+                    if sidecar.name not in names:
+                        remove_path(sidecar)
             if item.is_dir() and final.is_dir() and not final.is_symlink():
                 old = temporary_sibling(final)
                 os.replace(final, old)
-                os.replace(item, final)
+                try:
+                    _move(item, final)
+                except BaseException:
+                    os.replace(old, final)
+                    raise
                 remove_path(old)
             else:
-                os.replace(item, final)
+                _move(item, final)
+
+
+def _move(source: Path, final: Path) -> None:
+    """A rename; a copy where ``final`` is on another file system (a symlinked folder)."""
+    try:
+        os.replace(source, final)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        shutil.move(source, final)
 
 
 def _output_paths(scene_id: str, out_dir: Path) -> dict[str, list[Path]]:

@@ -442,10 +442,23 @@ class Pipeline:
         from sitfuse_byol.train.device import resolve_device
         from sitfuse_byol.train.encoders import create_encoder, resolve_norm
 
-        if "train" not in stages or not self.scenes:
+        if not self.scenes:
             return
+        # Local workers embed on this machine's devices; a scheduler's workers have their own.
+        if {"embed", "cluster", "export"} & set(stages) and not self.options.cluster.scheduler:
+            resolve_device(self.config["embed"]["device"], where="embed.device")
+        if "train" not in stages:
+            return
+        from sitfuse_byol.train.checkpoint import checkpoint_hash
+
         cfg = self.config["train"]
-        if not self.options.cluster.gpus_per_worker:  # else a GPU worker trains
+        trained = (
+            self.paths.checkpoint.exists() and not (self.options.force or self.options.resume)
+            and self.manifest.stages.get("train", {}).get("checkpoint") == checkpoint_hash(self.paths.checkpoint)
+        )
+        # A GPU worker trains with --gpus-per-worker; a finished training (re-exporting on a
+        # CPU node) needs no device at all, whatever the settings were.
+        if not self.options.cluster.gpus_per_worker and not trained:
             resolve_device(self.options.device or cfg["device"], where="train.device")
         bands = next(iter(self.scenes.values())).n_bands
         create_encoder(
@@ -484,10 +497,13 @@ class Pipeline:
                 raise InputError(f"cannot create an output folder: {err.strerror}", where=str(folder)) from err
 
     def _start_writing(self, stages: tuple[str, ...]) -> None:
-        """The run-wide checks passed and the cluster is up: make the output folders, keep
-        the log there, and record what failed so far."""
+        """The run-wide checks passed and the cluster is up: make the output folders, clear
+        what killed runs left there, keep the log and the resolved config there, and record
+        what failed so far."""
         self._prepare_output_dirs(stages)
+        _remove_stale_temporaries(self.out)
         self.checked = True
+        atomic_write_text(self.out / "config.resolved.yaml", self.config.to_yaml())
         if self.log is not None:
             self.log.write_to(self.out / "logs" / "sitfuse.log")
         for scene_id, failure in self.deferred_failures.items():
@@ -644,7 +660,7 @@ class Pipeline:
         self._mark_stage("stats", key, started)
 
     def stage_train(self, client: Any) -> None:
-        from sitfuse_byol.train.checkpoint import checkpoint_hash
+        from sitfuse_byol.train.checkpoint import checkpoint_hash, load_checkpoint
         from sitfuse_byol.train.loop import resume_conflict, train
 
         key = train_stage_key(self.config, self.paths.stats)
@@ -658,14 +674,16 @@ class Pipeline:
         if self._stage_done("train", key, self.paths.checkpoint) and complete:
             if status == "other":
                 self.manifest.stages["train"]["checkpoint"] = checkpoint_hash(self.paths.checkpoint)
+                self.manifest.save()
             return
         started = time.perf_counter()
-        resumable = status == "written" or (status == "other" and conflict is None)
-        resume = self.options.resume or (
-            not self.options.force and resumable and (
-                status == "other" or self.manifest.stages.get("train_started", {}).get("key") == key
-            )
-        )
+        # By itself a run resumes only the training it started under these very settings
+        # and statistics (interrupted, or an earlier epoch put back), never another one.
+        same_start = self.manifest.stages.get("train_started", {}).get("key") == key
+        if same_start and status == "written" and not self.options.force:
+            conflict = resume_conflict(load_checkpoint(self.paths.checkpoint), self.config)
+        resumable = status in ("written", "other") and conflict is None
+        resume = self.options.resume or (not self.options.force and resumable and same_start)
         self.manifest.stages["train_started"] = {"key": key}
         self.manifest.save()
         if self.options.cluster.gpus_per_worker:
@@ -863,7 +881,6 @@ class Pipeline:
     # -- driver ----------------------------------------------------------------------
 
     def run(self) -> RunSummary:
-        _remove_stale_temporaries(self.out)
         stages = self.options.stages
         with _RunLog() as self.log:
             try:
@@ -906,8 +923,6 @@ class Pipeline:
             _remove_stale_temporaries(self.out)
             if "export" in stages:
                 self._remove_stale_outputs()
-            # Written once the run went through, so it always describes the outputs beside it.
-            atomic_write_text(self.out / "config.resolved.yaml", self.config.to_yaml())
             table = self.stage_assign() if "assign" in stages else None
         if table:
             print(table, file=sys.stderr if self.options.json else sys.stdout)

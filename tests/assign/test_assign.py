@@ -472,6 +472,17 @@ def test_overlapping_polygons_of_different_classes_get_a_note(tmp_path: Path) ->
     assert polygons.notes == []
 
 
+def test_self_intersecting_polygons_are_read(tmp_path: Path) -> None:
+    # A "bow-tie" ring, as hand-drawn layers hold; the overlap check must not fail on it.
+    bow_tie = shapely.Polygon([(-75.0, 40.0), (-74.9, 40.1), (-74.9, 40.0), (-75.0, 40.1)])
+    assert not bow_tie.is_valid
+    square = shapely.box(-75.0, 40.0, -74.95, 40.05)
+    path = write_vector(tmp_path / "p.gpkg", [bow_tie, square], {"class": ["w", "f"]})
+    polygons = read_class_polygons(path, field="class")
+    assert polygons.classes == ["w", "f"]
+    assert len(polygons.notes) == 1 and "overlap" in polygons.notes[0]
+
+
 def test_points_and_lines_are_not_polygons(tmp_path: Path) -> None:
     points = write_vector(
         tmp_path / "pts.gpkg", [shapely.Point(-75, 40)], {"class": ["w"]}, geometry_type="Point"

@@ -258,3 +258,12 @@ def test_a_failed_export_leaves_the_earlier_outputs_of_the_scene_whole(
         )  # fmt: skip
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before
+    # QGIS's statistics sidecar describes the raster it was computed for; a new export drops it.
+    stale = tmp_path / "confidence" / f"{holed_scene.id}.tif.aux.xml"
+    stale.write_text("<PAMDataset/>")
+    write_scene_outputs(
+        scene=holed_scene, embedding=embedding, model=fit_kmeans(samples, n_clusters=5, seed=1),
+        out_dir=tmp_path, stride=1, options=OutputOptions(quicklook=True), tags={},
+    )  # fmt: skip
+    assert not stale.exists()
+    assert (tmp_path / "labels" / f"{holed_scene.id}.tif.aux.xml").exists()

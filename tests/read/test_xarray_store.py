@@ -78,3 +78,15 @@ def test_a_folder_that_is_not_a_zarr_store_says_how_to_name_its_rasters(tmp_path
     with pytest.raises(InputError) as err:
         open_scene(tmp_path / "scenes")
     assert err.value.what.startswith("a folder that is not a Zarr store; for the rasters in it give a glob")
+
+
+def test_float32_coordinates_of_a_regular_grid_are_accepted(tmp_path):
+    # float32 northings near 4.5e6 m are only 0.5 m apart, so a 10.3 m grid's steps vary by 5%.
+    y = (4_500_000.0 - 10.3 * np.arange(50)).astype(np.float32)
+    x = (300_000.0 + 10.3 * np.arange(40)).astype(np.float32)
+    ds = xr.Dataset({"v": (("band", "y", "x"), np.ones((1, 50, 40), np.float32))}, coords={"y": y, "x": x})
+    assert np.ptp(np.diff(y.astype(np.float64))) > 0.1
+    path = tmp_path / "f32.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    transform = open_scene(path).grid.transform
+    assert transform.a == pytest.approx(10.3, abs=1e-2) and transform.e == pytest.approx(-10.3, abs=1e-2)
