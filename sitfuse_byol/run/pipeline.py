@@ -351,28 +351,26 @@ class Pipeline:
     def _require_models(self, stages: tuple[str, ...]) -> None:
         """A stage run on its own needs what earlier stages leave behind."""
         from sitfuse_byol.errors import ModelError
-        from sitfuse_byol.train.checkpoint import load_encoder
+        from sitfuse_byol.train.checkpoint import TrainedEncoder, load_encoder
+
+        def fail_misfits(trained: TrainedEncoder) -> None:
+            for scene in list(self.scenes.values()):
+                try:
+                    trained.check_bands(scene.n_bands, where=scene.source)
+                except ModelError as err:
+                    self._fail(scene.id, err, stage="read")
 
         if "train" in stages:
             if self.options.resume and self.paths.checkpoint.exists():
                 # Before the stats stage rewrites stats.json for scenes the model cannot take.
-                trained = load_encoder(self.paths.checkpoint)
-                for scene in list(self.scenes.values()):
-                    try:
-                        trained.check_bands(scene.n_bands, where=scene.source)
-                    except ModelError as err:
-                        self._fail(scene.id, err, stage="read")
+                fail_misfits(load_encoder(self.paths.checkpoint))
             return
         if not {"embed", "cluster", "export"} & set(stages):
             return
         if not self.paths.checkpoint.exists():
             raise ModelError("no trained encoder; run `sitfuse train` first", where=str(self.paths.checkpoint))
         trained = load_encoder(self.paths.checkpoint)
-        for scene in list(self.scenes.values()):
-            try:
-                trained.check_bands(scene.n_bands, where=scene.source)
-            except ModelError as err:
-                self._fail(scene.id, err, stage="read")
+        fail_misfits(trained)
         # Only the export labels with the clustering model; a cluster stage fits it first.
         if "export" not in stages or "cluster" in stages:
             return
