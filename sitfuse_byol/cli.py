@@ -363,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # warnings (or everything with --debug), so an error stays the one line below.
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.INFO if args.debug else logging.WARNING)
+    if not args.debug:
+        # Dask's shutdown can leave a timed-out asyncio future behind, which asyncio reports
+        # as "Future exception was never retrieved" (3 lines) after a run that went well.
+        console.addFilter(lambda record: record.name != "asyncio")
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s", handlers=[console])
     func: Callable[[argparse.Namespace], int] = args.func
     try:
