@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,25 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def replace_path(source: Path, final: Path, *, move: Callable[[Path, Path], object] = os.replace) -> None:
+    """Put ``source`` (a file or a directory) in place of ``final`` with ``move``.
+
+    ``os.replace`` cannot overwrite a non-empty directory, so an existing one is moved
+    aside first and put back if the move fails.
+    """
+    if source.is_dir() and final.is_dir() and not final.is_symlink():
+        old = temporary_sibling(final)
+        os.replace(final, old)
+        try:
+            move(source, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
+        remove_path(old)
+    else:
+        move(source, final)
+
+
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling path that replaces ``final`` on success.
@@ -76,17 +95,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"nothing was written to {tmp} for {final}")
-        if tmp.is_dir() and final.is_dir() and not final.is_symlink():
-            old = temporary_sibling(final)
-            os.replace(final, old)
-            try:
-                os.replace(tmp, final)
-            except BaseException:
-                os.replace(old, final)
-                raise
-            remove_path(old)
-        else:
-            os.replace(tmp, final)
+        replace_path(tmp, final)
     except BaseException:
         # Also what a writer put beside the temporary under its name, e.g. GDAL's
         # "<tmp>.ovr.tmp" when the COG driver was interrupted.

@@ -26,7 +26,7 @@ import numpy as np
 from sitfuse_byol.cluster.model import ClusterModel
 from sitfuse_byol.embed import SceneEmbedding
 from sitfuse_byol.errors import ConfigError
-from sitfuse_byol.export.atomic import remove_path, temporary_sibling
+from sitfuse_byol.export.atomic import remove_path, replace_path
 from sitfuse_byol.export.float_raster import write_float_raster
 from sitfuse_byol.export.label_raster import label_dtype_and_nodata, write_label_raster
 from sitfuse_byol.export.palette import hierarchical_colors, label_colors
@@ -250,8 +250,8 @@ def _publish(staged: Path, out_dir: Path) -> None:
     """Move every complete output from ``staged/<folder>/`` onto ``out_dir/<folder>/``.
 
     Each move is a rename within one file system (``.work`` is inside ``out_dir``), so
-    each file appears whole; a Zarr store replaces the old one the way
-    :func:`~sitfuse_byol.export.atomic.atomic_path` does.
+    each file appears whole; a Zarr store replaces the old one through
+    :func:`~sitfuse_byol.export.atomic.replace_path`, as in ``atomic_path``.
     """
     for folder in sorted(p for p in staged.iterdir() if p.is_dir()):
         target = out_dir / folder.name
@@ -265,17 +265,7 @@ def _publish(staged: Path, out_dir: Path) -> None:
                 for sidecar in (aux_xml_path_for(final), qml_path_for(final)):
                     if sidecar.name not in names:
                         remove_path(sidecar)
-            if item.is_dir() and final.is_dir() and not final.is_symlink():
-                old = temporary_sibling(final)
-                os.replace(final, old)
-                try:
-                    _move(item, final)
-                except BaseException:
-                    os.replace(old, final)
-                    raise
-                remove_path(old)
-            else:
-                _move(item, final)
+            replace_path(item, final, move=_move)
 
 
 def _move(source: Path, final: Path) -> None:

@@ -295,17 +295,29 @@ class Pipeline:
         self.manifest.stages[name] = {"key": key, "seconds": round(time.perf_counter() - started, 3), **extra}
         self.manifest.save()
 
+    def _checkpoint_is_the_trained_one(self) -> bool:
+        """``last.pt`` is the file the last finished training wrote (run.json keeps its hash)."""
+        from sitfuse_byol.train.checkpoint import checkpoint_hash
+
+        recorded = self.manifest.stages.get("train", {}).get("checkpoint")
+        return self.paths.checkpoint.exists() and recorded == checkpoint_hash(self.paths.checkpoint)
+
+    def _model_hash(self) -> str:
+        """The saved clustering model's hash ('' before any clustering)."""
+        model_json = self.paths.cluster_model / "model.json"
+        return json.loads(model_json.read_text()).get("model_hash", "") if model_json.exists() else ""
+
     def _checkpoint_status(self) -> tuple[str, dict | None]:
         """What ``checkpoints/last.pt`` is: ``"missing"``; ``"written"``, the one training
         finished with; ``"other"``, another good checkpoint (an ``epoch_NNN.pt`` copied over
         it), returned loaded; or ``"damaged"`` (truncated, a disk error), which means
         training again, not a success that every later stage then refuses."""
         from sitfuse_byol.errors import ModelError
-        from sitfuse_byol.train.checkpoint import checkpoint_hash, load_checkpoint
+        from sitfuse_byol.train.checkpoint import load_checkpoint
 
         if not self.paths.checkpoint.exists():
             return "missing", None
-        if self.manifest.stages.get("train", {}).get("checkpoint") == checkpoint_hash(self.paths.checkpoint):
+        if self._checkpoint_is_the_trained_one():
             return "written", None
         try:
             state = load_checkpoint(self.paths.checkpoint)
@@ -447,13 +459,8 @@ class Pipeline:
             resolve_device(self.config["embed"]["device"], where="embed.device")
         if "train" not in stages:
             return
-        from sitfuse_byol.train.checkpoint import checkpoint_hash
-
         cfg = self.config["train"]
-        trained = (
-            self.paths.checkpoint.exists() and not (self.options.force or self.options.resume)
-            and self.manifest.stages.get("train", {}).get("checkpoint") == checkpoint_hash(self.paths.checkpoint)
-        )
+        trained = not (self.options.force or self.options.resume) and self._checkpoint_is_the_trained_one()
         # A GPU worker trains with --gpus-per-worker; a finished training (re-exporting on a
         # CPU node) needs no device at all, whatever the settings were.
         if not self.options.cluster.gpus_per_worker and not trained:
@@ -515,10 +522,9 @@ class Pipeline:
         something else)."""
         from sitfuse_byol.export.scene_outputs import remove_scene_outputs
 
-        model_json = self.paths.cluster_model / "model.json"
-        if not model_json.exists():
+        current = self._model_hash()
+        if not current:
             return
-        current = json.loads(model_json.read_text()).get("model_hash", "")
         stale = [
             s for s, (key, _) in self.earlier_exports.items() if s in self.errors and export_key_model(key) != current
         ]
@@ -841,8 +847,7 @@ class Pipeline:
         self._mark_stage("cluster", key, started)
 
     def stage_export(self, client: Any) -> None:
-        model_json = self.paths.cluster_model / "model.json"
-        model_key = json.loads(model_json.read_text()).get("model_hash", "") if model_json.exists() else ""
+        model_key = self._model_hash()
         # Where the outputs go is not what they are: a moved OUTDIR is not redone.
         output_key = self.config.digest("output", "embed", "data", leave_out=("output.dir", "data.scenes"))
         keys = {}
