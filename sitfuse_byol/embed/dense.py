@@ -145,6 +145,23 @@ def cell_valid(valid: da.Array, *, stride: int) -> da.Array:
     )
 
 
+def _block_edge(size: int, *, block: int, halo: int, multiple: int) -> int:
+    """The block edge along an axis of ``size`` pixels: ``block``, or a little less.
+
+    A ragged last block narrower than the halo would have to borrow pixels from its
+    neighbour (:func:`sitfuse_byol.tile.apply_blocks`), and the uneven chunks that leaves
+    cannot be written to Zarr (all chunks but the last must be equal). So the edge
+    shrinks, in steps of ``multiple``, until the remainder is 0 or at least the halo;
+    failing that the axis is one block.
+    """
+    if size <= block:
+        return block
+    for edge in range(block, halo - 1, -multiple):
+        if edge > 0 and (size % edge == 0 or size % edge >= halo):
+            return edge
+    return _round_up(size, multiple)
+
+
 def embed_scene(
     scene: Scene,
     trained: TrainedEncoder,
@@ -161,7 +178,8 @@ def embed_scene(
         stride: Average the embeddings of each ``stride`` x ``stride`` cell (valid pixels
             only); the grid transform is scaled.
         window: Average embeddings over this odd window (0 or 1: no averaging).
-        block_size: Block edge for inference, rounded to a multiple of ``stride``.
+        block_size: Block edge for inference, rounded to a multiple of ``stride``, and
+            shrunk where a scene edge would leave a sliver of a block (:func:`_block_edge`).
 
     Raises:
         ModelError: The scene's band count differs from the model's.
@@ -171,7 +189,9 @@ def embed_scene(
         raise InputError(f"embedding window must be odd, got {window}", where="embed.window")
     stats = trained.stats
     halo = _round_up(embedding_halo(trained, window=window), stride)
-    block = max(_round_up(block_size, math.lcm(stride, trained.encoder.stride)), halo)
+    multiple = math.lcm(stride, trained.encoder.stride)
+    block = max(_round_up(block_size, multiple), halo)
+    blocks = tuple(_block_edge(size, block=block, halo=halo, multiple=multiple) for size in scene.grid.shape)
 
     def normalize(raw: np.ndarray) -> np.ndarray:
         # The valid mask travels as one more channel, so each block masks its own
@@ -181,7 +201,7 @@ def embed_scene(
 
     raw = scene.data.rechunk({0: -1})
     normalized = da.map_blocks(normalize, raw, chunks=((scene.n_bands + 1,), *raw.chunks[1:]), dtype=np.float32)
-    normalized = normalized.rechunk((-1, block, block))
+    normalized = normalized.rechunk((-1, *blocks))
     dim = trained.encoder.out_channels
     features = apply_blocks(
         lambda b: _forward(trained, b, window=window),

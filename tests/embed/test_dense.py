@@ -136,3 +136,26 @@ def test_cuda_embeddings_match_the_cpu_within_bf16(landsat_path, tiny_checkpoint
     finite = np.isfinite(cpu)
     # bf16 keeps 8 bits of mantissa through each layer.
     np.testing.assert_allclose(gpu[finite], cpu[finite], rtol=0.05, atol=0.05 * float(np.abs(cpu[finite]).max()))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_sliver_of_a_last_block_still_saves_to_zarr(tmp_path, landsat_path, tiny_checkpoint, stride):
+    """A scene edge one pixel past a block boundary: the block edge shrinks so that the
+    last block is not narrower than the halo, and the Zarr store gets regular chunks."""
+    from sitfuse_byol.embed.dense import embedding_halo
+
+    trained = load_encoder(tiny_checkpoint)
+    assert embedding_halo(trained, window=5) > 1
+    with rasterio.open(landsat_path) as src:
+        data, profile = src.read(), src.profile
+    block = 64
+    # 2 x 64 + 1 columns, 64 + 1 rows: each axis ends in a 1-pixel sliver of a block.
+    sliver = np.tile(data, (1, 1, 2))[:, : block + 1, : 2 * block + 1]
+    path = write_tif(tmp_path / "sliver.tif", sliver, crs=profile["crs"], transform=profile["transform"])
+    scene = open_scene(path)
+    embedding = embed_scene(scene, trained, block_size=block, window=5, stride=stride)
+    assert all(len(set(axis[:-1])) <= 1 and axis[-1] <= axis[0] for axis in embedding.data.chunks[1:])
+    store = tmp_path / "sliver.zarr"
+    save_embedding(embedding, store)
+    whole = embed_scene(scene, trained, block_size=1024, window=5, stride=stride).data.compute()
+    np.testing.assert_allclose(open_embedding(store).data.compute(), whole, atol=1e-5)
