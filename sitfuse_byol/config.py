@@ -25,6 +25,9 @@ from sitfuse_byol.errors import ConfigError
 
 REQUIRED = object()
 
+#: Seeds reach NumPy's legacy RandomState (scikit-learn's random_state), which takes 32 bits.
+SEED_MAX = 2**32 - 1
+
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 
 
@@ -199,7 +202,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tau_base": Key("float", 0.99, "Base EMA rate of the target; rises to 1 on a cosine.", minimum=0.0, maximum=1.0),
         "projector_hidden": Key("int", 1024, "Hidden width of projector and predictor (paper: 4096).", minimum=8),
         "projection_dim": Key("int", 128, "Projection size (paper: 256).", minimum=2),
-        "seed": Key("int", 0, "Seed for sampling, augmentation and initialisation.", minimum=0),
+        "seed": Key(
+            "int", 0, "Seed for sampling, augmentation and initialisation.", minimum=0, maximum=SEED_MAX
+        ),
         "device": Key("str", "auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda")),
         "compile": Key("bool", False, "Use torch.compile."),
         "threads": Key("int", None, "CPU threads for torch; null: the cores this process may use, shared among the torchrun processes of the node.", nullable=True, minimum=1),
@@ -219,7 +224,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "sample_blocks": Key("int", 32, "Streamed embeddings (embed.save false): draw a scene's sample from this many blocks, one at random holding valid pixels from each of as many bands of the scene (embedding only those twice); 0: every block.", minimum=0),
         "hierarchical": Key("bool", False, "Also split every cluster into n_fine sub-clusters."),
         "n_fine": Key("int", 4, "Sub-clusters per cluster when hierarchical.", minimum=2),
-        "seed": Key("int", 0, "Seed for sampling and initialisation.", minimum=0),
+        "seed": Key("int", 0, "Seed for sampling and initialisation.", minimum=0, maximum=SEED_MAX),
     },
     "output": {
         "dir": Key("str", "outputs", "Output folder (relative to the config file)."),

@@ -56,11 +56,13 @@ class AugmentConfig:
         vflip: Probability of a vertical flip.
         rot90: Probability of a 90° rotation; with both flips at 0.5 this
             draws uniformly from all 8 symmetries of the square.
-        band_gain: Std of the per-band gain g, applied as ``x * (1 + g)``.
+        band_gain: Std of the per-band gain g, applied as ``x * max(1 + g, 0)``: a
+            large draw may flatten a band but never inverts its spectrum.
         band_offset: Std of the per-band additive offset.
         brightness: Half-width of the uniform offset added to all bands.
         contrast: Half-width of the uniform factor around 1 by which each band's
-            deviations from its patch mean are scaled.
+            deviations from its patch mean are scaled; below 1, so the factor stays
+            positive.
         jitter_p: Probability that a sample gets the four spectral jitters above.
         noise_std: Std of additive per-pixel Gaussian noise.
         blur_sigma: Range of the Gaussian blur sigma, in pixels.
@@ -97,6 +99,9 @@ class AugmentConfig:
         for key in _NON_NEGATIVE:
             _check(key, getattr(self, key), 0.0, math.inf)
         _check("solarize_threshold", self.solarize_threshold, -math.inf, math.inf)
+        if self.contrast >= 1:
+            # A factor 1 - contrast <= 0 would flatten or invert bands around their mean.
+            raise ConfigError(f"contrast must be below 1, got {self.contrast!r}", where="augment.contrast")
         for key, (lo, hi) in {
             "crop_scale": (1e-6, 1.0), "crop_ratio": (1e-6, math.inf),
             "blur_sigma": (1e-6, math.inf), "blur_p": (0.0, 1.0), "solarize_p": (0.0, 1.0),
@@ -179,7 +184,7 @@ def _geometry(
 def _jitter(x: torch.Tensor, valid: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     """Gain, offset, brightness and contrast folded into one per-band affine map."""
     b, c, dev = x.shape[0], x.shape[1], x.device
-    gain = 1 + cfg.band_gain * torch.randn(b, c, generator=g, device=dev)
+    gain = (1 + cfg.band_gain * torch.randn(b, c, generator=g, device=dev)).clamp(min=0)
     shift = cfg.band_offset * torch.randn(b, c, generator=g, device=dev)
     shift = shift + _uniform(b, -cfg.brightness, cfg.brightness, g, dev).unsqueeze(1)
     contrast = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, g, dev).unsqueeze(1)

@@ -146,6 +146,24 @@ def test_spectral_jitter_is_mild_and_per_band() -> None:
     torch.testing.assert_close(residual.squeeze(-1), v.flatten(2), atol=1e-4, rtol=1e-4)
 
 
+def test_strong_jitter_never_inverts_a_band() -> None:
+    """A gain draw below -1 (likely at band_gain 2) flattens a band instead of flipping
+    its spectrum; contrast stays below 1, so its factor is positive too."""
+    x, _ = _data()
+    valid = torch.ones(B, P, P, dtype=torch.bool)
+    cfg = dataclasses.replace(
+        GEOMETRY_ONLY, jitter_p=1.0, band_gain=2.0, band_offset=0.0, brightness=0.0, contrast=0.99,
+        hflip=0, vflip=0, rot90=0,
+    )
+    v, _ = augment_view(x, valid, config=cfg, generator=_gen(0), blur_p=0.0, solarize_p=0.0)
+    # Each (sample, band) is an affine map of x: its slope must never be negative.
+    centred_x = x.flatten(2) - x.flatten(2).mean(2, keepdim=True)
+    centred_v = v.flatten(2) - v.flatten(2).mean(2, keepdim=True)
+    slope = (centred_x * centred_v).sum(2) / (centred_x**2).sum(2)
+    assert (slope >= -1e-5).all()
+    assert (slope.abs() < 1e-5).any()  # some band was flattened, none inverted
+
+
 def test_blur_smooths_and_solarize_mirrors() -> None:
     x, _ = _data()
     valid = torch.ones(B, P, P, dtype=torch.bool)
@@ -231,6 +249,7 @@ def test_from_dict_accepts_yaml_values() -> None:
         ({"blur_sigma": "big"}, "blur_sigma"),
         ({"contrast": True}, "contrast"),
         ({"brightness": float("nan")}, "brightness"),
+        ({"contrast": 1.0}, "contrast"),
     ],
 )
 
