@@ -136,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.ddp:
         return _run_stages(args)
     from sitfuse_byol.progress import train_progress
-    from sitfuse_byol.run.pipeline import record_training
+    from sitfuse_byol.run.pipeline import record_training, saved_stats_are_current
     from sitfuse_byol.train.loop import train
 
     started = time.perf_counter()
@@ -149,6 +149,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             compile_model=True if args.compile else None,
             ddp=True,
             progress=on_step,
+            # Statistics of other data settings (a valid range, nodata) are made again.
+            reuse_stats=saved_stats_are_current(config),
         )
     if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the others trained the same model
         from sitfuse_byol.export.atomic import atomic_write_text

@@ -88,6 +88,15 @@ def train_stage_key(config: Config, stats_path: Path) -> str:
     return "|".join(("train", config.digest("data", "tiling", "train"), file_hash(stats_path)))
 
 
+def saved_stats_are_current(config: Config) -> bool:
+    """Whether ``OUTDIR/stats.json`` was computed under these data settings from these scene
+    files, as ``run.json`` records it (the check a run's stats stage makes)."""
+    refs = resolve_scene_list(config["data"]["scenes"], base=config.base)
+    manifest = Manifest.load(config.output_dir / "run.json")
+    key = stats_stage_key(config, (scene_fingerprint(r) for r in refs))
+    return manifest.stages.get("stats", {}).get("key") == key
+
+
 def record_training(config: Config, *, seconds: float) -> None:
     """Mark the statistics and training of a run done in ``run.json``, as a run's own stages
     would, after an encoder was trained outside one (``sitfuse train --ddp`` under

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from sitfuse_byol.config import Config
 from sitfuse_byol.cores import usable_cores
-from sitfuse_byol.errors import ConfigError, ModelError
+from sitfuse_byol.errors import ConfigError, ModelError, SitfuseError
 from sitfuse_byol.export.atomic import atomic_path
 from sitfuse_byol.normalize import BandStats, compute_stats
 from sitfuse_byol.read import Scene, open_scenes_from_config, resolve_scene_list
@@ -100,20 +101,49 @@ def checkpoint_dir(config: Config) -> Path:
     return config.output_dir / "checkpoints"
 
 
-def ensure_stats(config: Config, scenes: list[Scene]) -> BandStats:
-    """Statistics from ``OUTDIR/stats.json``, computed and saved first when missing."""
+def training_stats(config: Config, scenes: list[Scene], *, reuse: bool = True) -> tuple[BandStats, bool]:
+    """The band statistics to train with: ``OUTDIR/stats.json`` when it can be reused,
+    else computed (not saved: a refused resume must leave the file as it was).
+
+    Args:
+        config: The validated config.
+        scenes: The training scenes.
+        reuse: Whether the saved statistics may be used at all; ``False`` when the data
+            settings or scene files changed since they were computed.
+
+    Returns:
+        The statistics, and whether they were computed (and so still need saving).
+    """
     path = config.output_dir / "stats.json"
-    if path.exists():
+    if reuse and path.exists():
         stats = BandStats.load(path)
         # Statistics of other scenes or bands (the band count alone can agree) would
         # normalise with the wrong values and be saved as this model's.
         same_scenes = sorted(stats.scenes) == sorted(s.id for s in scenes)  # their order does not matter
         if stats.band_names == tuple(scenes[0].band_names) and same_scenes:
-            return stats
-    stats = compute_stats(scenes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stats.save(path)
-    return stats
+            return stats, False
+    return compute_stats(scenes), True
+
+
+def _from_rank_zero(ctx: DistributedContext, func: Callable[[], Any]) -> Any:
+    """``func()`` run on rank 0 only, its result (or its :class:`SitfuseError`) given to every rank.
+
+    An error met on rank 0 alone would otherwise leave the other ranks at a barrier whose
+    peer has gone, and they would die with a gloo traceback instead of the same one line.
+    """
+    if ctx.world_size == 1:
+        return func()
+    message: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            message[0] = ("ok", func())
+        except SitfuseError as err:
+            message[0] = ("error", type(err), err.what, err.where)
+    dist.broadcast_object_list(message, src=0)
+    if message[0][0] == "error":
+        _, kind, what, where = message[0]
+        raise kind(what, where=where)
+    return message[0][1]
 
 
 def _warmup_steps(config_warmup: int, total_steps: int) -> int:
@@ -290,6 +320,7 @@ def train(
     progress: Callable[[dict[str, Any]], None] | None = None,
     stop_after_epochs: int | None = None,
     scenes: list[Scene] | None = None,
+    reuse_stats: bool = True,
 ) -> TrainResult:
     """Train BYOL on the config's scenes and write checkpoints and metrics under ``OUTDIR``.
 
@@ -302,6 +333,8 @@ def train(
         progress: Called after every step with loss, τ, lr, patches/s and data-wait share.
         stop_after_epochs: Stop (as if interrupted) after this many epochs of this call.
         scenes: The scenes to train on, already opened; by default the config's scene list.
+        reuse_stats: Whether ``OUTDIR/stats.json`` may be used when it holds these scenes
+            and bands; ``False`` computes them again (see :func:`training_stats`).
 
     Raises:
         ModelError: Resuming from a checkpoint of other bands or another model.
@@ -316,11 +349,7 @@ def train(
     if scenes is None:
         refs = resolve_scene_list(config["data"]["scenes"], base=config.base)
         scenes = open_scenes_from_config(refs, data=config["data"], patch_size=config["tiling"]["patch_size"])
-    stats = ensure_stats(config, scenes) if ctx.is_main else None
-    if ctx.world_size > 1:
-        dist.barrier()
-    if stats is None:
-        stats = BandStats.load(config.output_dir / "stats.json")
+    stats, new_stats = _from_rank_zero(ctx, lambda: training_stats(config, scenes, reuse=reuse_stats))
 
     if device.type == "cpu":
         keep_freed_heap()
@@ -348,6 +377,8 @@ def train(
         torch.set_rng_state(state["rng"]["torch"])
         start_epoch, step = state["epoch"] + 1, state["step"]
         history = [row for row in read_metrics(metrics_path) if row["epoch"] < start_epoch]
+    if new_stats and ctx.is_main:
+        stats.save(config.output_dir / "stats.json")
 
     sampler = PatchSampler(
         scenes,
@@ -447,12 +478,14 @@ def _run_epochs(
             }
             epoch_path = run.ckpt_dir / f"epoch_{epoch:03d}.pt"
             save_checkpoint(epoch_path, state)
+            # The metrics before last.pt: an interrupt between the two then leaves a row
+            # the resumed run drops and writes again, never an epoch without its row.
+            write_metrics(run.metrics_path, history)
+            plot_curves(run.config.output_dir / "train" / "curves.png", history)
             # last.pt holds the same state: copy the file rather than serialise it
             # twice, through a temporary so a crash never leaves half a last.pt.
             with atomic_path(run.ckpt_dir / "last.pt") as tmp:
                 shutil.copyfile(epoch_path, tmp)
-            write_metrics(run.metrics_path, history)
-            plot_curves(run.config.output_dir / "train" / "curves.png", history)
         if run.ctx.world_size > 1:
             dist.barrier()
     return history, collapsed, step
@@ -466,6 +499,9 @@ def _stats_dict(stats: BandStats) -> dict[str, list]:
 #: Train settings a resumed run may change: how long it runs, and where.
 RESUME_MAY_CHANGE = frozenset({"epochs", "steps_per_epoch", "device", "compile", "threads"})
 
+#: Tiling settings a resumed run must keep: the size and validity of the patches it learns from.
+RESUME_KEEPS_TILING = ("patch_size", "min_valid_fraction")
+
 
 def resume_conflict(state: dict, config: Config) -> str | None:
     """Why a checkpoint cannot be resumed under ``config`` (None: it can).
@@ -475,12 +511,19 @@ def resume_conflict(state: dict, config: Config) -> str | None:
     length would be silently ignored, or fail deep inside torch.
     """
     old, new = state["config"]["train"], config["train"]
-    changed = sorted(k for k in set(old) | set(new) if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
+    changed = [
+        f"train.{k}" for k in sorted(set(old) | set(new)) if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k)
+    ]
+    # What the patches are: the rest of the training would learn from other inputs.
+    old_tiling, new_tiling = state["config"]["tiling"], config["tiling"]
+    changed += [f"tiling.{k}" for k in RESUME_KEEPS_TILING if old_tiling.get(k) != new_tiling.get(k)]
     if changed:
-        key = changed[0]
+        section, key = changed[0].split(".")
+        was, now = state["config"][section].get(key), config[section].get(key)
         return (
-            f"train.{key} was {old.get(key)!r} when the checkpoint was trained, now {new.get(key)!r}; only "
-            f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume (train afresh without --resume)"
+            f"{changed[0]} was {was!r} when the checkpoint was trained, now {now!r}; only "
+            f"{', '.join(f'train.{k}' for k in sorted(RESUME_MAY_CHANGE))} may change on resume "
+            "(train afresh without --resume)"
         )
     if state["epoch"] + 1 > new["epochs"]:
         return (
@@ -500,6 +543,12 @@ def _check_resumable(state: dict, *, stats: BandStats, encoder_spec: dict, total
             f"the data has {', '.join(stats.band_names)}",
             where="checkpoints/last.pt",
         )
+    if not _same_normalization(state["stats"], stats):
+        raise ModelError(
+            "the band statistics differ from the checkpoint's (data settings or scenes changed), so "
+            "the rest of the training would see differently normalised pixels; train afresh without --resume",
+            where="checkpoints/last.pt",
+        )
     if state["encoder"] != encoder_spec:
         raise ModelError(
             "the checkpoint holds another encoder or norm than the config asks for; "
@@ -509,6 +558,14 @@ def _check_resumable(state: dict, *, stats: BandStats, encoder_spec: dict, total
     trained_total = state["config"]["train"]["epochs"] * state["config"]["train"]["steps_per_epoch"]
     if trained_total != total_steps:
         log.warning("warning: epochs or steps changed since the checkpoint; schedules will jump")
+
+
+def _same_normalization(saved: dict, stats: BandStats) -> bool:
+    """Whether a checkpoint's statistics normalise as ``stats`` do (recomputing the same
+    pixels may differ in the last bits)."""
+    return all(
+        np.allclose(saved[key], getattr(stats, key), rtol=1e-9, atol=0) for key in ("mean", "std")
+    )
 
 
 def _run_epoch(

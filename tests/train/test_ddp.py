@@ -119,3 +119,37 @@ def test_a_run_goes_on_from_a_torchrun_training_instead_of_training_again(tmp_pa
     assert main(["run", "-c", str(config_path), "--quiet"]) == 0
     assert checkpoint.stat().st_mtime_ns == trained_at
     assert (tmp_path / "out" / "labels" / "landsat7_olinda.tif").exists()
+
+
+def test_torchrun_makes_statistics_again_for_other_data_settings_and_every_rank_fails_alike(
+    tmp_path, landsat_path
+):
+    raw = {"data": {"scenes": [str(landsat_path)]}, **TINY, "output": {"dir": str(tmp_path / "out")}}
+    raw["train"] = {**TINY["train"], "epochs": 1, "steps_per_epoch": 1}
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+
+    def torchrun(*overrides):
+        sets = [arg for value in overrides for arg in ("--set", value)]
+        return subprocess.run(
+            [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "sitfuse_byol.cli", "train", "-c", str(config_path), "--ddp", "--quiet", *sets,
+            ],
+            capture_output=True, text=True, timeout=240, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        )
+
+    assert torchrun().returncode == 0
+    before = json.loads((tmp_path / "out" / "stats.json").read_text())
+    proc = torchrun("data.valid_range=[20, 200]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert min(after["min"]) >= 20 and after["mean"] != before["mean"]
+    assert load_checkpoint(tmp_path / "out" / "checkpoints" / "last.pt")["stats"]["mean"] == after["mean"]
+    # An error only rank 0 can meet (it alone computes the statistics): every rank stops
+    # with it, one prints it, none dies at a barrier with a gloo traceback.
+    proc = torchrun("data.valid_range=[1000, 2000]")
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: no valid pixel in any scene") == 1, proc.stderr[-3000:]
+    assert "gloo" not in proc.stderr and "Connection closed" not in proc.stderr
+    assert json.loads((tmp_path / "out" / "stats.json").read_text()) == after

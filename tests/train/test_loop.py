@@ -180,23 +180,71 @@ def test_train_command_and_batch_of_one(capsys, tmp_path, landsat_path):
 
 
 def test_statistics_of_other_scenes_or_bands_are_computed_again(tmp_path, landsat_path):
-    from sitfuse_byol.normalize import BandStats
     from sitfuse_byol.read import open_scene
-    from sitfuse_byol.train.loop import ensure_stats
+    from sitfuse_byol.train.loop import training_stats
 
     config = tiny_config(tmp_path, [landsat_path])
-    first = ensure_stats(config, [open_scene(landsat_path)])
+    saved = config.output_dir / "stats.json"
+    first, computed = training_stats(config, [open_scene(landsat_path)])
+    assert computed and not saved.exists()  # computed, and saved only by train() once it may go on
+    saved.parent.mkdir(parents=True)
+    first.save(saved)
+    assert training_stats(config, [open_scene(landsat_path)]) == (first, False)
     # Six other bands of another scene: the count agrees, nothing else does.
     data = np.random.default_rng(0).integers(1, 200, (6, 64, 64)).astype(np.uint8)
     other = write_tif(tmp_path / "other.tif", data)
-    again = ensure_stats(config, [open_scene(other)])
-    assert again.scenes == ("other",) and again.mean != first.mean
-    saved = config.output_dir / "stats.json"
-    assert BandStats.load(saved).scenes == ("other",)
-    # The same scenes and bands (in any order): reused as saved, not computed again.
-    written = saved.stat().st_mtime_ns
-    assert ensure_stats(config, [open_scene(other)]) == again
-    assert saved.stat().st_mtime_ns == written
+    again, computed = training_stats(config, [open_scene(other)])
+    assert computed and again.scenes == ("other",) and again.mean != first.mean
+    # Told the data settings changed, the same scenes and bands are computed again too.
+    assert training_stats(config, [open_scene(landsat_path)], reuse=False)[1]
+
+
+def test_resume_under_other_data_or_tiling_settings_is_refused_and_changes_nothing(tmp_path, landsat_path):
+    config = tiny_config(tmp_path, [landsat_path], epochs=1, steps_per_epoch=1)
+    train(config)
+    stats = (config.output_dir / "stats.json").read_bytes()
+    checkpoint = (config.output_dir / "checkpoints" / "last.pt").read_bytes()
+    # Other statistics: the rest of the training would see differently normalised pixels.
+    other_range = load_config(
+        raw={**config.values, "data": {**config["data"], "valid_range": [20, 200]},
+             "train": {**config["train"], "epochs": 2}},
+        base=tmp_path,
+    )
+    with pytest.raises(ModelError, match="the band statistics differ from the checkpoint's"):
+        train(other_range, resume=True, reuse_stats=False)
+    other_patch = load_config(
+        raw={**config.values, "tiling": {**config["tiling"], "patch_size": 12},
+             "train": {**config["train"], "epochs": 2}},
+        base=tmp_path,
+    )
+    with pytest.raises(ModelError, match="cannot resume: tiling.patch_size was 8 when the checkpoint was trained"):
+        train(other_patch, resume=True)
+    assert (config.output_dir / "stats.json").read_bytes() == stats
+    assert (config.output_dir / "checkpoints" / "last.pt").read_bytes() == checkpoint
+
+
+def test_an_interrupt_before_last_pt_keeps_every_epochs_metrics_row(tmp_path, landsat_path, monkeypatch):
+    """Stopped after epoch 1 wrote its row but before last.pt moved on: the resumed run
+    trains epoch 1 again and the CSV ends with one row per epoch."""
+    import sitfuse_byol.train.loop as loop
+
+    config = tiny_config(tmp_path, [landsat_path], steps_per_epoch=1)
+    real_plot = loop.plot_curves
+
+    def interrupted_at_epoch_1(path, history):
+        real_plot(path, history)
+        if len(history) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "plot_curves", interrupted_at_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    assert load_checkpoint(config.output_dir / "checkpoints" / "last.pt")["epoch"] == 0
+    monkeypatch.setattr(loop, "plot_curves", real_plot)
+    result = train(config, resume=True)
+    with open(config.output_dir / "train" / "metrics.csv") as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [0, 1]
+    assert [row["epoch"] for row in result.metrics] == [0, 1]
 
 
 def test_metrics_keep_their_counters_integers(tmp_path, landsat_path):
