@@ -26,20 +26,22 @@ from sitfuse_byol.grid import Grid
 def label_dtype_and_nodata(n_labels: int) -> tuple[np.dtype, int]:
     """The smallest unsigned dtype for ``n_labels`` labels and its nodata value.
 
-    Labels are ``0 .. n_labels - 1``; the dtype's maximum is reserved as nodata.
+    Labels are ``0 .. n_labels - 1``; the dtype's maximum is reserved as nodata. uint8
+    is kept for at most 254 labels (uint16 above, as the export contract states), so a
+    uint8 label raster never holds the value next to nodata either.
 
     Args:
         n_labels: Number of labels.
 
     Returns:
-        ``(uint8, 255)`` for up to 255 labels, else ``(uint16, 65535)``.
+        ``(uint8, 255)`` for up to 254 labels, else ``(uint16, 65535)``.
 
     Raises:
         ValueError: If ``n_labels`` is below 1 or above 65535.
     """
     if n_labels < 1:
         raise ValueError(f"need at least one label, got {n_labels}")
-    if n_labels <= 255:
+    if n_labels <= 254:
         return np.dtype(np.uint8), 255
     if n_labels <= MAX_LABELS:
         return np.dtype(np.uint16), 65535
@@ -104,7 +106,7 @@ def write_label_raster(
 ) -> Path:
     """Write a label map as a Cloud-Optimized GeoTIFF, with QGIS style and attribute table.
 
-    The file is uint8 with nodata 255 for up to 255 labels, else uint16 with
+    The file is uint8 with nodata 255 for up to 254 labels, else uint16 with
     nodata 65535 (:func:`label_dtype_and_nodata`). It is tiled 512 x 512,
     DEFLATE-compressed, carries a colour table (nodata transparent), the band
     description, ``tags`` plus ``K`` (the number of labels), and internal

@@ -25,6 +25,27 @@ from sitfuse_byol.grid import Grid
 _FEATURE_DTYPES = {np.dtype(t) for t in (np.uint8, np.uint16, np.int16, np.int32)}
 
 
+#: Sieve passes at most; real label maps settle in two or three.
+MAX_SIEVE_PASSES = 16
+
+
+def _sieve(labels: np.ndarray, *, min_size_px: int, valid: np.ndarray) -> np.ndarray:
+    """Merge regions smaller than ``min_size_px`` into a neighbour, until none is left.
+
+    GDAL's sieve makes one pass and merges a small region only into a neighbour at least
+    ``min_size_px`` large: a region whose neighbours were all small when it looked
+    survives the pass, so passes repeat until nothing changes. What GDAL never merges
+    stays: a region with no valid neighbour (an island in nodata), or one among small
+    neighbours only (speckle with no large region near it).
+    """
+    for _ in range(MAX_SIEVE_PASSES):
+        sieved = rasterio.features.sieve(labels, size=min_size_px, mask=valid, connectivity=4)
+        if np.array_equal(sieved, labels):
+            break
+        labels = sieved
+    return labels
+
+
 def _feature_dtype(labels: np.ndarray) -> np.ndarray:
     if labels.dtype in _FEATURE_DTYPES:
         return labels
@@ -76,7 +97,7 @@ def write_polygons(
     labels = _feature_dtype(labels)
     valid = labels != nodata
     if min_size_px > 1:
-        labels = rasterio.features.sieve(labels, size=min_size_px, mask=valid, connectivity=4)
+        labels = _sieve(labels, min_size_px=min_size_px, valid=valid)
 
     geometries, values = [], []
     for geojson, value in rasterio.features.shapes(

@@ -170,7 +170,8 @@ def test_hierarchical_colors_share_a_hue_per_coarse_cluster() -> None:
 
 def test_label_dtype_and_nodata() -> None:
     assert label_dtype_and_nodata(1) == (np.dtype(np.uint8), 255)
-    assert label_dtype_and_nodata(255) == (np.dtype(np.uint8), 255)
+    assert label_dtype_and_nodata(254) == (np.dtype(np.uint8), 255)
+    assert label_dtype_and_nodata(255) == (np.dtype(np.uint16), 65535)
     assert label_dtype_and_nodata(256) == (np.dtype(np.uint16), 65535)
     assert label_dtype_and_nodata(65535) == (np.dtype(np.uint16), 65535)
     for bad in (0, 65536):
