@@ -222,16 +222,20 @@ def _run_stages(args: argparse.Namespace) -> int:
 
 def cmd_assign(args: argparse.Namespace) -> int:
     from sitfuse_byol.assign import run_assign
+    from sitfuse_byol.read import resolve_scene_list
     from sitfuse_byol.run.manifest import Manifest
 
     config = config_from_args(args)
+    # The labels of this config's scenes (--scenes), not every scene OUTDIR ever held.
+    scene_ids = {ref.id for ref in resolve_scene_list(config["data"]["scenes"], base=config.base)}
     manifest = Manifest.load(config.output_dir / "run.json")
-    label_paths = manifest.label_paths()
+    label_paths = manifest.label_paths(scene_ids)
+    if not manifest.scenes:
+        label_paths = [p for p in sorted((config.output_dir / "labels").glob("*.tif")) if p.stem in scene_ids]
     if not label_paths:
-        label_paths = sorted((config.output_dir / "labels").glob("*.tif"))
-        label_paths = [p for p in label_paths if not p.stem.endswith("_coarse")]
-    if not label_paths:
-        raise InputError("no label rasters yet; run `sitfuse run` first", where=str(config.output_dir))
+        raise InputError(
+            "no label rasters of these scenes yet; run `sitfuse run` first", where=str(config.output_dir)
+        )
     if args.apply is None and args.labels is None:
         raise ConfigError(
             "give --labels POLYGONS to assign, or --apply MAPPING to re-apply a mapping", where="sitfuse assign"
@@ -249,11 +253,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
         apply=Path(args.apply) if args.apply else None,
         layer=args.layer,
     )
-    for note in result.notes:
-        print(f"note: {note}")
-    print(result.table)
-    print(f"mapping: {result.mapping_path}")
-    print(f"class rasters: {config.output_dir / 'classes'}")
+    print(result.report())
     return EXIT_OK
 
 

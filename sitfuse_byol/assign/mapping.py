@@ -145,6 +145,14 @@ class AssignResult:
     counts: CountTable | None
     notes: list[str]
 
+    def report(self) -> str:
+        """What a user reads after an assignment: the notes, the class table and where the files are."""
+        lines = [f"note: {note}" for note in self.notes]
+        lines += [self.table, f"mapping: {self.mapping_path}"]
+        if self.class_paths:
+            lines.append(f"class rasters: {self.class_paths[0].parent}")
+        return "\n".join(lines)
+
 
 # --- label rasters --------------------------------------------------------------------
 
@@ -794,9 +802,13 @@ def format_class_table(counts: CountTable | None, mapping: ClusterMapping) -> st
 # --- the command ----------------------------------------------------------------------
 
 
-def _keep_previous(path: Path) -> Path | None:
-    """Move an existing mapping aside, so re-counting never destroys a user's edits."""
-    if not path.exists():
+def _keep_previous(path: Path, *, replacement: str) -> Path | None:
+    """Move an existing mapping aside, so re-counting never destroys a user's edits.
+
+    A mapping the replacement repeats word for word stays where it is: moving it would
+    overwrite the earlier, different mapping kept aside (an edit) with a copy of itself.
+    """
+    if not path.exists() or path.read_text(encoding="utf-8", errors="replace") == replacement:
         return None
     previous = path.with_name(f"{path.stem}.previous{path.suffix}")
     os.replace(path, previous)
@@ -851,7 +863,7 @@ def run_assign(
         mapping_path = out_dir / "assign" / "mapping.yaml"
         if not (mapping_path.exists() and mapping_path.samefile(apply)):
             text = Path(apply).read_text(encoding="utf-8")
-            previous = _keep_previous(mapping_path)
+            previous = _keep_previous(mapping_path, replacement=text)
             if previous is not None:
                 notes.append(f"kept the earlier mapping as {previous}")
             atomic_write_text(mapping_path, text)
@@ -868,14 +880,11 @@ def run_assign(
             build_mapping(counts, threshold=threshold), model_hash=_common_clustering(label_paths)[1]
         )
         mapping_path = out_dir / "assign" / "mapping.yaml"
-        previous = _keep_previous(mapping_path)
+        source = f"{polygons.path} (field {field!r}), threshold {threshold}"
+        previous = _keep_previous(mapping_path, replacement=mapping_yaml(mapping, source=source, path=mapping_path))
         if previous is not None:
             notes.append(f"kept the earlier mapping as {previous}")
-        write_mapping(
-            mapping_path,
-            mapping,
-            source=f"{polygons.path} (field {field!r}), threshold {threshold}",
-        )
+        write_mapping(mapping_path, mapping, source=source)
     notes += mapping.notes
     class_paths = apply_mapping(label_paths, mapping, out_dir=out_dir / "classes")
     return AssignResult(

@@ -888,7 +888,7 @@ class Pipeline:
             threshold=self.options.threshold,
             out_dir=self.out,
         )
-        return result.table
+        return result.report()
 
     # -- driver ----------------------------------------------------------------------
 
@@ -935,9 +935,9 @@ class Pipeline:
             _remove_stale_temporaries(self.out)
             if "export" in stages:
                 self._remove_stale_outputs()
-            table = self.stage_assign() if "assign" in stages else None
-        if table:
-            print(table, file=sys.stderr if self.options.json else sys.stdout)
+            assigned = self.stage_assign() if "assign" in stages else None
+        if assigned:
+            print(assigned, file=sys.stderr if self.options.json else sys.stdout)
         ids = [ref.id for ref in self.refs]
         # The summary names outputs by their full paths; run.json keeps them relative.
         scenes = {

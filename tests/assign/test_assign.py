@@ -319,6 +319,12 @@ def test_mapping_yaml_round_trips_and_an_edit_is_re_applied(
     )
     assert (out / "assign" / "mapping.previous.yaml").read_text() == edited.read_text()
     assert load_mapping(first.mapping_path, n_labels=K).threshold == 0.6
+    # The same count once more: the edit kept aside is not overwritten by a copy of the mapping.
+    again = run_assign(
+        label_paths=label_paths, polygons_path=polygons, field="class", threshold=0.6, out_dir=out
+    )
+    assert not any("kept the earlier mapping" in note for note in again.notes)
+    assert (out / "assign" / "mapping.previous.yaml").read_text() == edited.read_text()
 
 
 def test_written_yaml_quotes_class_names_yaml_would_misread(tmp_path: Path) -> None:

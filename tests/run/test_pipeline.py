@@ -340,6 +340,34 @@ def test_assign_command_maps_clusters_and_reapplies_an_edited_mapping(base_run, 
     assert land is not None and (after[valid] == land).all()
 
 
+def test_run_with_labels_assigns_and_reports_like_the_assign_command(base_run, tmp_path, crop_scenes, capsys):
+    folder, *_ = base_run
+    shutil.copytree(folder / "out", tmp_path / "out")
+    config = write_config(tmp_path, crop_scenes.values())
+    polygons = _write_class_polygons(tmp_path / "classes.gpkg", crop_scenes["olinda_a"])
+    assert main(["run", "-c", str(config), "--quiet", "--labels", str(polygons)]) == 0
+    stdout = capsys.readouterr().out
+    assert "purity" in stdout
+    assert f"mapping: {tmp_path / 'out' / 'assign' / 'mapping.yaml'}" in stdout.splitlines()
+    assert f"class rasters: {tmp_path / 'out' / 'classes'}" in stdout.splitlines()
+    assert sorted(p.name for p in (tmp_path / "out" / "classes").glob("*.tif")) == [f"{s}.tif" for s in CROPS]
+
+
+def test_assign_takes_the_labels_of_the_configs_scenes_only(base_run, tmp_path, crop_scenes, capsys):
+    folder, *_ = base_run
+    shutil.copytree(folder / "out", tmp_path / "out")
+    config = write_config(tmp_path, crop_scenes.values())
+    polygons = _write_class_polygons(tmp_path / "classes.gpkg", crop_scenes["olinda_a"])
+    assert main(["assign", "-c", str(config), "--scenes", str(crop_scenes["olinda_a"]), "--labels", str(polygons)]) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "classes").glob("*.tif")) == ["olinda_a.tif"]
+    # A scene whose labels OUTDIR does not hold: said in one line, nothing written.
+    other = tmp_path / "elsewhere.tif"
+    shutil.copy(crop_scenes["olinda_b"], other)
+    capsys.readouterr()
+    assert main(["assign", "-c", str(config), "--scenes", str(other), "--labels", str(polygons)]) == 2
+    assert capsys.readouterr().err.startswith("error: no label rasters of these scenes yet")
+
+
 def test_polygons_and_zarr_outputs_on_request(base_run, tmp_path, crop_scenes):
     import xarray as xr
 
