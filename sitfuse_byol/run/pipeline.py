@@ -300,7 +300,7 @@ class Pipeline:
             and all(p.exists() for p in required)
         )
 
-    def _mark_stage(self, name: str, key: str, started: float, **extra: str) -> None:
+    def _mark_stage(self, name: str, key: str, started: float, **extra: Any) -> None:
         self.manifest.stages[name] = {"key": key, "seconds": round(time.perf_counter() - started, 3), **extra}
         self.manifest.save()
 
@@ -806,9 +806,16 @@ class Pipeline:
             *sorted(self.fingerprints[s] for s in self.scenes),
         )
         if self._stage_done("cluster", key, self.paths.cluster_model / "model.json"):
+            # A scene left out of this clustering (say, without a valid pixel) fails as it
+            # did then, instead of being labelled by a model that never saw it.
+            for scene_id, message in self.manifest.stages["cluster"].get("left_out", {}).items():
+                if scene_id in self.scenes:
+                    self._fail(scene_id, InputError(message), stage="sample")
+            self._require_scenes()
             return
         states = self._embedding_states()
         started = time.perf_counter()
+        sampling = set(self.scenes)
         cfg = self.config["cluster"]
         sampled = {"n": cfg["samples_per_scene"], "seed": cfg["seed"]}
         reservoir = EmbeddingReservoir(
@@ -853,7 +860,8 @@ class Pipeline:
             }
         )
         model.save(self.paths.cluster_model)
-        self._mark_stage("cluster", key, started)
+        left_out = {s: _error_text(self.errors[s]) for s in sorted(sampling - set(self.scenes)) if s in self.errors}
+        self._mark_stage("cluster", key, started, left_out=left_out)
 
     def stage_export(self, client: Any) -> None:
         model_key = self._model_hash()

@@ -152,6 +152,25 @@ def test_a_bad_scene_does_not_stop_the_others(tmp_path, crop_scenes, capsys):
     assert not (tmp_path / "out" / "labels" / "broken.tif").exists()
 
 
+def test_a_scene_left_out_of_the_clustering_fails_again_when_the_clustering_is_reused(
+    base_run, tmp_path, crop_scenes, capsys
+):
+    folder, *_ = base_run
+    shutil.copytree(folder / "out", tmp_path / "out")
+    empty = tmp_path / "empty.tif"
+    with rasterio.open(crop_scenes["olinda_a"]) as src, rasterio.open(empty, "w", **src.profile) as dst:
+        dst.write(np.zeros((src.count, src.height, src.width), src.dtypes[0]))
+    config = write_config(tmp_path, [crop_scenes["olinda_a"], empty], embed={"save": False})
+    errors = []
+    for _ in range(2):  # the second run reuses the clustering the first one fitted
+        assert main(["cluster", "-c", str(config), "--quiet", "--json"]) == 1
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        errors.append(summary["scenes"]["empty"]["error"])
+        assert summary["scenes"]["olinda_a"]["status"] == "done"
+        assert not (tmp_path / "out" / "labels" / "empty.tif").exists()
+    assert errors == ["sample: no valid pixel to sample embeddings from (empty)"] * 2
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_embedding_on_cuda_without_a_gpu_is_refused_before_any_work(base_run, tmp_path, crop_scenes, capsys):
