@@ -46,7 +46,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override a config key (value parsed as YAML); repeatable",
+        help="override a config key (value parsed as YAML), or one entry of a mapping key "
+        "(train.encoder_args.width=32); repeatable",
     )
     parser.add_argument("--scenes", help="override data.scenes (a path, list file or glob)")
     parser.add_argument("--out", help="override output.dir")

@@ -205,9 +205,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key(
             "int", 0, "Seed for sampling, augmentation and initialisation.", minimum=0, maximum=SEED_MAX
         ),
-        "device": Key("str", "auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda")),
-        "compile": Key("bool", False, "Use torch.compile."),
-        "threads": Key("int", None, "CPU threads for torch; null: the cores this process may use, shared among the torchrun processes of the node.", nullable=True, minimum=1),
+        "device": Key("str", "auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda"), placement=True),
+        "compile": Key("bool", False, "Use torch.compile.", placement=True),
+        "threads": Key("int", None, "CPU threads for torch; null: the cores this process may use, shared among the torchrun processes of the node.", nullable=True, minimum=1, placement=True),
         "augment": Key("mapping", {}, "Augmentation strengths (see `sitfuse_byol/train/augment.py`); mild spectral jitter, no band dropout by default.", check=_augment),
     },
     "embed": {
@@ -323,7 +323,9 @@ def validate(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if section not in SCHEMA:
             raise _unknown(str(section), str(section), SCHEMA)
     for section, keys in SCHEMA.items():
-        given = raw.get(section) or {}
+        given = raw.get(section)
+        if given is None:  # `train:` with nothing under it
+            given = {}
         if not isinstance(given, Mapping):
             raise ConfigError(f"config: {section}: must be a mapping (got {given!r})")
         for name in given:
@@ -342,21 +344,31 @@ def validate(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply ``key.path=value`` to a raw config; the value is parsed as YAML."""
+    """Apply ``key.path=value`` to a raw config; the value is parsed as YAML.
+
+    The path is a section and a key (``train.epochs``), or goes on into a mapping key
+    (``train.encoder_args.width``), whose other entries are kept.
+    """
     if "=" not in assignment:
         raise ConfigError(f"config: --set {assignment!r}: expected key.path=value")
     dotted, text = assignment.split("=", 1)
     parts = dotted.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"config: --set {dotted!r}: expected section.key")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"config: --set {dotted!r}: expected section.key (or section.key.entry)")
     try:
         value = load_yaml(text) if text.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"config: --set {dotted}: value is not valid YAML ({text!r})") from err
-    section = raw.setdefault(parts[0], {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"config: {parts[0]}: must be a mapping")
-    section[parts[1]] = value
+    node = raw
+    for depth, name in enumerate(parts[:-1]):
+        # A section written with nothing under it (`train:`) is an empty one.
+        if node.get(name) is None:
+            node[name] = {}
+        node = node[name]
+        if not isinstance(node, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"config: {where}: must be a mapping to --set {dotted} (got {node!r})")
+    node[parts[-1]] = value
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,10 @@ def test_digest_leaves_out_where_work_runs(tmp_path):
     gpu = load_config(path, overrides=["embed.device=cuda"])
     assert cpu.digest("embed") == gpu.digest("embed")
     assert cpu.digest("embed") != load_config(path, overrides=["embed.window=3"]).digest("embed")
+    # How training runs (the settings a resume may change too) is not what it trains.
+    placed = load_config(path, overrides=["train.threads=1", "train.compile=true", "train.device=cpu"])
+    assert placed.digest("train") == cpu.digest("train")
+    assert placed.digest("train") != load_config(path, overrides=["train.lr=0.01"]).digest("train")
 
 
 def test_digest_can_leave_out_single_keys(tmp_path):
@@ -173,3 +177,25 @@ def test_the_resolved_config_means_the_same_from_another_folder(tmp_path):
     again = load_config(saved)
     assert again.values == config.values
     assert again.digest() == config.digest()
+
+
+def test_set_reaches_into_mapping_keys_and_empty_sections(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("data:\n  scenes: [a.tif]\ntrain:\n  encoder_args: {width: 16, depth: 3}\ncluster:\n")
+    config = load_config(path, overrides=["train.encoder_args.width=8", "cluster.n_clusters=5", "train.augment.contrast=0.2"])
+    # The other entries of the mapping stay.
+    assert config["train"]["encoder_args"] == {"width": 8, "depth": 3}
+    assert config["train"]["augment"] == {"contrast": pytest.approx(0.2)}
+    assert config["cluster"]["n_clusters"] == 5
+    with pytest.raises(ConfigError, match=r"config: train.epochs: must be a mapping to --set train.epochs.x \(got 2\)"):
+        load_config(path, overrides=["train.epochs=2", "train.epochs.x=1"])
+    with pytest.raises(ConfigError, match="expected section.key"):
+        load_config(path, overrides=["train=1"])
+
+
+@pytest.mark.parametrize("empty", ["[]", "false", "0"])
+def test_a_section_that_is_not_a_mapping_is_refused(tmp_path, empty):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"data:\n  scenes: [a.tif]\ntrain: {empty}\n")
+    with pytest.raises(ConfigError, match="config: train: must be a mapping"):
+        load_config(path)
