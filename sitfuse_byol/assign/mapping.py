@@ -309,7 +309,12 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
 # --- mapping --------------------------------------------------------------------------
 
 
-def _check_threshold(threshold: float) -> float:
+def check_threshold(threshold: float) -> float:
+    """The class share a cluster needs, as a float in (0, 1].
+
+    Raises:
+        ConfigError: Not a number, or outside (0, 1].
+    """
     if isinstance(threshold, bool) or not isinstance(threshold, int | float):
         raise ConfigError(
             f"threshold must be a number in (0, 1], got {threshold!r}", where="threshold"
@@ -338,7 +343,7 @@ def build_mapping(counts: CountTable, *, threshold: float = DEFAULT_THRESHOLD) -
     Raises:
         ConfigError: If ``threshold`` is not in (0, 1].
     """
-    threshold = _check_threshold(threshold)
+    threshold = check_threshold(threshold)
     table = counts.counts
     totals = table.sum(axis=1)
     top = table.max(axis=1, initial=0)
@@ -570,7 +575,7 @@ def load_mapping(path: Path, *, n_labels: int, model_hash: str | None = None) ->
     threshold = data.get("threshold")
     if threshold is not None:
         try:
-            threshold = _check_threshold(threshold)
+            threshold = check_threshold(threshold)
         except ConfigError as exc:
             raise ConfigError(exc.what, where=f"{path}: threshold") from exc
     declared_n = data.get("n_labels")
@@ -868,7 +873,7 @@ def run_assign(
                 notes.append(f"kept the earlier mapping as {previous}")
             atomic_write_text(mapping_path, text)
     else:
-        threshold = _check_threshold(threshold)
+        threshold = check_threshold(threshold)
         if polygons_path is None:
             raise ConfigError(
                 "give a class polygon file, or --apply an edited mapping", where="assign"

@@ -428,6 +428,16 @@ class Pipeline:
             n_labels = load_cluster_model(self.paths.cluster_model).n_labels
         check_class_names(names, n_labels=n_labels)
 
+    def _check_labels(self, stages: tuple[str, ...]) -> None:
+        """The class polygons and threshold of ``--labels``, read at the start: a typo in
+        them is found before the run, not after hours of it."""
+        if "assign" not in stages or self.options.labels is None:
+            return
+        from sitfuse_byol.assign import check_threshold, read_class_polygons
+
+        check_threshold(self.options.threshold)
+        read_class_polygons(self.options.labels, field=self.options.label_field, layer=self.options.label_layer)
+
     def _check_rgb_bands(self, stages: tuple[str, ...]) -> None:
         """Each scene must have ``output.rgb_bands`` for its quicklook; found out at the
         start, not after training."""
@@ -917,6 +927,7 @@ class Pipeline:
             self._require_models(stages)
             self._check_class_names(stages)
             self._check_rgb_bands(stages)
+            self._check_labels(stages)
             self._check_output_names(stages)
             self._require_scenes()
             self._check_training(stages)

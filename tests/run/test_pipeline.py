@@ -372,6 +372,23 @@ def test_run_with_labels_assigns_and_reports_like_the_assign_command(base_run, t
     assert sorted(p.name for p in (tmp_path / "out" / "classes").glob("*.tif")) == [f"{s}.tif" for s in CROPS]
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--labels", "nothere.gpkg"], "error: polygon file not found"),
+        (["--labels", "POLYGONS", "--threshold", "1.5"], "error: threshold must be in (0, 1], got 1.5 (threshold)"),
+        (["--labels", "POLYGONS", "--field", "nope"], "error: no field 'nope'"),
+    ],
+)
+def test_run_checks_the_class_polygons_before_any_work(tmp_path, crop_scenes, capsys, flags, message):
+    polygons = _write_class_polygons(tmp_path / "classes.gpkg", crop_scenes["olinda_a"])
+    config = write_config(tmp_path, [crop_scenes["olinda_a"]])
+    flags = [str(polygons) if flag == "POLYGONS" else str(tmp_path / flag) if flag.endswith(".gpkg") else flag for flag in flags]
+    assert main(["run", "-c", str(config), "--quiet", *flags]) == 2
+    assert capsys.readouterr().err.startswith(message)
+    assert not (tmp_path / "out").exists()
+
+
 def test_assign_takes_the_labels_of_the_configs_scenes_only(base_run, tmp_path, crop_scenes, capsys):
     folder, *_ = base_run
     shutil.copytree(folder / "out", tmp_path / "out")
