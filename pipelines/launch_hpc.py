@@ -19,12 +19,14 @@ advertises ``--resources GPU=1``, and the job asks for the GPUs (``--gres=gpu:N`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -86,12 +88,14 @@ class ClusterSpec:
         jobs: Number of batch jobs to scale to.
         gpus_per_job: GPUs per job; each gets its own worker process.
         options: Keyword arguments for ``SLURMCluster`` / ``PBSCluster``.
+        source: The cluster file, named in errors.
     """
 
     kind: str
     jobs: int
     gpus_per_job: int
     options: dict[str, Any]
+    source: str = ""
 
 
 def load_spec(path: Path) -> ClusterSpec:
@@ -120,7 +124,7 @@ def load_spec(path: Path) -> ClusterSpec:
     gpus = values.pop("gpus_per_job", 0)
     _check_values(kind=kind, jobs=jobs, gpus=gpus, options=values, where=where)
     options = _with_gpus(kind=kind, gpus=gpus, options=values) if gpus else values
-    return ClusterSpec(kind=kind, jobs=jobs, gpus_per_job=gpus, options=options)
+    return ClusterSpec(kind=kind, jobs=jobs, gpus_per_job=gpus, options=options, source=where)
 
 
 def _read_yaml(*, path: Path) -> dict[str, Any]:
@@ -175,9 +179,11 @@ def _check_values(
         if options.get(key, 1) < 1:
             raise LaunchError(f"'{key}' must be at least 1, got {options[key]}", where=where)
     try:
-        parse_bytes(options["memory"])
+        memory = parse_bytes(options["memory"])
     except ValueError as err:
         raise LaunchError(f"'memory' must be a size like 64GB, got '{options['memory']}'", where=where) from err
+    if memory <= 0:
+        raise LaunchError(f"'memory' must be a positive size like 64GB, got '{options['memory']}'", where=where)
     _check_gpus(gpus=gpus, options=options, where=where)
 
 
@@ -238,19 +244,36 @@ def make_cluster(spec: ClusterSpec, *, dashboard_address: str | None = None) -> 
 
     Returns:
         The dask-jobqueue cluster; close it when done.
+
+    Raises:
+        LaunchError: dask-jobqueue cannot start it with these options (a network
+            interface this node lacks, a log directory it cannot create, ...).
     """
     from dask_jobqueue import PBSCluster, SLURMCluster
 
     cluster_class = SLURMCluster if spec.kind == "slurm" else PBSCluster
     scheduler_options = {} if dashboard_address is None else {"dashboard_address": dashboard_address}
-    return cluster_class(**spec.options, scheduler_options=scheduler_options)
+    with _start_errors_as_launch_errors(spec):
+        return cluster_class(**spec.options, scheduler_options=scheduler_options)
+
+
+@contextlib.contextmanager
+def _start_errors_as_launch_errors(spec: ClusterSpec) -> Iterator[None]:
+    # What dask-jobqueue raises for options it cannot use; anything else is a bug to see whole.
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError, TypeError) as err:
+        text = str(err).strip()
+        reason = text.splitlines()[0] if text else type(err).__name__
+        raise LaunchError(f"cannot start the {spec.kind} cluster: {reason}", where=spec.source or None) from err
 
 
 def job_script(spec: ClusterSpec) -> str:
     """The batch script each job would run, rendered without submitting anything."""
     cluster = make_cluster(spec, dashboard_address=":0")
     try:
-        return cluster.job_script()
+        with _start_errors_as_launch_errors(spec):
+            return cluster.job_script()
     finally:
         cluster.close()
 
@@ -367,10 +390,10 @@ def main(argv: list[str] | None = None) -> int:
             print(job_script(spec), end="")
             return EXIT_OK
         check_command(command, spec=spec)
+        return launch(spec, command=command)
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    return launch(spec, command=command)
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
