@@ -368,8 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.setLevel(logging.INFO if args.debug else logging.WARNING)
     if not args.debug:
         # Dask's shutdown can leave a timed-out asyncio future behind, which asyncio reports
-        # as "Future exception was never retrieved" (3 lines) after a run that went well.
-        console.addFilter(lambda record: record.name != "asyncio")
+        # as "Future exception was never retrieved" (3 lines) after a run that went well;
+        # a Ctrl-C while Dask waits makes its cancel callback fail in tornado's loop (a
+        # NameError traceback) after the run has stopped anyway.
+        console.addFilter(lambda record: record.name not in ("asyncio", "tornado.application"))
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s", handlers=[console])
     func: Callable[[argparse.Namespace], int] = args.func
     try:

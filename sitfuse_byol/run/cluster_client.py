@@ -126,6 +126,8 @@ def dask_client(options: ClusterOptions, *, quiet: bool = False, stream: TextIO 
             # A failing task's "Compute Failed" dump (ERROR) is the scene's failure, which
             # run.json and the summary already give in one line.
             silence_logs=logging.CRITICAL,
+            # Worker processes leave a terminal's Ctrl-C to this process.
+            **({"preload": ["sitfuse_byol.run.worker_setup"]} if workers > 1 else {}),
         )
         client = Client(cluster)
     try:

@@ -9,6 +9,7 @@ all of its outputs exist, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
@@ -19,6 +20,7 @@ import signal
 import sys
 import time
 import traceback
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -48,6 +50,7 @@ from sitfuse_byol.run.tasks import (
     run_scene_task,
     sample_task,
     saved_embedding_state,
+    train_task,
 )
 
 log = logging.getLogger("sitfuse_byol.run")
@@ -55,6 +58,10 @@ log = logging.getLogger("sitfuse_byol.run")
 # Fitting memory: 1M samples of 64 features is 256 MB, whatever the number of scenes;
 # k-means gains nothing measurable from more (cluster benchmark, 1 vs 3 passes).
 MAX_CLUSTER_SAMPLES = 1_000_000
+
+# How long an interrupted run waits for a worker's training to see its stop event
+# (it looks about every second, between steps).
+TRAINING_STOP_WAIT_S = 30
 
 
 @dataclass(frozen=True)
@@ -159,11 +166,25 @@ class _Interrupts:
     the flag again where it waits (between stages, scene tasks and training steps)."""
 
     requested = False
+    deferred = False
 
     @classmethod
     def check(cls) -> None:
         if cls.requested:
             raise KeyboardInterrupt
+
+    @classmethod
+    @contextmanager
+    def defer(cls) -> Iterator[None]:
+        """Hold an interrupt back until the block is over: one that lands inside Dask's
+        cluster start-up leaves a half-made cluster, whose clean-up at exit fails with a
+        traceback."""
+        cls.deferred = True
+        try:
+            yield
+        finally:
+            cls.deferred = False
+        cls.check()
 
 
 @contextmanager
@@ -172,9 +193,10 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
     def handler(signum: int, frame: object) -> None:
         _Interrupts.requested = True
-        raise KeyboardInterrupt
+        if not _Interrupts.deferred:
+            raise KeyboardInterrupt
 
-    _Interrupts.requested = False
+    _Interrupts.requested = _Interrupts.deferred = False
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -710,13 +732,23 @@ class Pipeline:
         self.manifest.stages["train_started"] = {"key": key}
         self.manifest.save()
         if self.options.cluster.gpus_per_worker:
+            from distributed import Event, wait
+
             # Training goes to a GPU worker; only paths and the config travel.
+            stop = Event(f"sitfuse-stop-training-{uuid.uuid4().hex}", client=client)
             future = client.submit(
-                train, self.config, device_name=self.options.device, resume=resume,
+                train_task, self.config, stop_event=stop.name, device_name=self.options.device, resume=resume,
                 compile_model=self.options.compile,
                 scenes=list(self.scenes.values()), resources=self.options.cluster.resources, pure=False,
             )
-            future.result()
+            try:
+                future.result()
+            except KeyboardInterrupt:
+                # Told to stop, the training ends within seconds instead of outliving the run.
+                stop.set()
+                with contextlib.suppress(Exception):
+                    wait(future, timeout=TRAINING_STOP_WAIT_S)
+                raise
         else:
             with train_progress(self.config["train"], quiet=self.options.quiet) as on_step:
 
@@ -920,6 +952,19 @@ class Pipeline:
                 if self.checked:
                     self.manifest.flush()
 
+    def _run_stages(self, client: Any, stages: tuple[str, ...]) -> None:
+        # Workers import torch, GDAL and the package while this process trains.
+        warm_up = [
+            client.submit(_preload, workers=[address], pure=False, allow_other_workers=False)
+            for address in worker_info(client)
+        ]
+        for name in ("stats", "train", "embed", "cluster", "export"):
+            if name in stages:
+                _Interrupts.check()
+                getattr(self, f"stage_{name}")(client)
+        _Interrupts.check()
+        del warm_up
+
     def _run(self, stages: tuple[str, ...]) -> RunSummary:
         with _terminate_as_interrupt():
             self.open_scenes()
@@ -936,19 +981,18 @@ class Pipeline:
             dashboard = self.options.dashboard if self.options.dashboard is not None else not self.options.quiet
             # Under --json, stdout holds the summary alone.
             stream = sys.stderr if self.options.json else sys.stdout
-            with dask_client(self.options.cluster, quiet=not dashboard, stream=stream) as client:
-                self._start_writing(stages)
-                # Workers import torch, GDAL and the package while this process trains.
-                warm_up = [
-                    client.submit(_preload, workers=[address], pure=False, allow_other_workers=False)
-                    for address in worker_info(client)
-                ]
-                for name in ("stats", "train", "embed", "cluster", "export"):
-                    if name in stages:
-                        _Interrupts.check()
-                        getattr(self, f"stage_{name}")(client)
-                _Interrupts.check()
-                del warm_up
+            try:
+                with contextlib.ExitStack() as cluster:
+                    with _Interrupts.defer():
+                        client = cluster.enter_context(
+                            dask_client(self.options.cluster, quiet=not dashboard, stream=stream)
+                        )
+                    self._start_writing(stages)
+                    self._run_stages(client, stages)
+            except KeyboardInterrupt:
+                # The cluster is closed, and with it the tasks that were writing.
+                _remove_stale_temporaries(self.out)
+                raise
             # Every task is over once the client is closed: what a killed worker left
             # half-written (its task redone elsewhere) goes now, not at the next run.
             _remove_stale_temporaries(self.out)

@@ -318,3 +318,39 @@ def export_task(config: Config, ref: SceneRef, threads: int = 1) -> dict[str, st
             options=OutputOptions.from_config(config["output"]),
             tags=tags,
         )
+
+
+#: Seconds between a worker-side training's looks at its stop event (a scheduler round trip).
+STOP_CHECK_S = 1.0
+
+
+class TrainingStopped(Exception):
+    """The run that submitted a training to a worker was interrupted (see :func:`train_task`)."""
+
+
+def train_task(config: Config, *, stop_event: str, **train_kwargs: Any) -> None:
+    """:func:`~sitfuse_byol.train.loop.train` on a Dask worker (``--gpus-per-worker``).
+
+    A running task is not stopped by its client going away: the training would go on
+    after an interrupted run and race a rerun's training on ``last.pt``. So it looks at
+    the Dask ``Event`` named ``stop_event`` about every :data:`STOP_CHECK_S` seconds
+    between steps, and stops (after its last finished epoch's checkpoint) once it is set.
+
+    Raises:
+        TrainingStopped: The event was set.
+    """
+    from distributed import Event
+
+    from sitfuse_byol.train.loop import train
+
+    stop = Event(stop_event)
+    looked = time.monotonic()
+
+    def check_stop(values: dict[str, Any]) -> None:
+        nonlocal looked
+        if time.monotonic() - looked >= STOP_CHECK_S:
+            looked = time.monotonic()
+            if stop.is_set():
+                raise TrainingStopped("the run was interrupted")
+
+    train(config, progress=check_stop, **train_kwargs)

@@ -143,3 +143,25 @@ def test_sigterm_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, crop_s
     proc = run_cli("run", "-c", str(config), "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_labels(out, tmp_path / "straight", names)
+
+
+@pytest.mark.slow
+def test_an_interrupt_stops_a_training_that_runs_on_a_worker(tmp_path, crop_scenes):
+    """With --gpus-per-worker the training is a Dask task, which its client's exit would
+    not stop: it must end with the run, not write checkpoints after it."""
+    config = write_config(
+        tmp_path, [crop_scenes["olinda_a"]], out="gpu", train={"epochs": 3, "steps_per_epoch": 400},
+        dask={"workers": 1, "gpus_per_worker": 1},
+    )
+    out = tmp_path / "gpu"
+    run = subprocess.Popen(
+        [BIN / "sitfuse", "run", "-c", str(config), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    wait_for(lambda: (out / "checkpoints" / "epoch_000.pt").exists(), timeout=180, what="epoch 0")
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr[-2000:]
+    assert stderr.strip() == "interrupted"
+    time.sleep(3)  # a training that outlived the run would write epoch_001.pt
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_000.pt", "last.pt"]
