@@ -126,6 +126,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     rank trains here directly."""
     from sitfuse_byol.run.tasks import Paths
 
+    if not args.ddp and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Each rank would run the whole pipeline on its own, all writing to one OUTDIR.
+        raise ConfigError("under torchrun, train with --ddp", where="sitfuse train")
     config = config_from_args(args)
     checkpoint = Paths(config.output_dir).checkpoint
     if args.resume and not checkpoint.exists():

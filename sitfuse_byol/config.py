@@ -278,6 +278,8 @@ def _check_value(dotted: str, key: Key, value: Any) -> Any:
         raise fail(f"must be {_describe(key)}")
     if key.kind == "float":
         value = float(value)
+        if math.isnan(value) and dotted == "data.nodata":
+            raise fail("must be a finite number; NaN pixels are invalid anyway (leave it null)")
         if not math.isfinite(value):
             raise fail("must be a finite number")
     if key.choices is not None and value not in key.choices:

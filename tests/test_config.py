@@ -61,6 +61,7 @@ def test_exponent_floats_are_numbers_at_any_depth(tmp_path):
         ({"data": {"scenes": ["a"], "bands": [0.5]}}, "band indices"),
         ({"data": {"scenes": ["a"]}, "cluster": {"n_clusters": 1}}, "cluster.n_clusters"),
         ({"data": {"scenes": ["a"]}, "train": {"seed": 2**64}}, "train.seed: must be at most 4294967295"),
+        ({"data": {"scenes": ["a"], "nodata": float("nan")}}, "NaN pixels are invalid anyway (leave it null)"),
         ({"data": {"scenes": ["a"]}, "cluster": {"seed": 2**32}}, "cluster.seed: must be at most 4294967295"),
     ],
 )

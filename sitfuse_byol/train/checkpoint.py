@@ -21,6 +21,9 @@ from sitfuse_byol.train.encoders import Encoder, create_encoder
 
 FORMAT_VERSION = 1
 
+#: What every checkpoint holds (see the training loop), checked on loading.
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "rng", "config", "stats", "band_names", "encoder")
+
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically: a crash never leaves half a checkpoint."""
@@ -40,9 +43,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise ModelError(f"cannot read checkpoint: {str(err).splitlines()[0]}", where=str(path)) from err
+        # A truncated file surfaces as an OSError of the zip reader ("Invalid argument").
+        reason = "the file is truncated or corrupt" if isinstance(err, OSError | EOFError) else str(err).splitlines()[0]
+        raise ModelError(f"cannot read checkpoint: {reason}", where=str(path)) from err
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ModelError("not a sitfuse-byol checkpoint (or an incompatible version)", where=str(path))
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise ModelError(f"incomplete checkpoint: no {', '.join(missing)}", where=str(path))
     return state
 
 
@@ -120,7 +128,12 @@ def _load_encoder_cached(path: str, mtime_ns: int, device: str) -> TrainedEncode
     encoder = build_encoder(state["encoder"])
     prefix = "online.encoder."
     weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
-    encoder.load_state_dict(weights)
+    try:
+        encoder.load_state_dict(weights)
+    except RuntimeError as err:  # missing, unexpected or misshapen weights
+        raise ModelError(
+            f"the checkpoint's weights do not fit its encoder: {str(err).splitlines()[0]}", where=path
+        ) from err
     encoder.eval().requires_grad_(False)
     # Inference feeds channels-last blocks (see sitfuse_byol.embed.dense); weights in the
     # same layout spare oneDNN (and cuDNN) a reorder per call.

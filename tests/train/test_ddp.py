@@ -153,3 +153,21 @@ def test_torchrun_makes_statistics_again_for_other_data_settings_and_every_rank_
     assert proc.stderr.count("error: no valid pixel in any scene") == 1, proc.stderr[-3000:]
     assert "gloo" not in proc.stderr and "Connection closed" not in proc.stderr
     assert json.loads((tmp_path / "out" / "stats.json").read_text()) == after
+
+
+def test_train_under_torchrun_without_ddp_or_ddp_without_torchrun_is_refused(tmp_path, landsat_path, capsys, monkeypatch):
+    from sitfuse_byol.cli import main
+
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump({"data": {"scenes": [str(landsat_path)]}, "output": {"dir": "out"}}))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["train", "-c", str(config_path), "--ddp", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: --ddp needs the environment torchrun sets")
+    # What torchrun sets for rank 0 of 2 (the rank that prints errors): each rank would
+    # otherwise run the whole pipeline.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "-c", str(config_path), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == "error: under torchrun, train with --ddp (sitfuse train)"
+    assert not (tmp_path / "out").exists()

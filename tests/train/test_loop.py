@@ -90,6 +90,18 @@ def test_checkpoint_contents_metrics_and_curves(tmp_path, landsat_path):
     with pytest.raises(ModelError, match="trained on 6 bands .* but this scene has 13"):
         trained.check_bands(13, where="sentinel2")
 
+    # Damaged files: one line each, never a KeyError or a size-mismatch traceback.
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(result.checkpoint.read_bytes()[:5000])
+    with pytest.raises(ModelError, match="cannot read checkpoint: the file is truncated or corrupt"):
+        load_checkpoint(broken)
+    torch.save({k: v for k, v in state.items() if k != "encoder"}, broken)
+    with pytest.raises(ModelError, match="incomplete checkpoint: no encoder"):
+        load_checkpoint(broken)
+    torch.save({**state, "model": {k: v for k, v in state["model"].items() if "body.0" not in k}}, broken)
+    with pytest.raises(ModelError, match="the checkpoint's weights do not fit its encoder"):
+        load_encoder(broken)
+
 
 @pytest.mark.slow
 def test_two_epochs_on_landsat_lower_the_loss_without_collapse(tmp_path, landsat_path):
