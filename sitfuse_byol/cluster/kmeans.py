@@ -28,6 +28,7 @@ should wrap the fit in ``threadpoolctl.threadpool_limits(1)``.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any
@@ -38,6 +39,11 @@ from sklearn.exceptions import ConvergenceWarning
 
 from sitfuse_byol.cluster.model import ClusterModel
 from sitfuse_byol.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# Sample rows looked at for fewer distinct values than clusters (see fit_kmeans).
+_DISTINCT_CHECK_ROWS = 10_000
 
 __all__ = [
     "MAX_FINE_SAMPLES",
@@ -267,6 +273,14 @@ def fit_kmeans(
             if len(batch):
                 kmeans.partial_fit(x[batch])
     centroids = kmeans.cluster_centers_.astype(np.float32)
+    # Fewer distinct samples than clusters (a constant scene) leave copies of centroids
+    # that never win a pixel. Rows spread over the whole sample (every scene's) tell.
+    distinct = len(np.unique(x[:: max(1, n // _DISTINCT_CHECK_ROWS)], axis=0))
+    if distinct < n_clusters:
+        log.warning(
+            "warning: the sampled embeddings give only %d distinct clusters of the %d asked for "
+            "(a constant or nearly empty scene?); the other labels will not occur", distinct, n_clusters,
+        )
 
     fit: dict[str, Any] = {
         "method": "kmeans",

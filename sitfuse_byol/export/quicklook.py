@@ -61,7 +61,10 @@ def stretch_rgb(rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
         if values.size == 0:
             continue
         low, high = np.percentile(values, [2, 98])
-        scaled = (rgb[band].astype(np.float64) - low) / max(high - low, np.finfo(float).tiny)
+        if high <= low:  # a constant band: mid grey, where a stretch would divide by zero
+            out[..., band] = 0.5
+            continue
+        scaled = (rgb[band].astype(np.float64) - low) / (high - low)
         out[..., band] = np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.0)
     out[~valid] = 0.0
     return out

@@ -325,6 +325,7 @@ class Pipeline:
     def _mark_stage(self, name: str, key: str, started: float, **extra: Any) -> None:
         self.manifest.stages[name] = {"key": key, "seconds": round(time.perf_counter() - started, 3), **extra}
         self.manifest.save()
+        log.info("stage %s done in %.1f s", name, self.manifest.stages[name]["seconds"])
 
     def _checkpoint_is_the_trained_one(self) -> bool:
         """``last.pt`` is the file the last finished training wrote (run.json keeps its hash)."""
@@ -552,6 +553,11 @@ class Pipeline:
         atomic_write_text(self.out / "config.resolved.yaml", self.config.to_yaml())
         if self.log is not None:
             self.log.write_to(self.out / "logs" / "sitfuse.log")
+        log.info(
+            "run started: stages %s over %d scene(s), config %s, output %s",
+            ", ".join(s for s in stages if s != "assign" or self.options.labels), len(self.refs),
+            self.config.digest()[:12], self.out,
+        )
         for scene_id, failure in self.deferred_failures.items():
             self._record_failure(scene_id, *failure)
         self.deferred_failures.clear()
@@ -813,6 +819,7 @@ class Pipeline:
                     else:
                         self.scene_seconds.setdefault(ref.id, {})[name] = seconds
                         on_result(ref.id, result, seconds)
+                        log.info("scene %s: %s done in %.1f s", ref.id, name, seconds)
                 finally:
                     future.release()
                 advance(1)
@@ -992,6 +999,7 @@ class Pipeline:
             except KeyboardInterrupt:
                 # The cluster is closed, and with it the tasks that were writing.
                 _remove_stale_temporaries(self.out)
+                log.info("interrupted; the next run goes on from here")
                 raise
             # Every task is over once the client is closed: what a killed worker left
             # half-written (its task redone elsewhere) goes now, not at the next run.
@@ -1009,6 +1017,7 @@ class Pipeline:
             if s in self.manifest.scenes
         }
         failed = [s for s in ids if s in self.errors]
+        log.info("run finished: %d scene(s) failed of %d", len(failed), len(ids))
         return RunSummary(scenes=scenes, stages=self.manifest.stages, out_dir=self.out, failed=failed)
 
 

@@ -173,10 +173,12 @@ def test_too_few_samples_is_an_input_error() -> None:
     assert info.value.where == "cluster.n_clusters"
 
 
-def test_fewer_distinct_points_than_clusters_gives_finite_centroids() -> None:
+def test_fewer_distinct_points_than_clusters_gives_finite_centroids(caplog) -> None:
     # 3 distinct values for 5 clusters: some clusters can only be duplicates.
     points = np.repeat(np.eye(3, 4, dtype=np.float32), 100, axis=0)
-    model = fit_kmeans(points, n_clusters=5, seed=0, batch_size=64)
+    with caplog.at_level("WARNING"):
+        model = fit_kmeans(points, n_clusters=5, seed=0, batch_size=64)
+    assert "only 3 distinct clusters of the 5 asked for" in caplog.text
     assert np.isfinite(model.centroids).all()
     labels, distance = model.predict(points)
     np.testing.assert_allclose(distance, 0, atol=1e-6)

@@ -95,3 +95,15 @@ def test_colorize_labels_makes_nodata_and_unknown_labels_transparent() -> None:
     rgba = colorize_labels(np.array([[0, 2, 255, 7]]), nodata=255, colors=colors)
     np.testing.assert_array_equal(rgba[0, :2, :3], colors[[0, 2]])
     assert rgba[0, :, 3].tolist() == [255, 255, 0, 0]
+
+
+def test_a_constant_band_is_mid_grey_without_overflow() -> None:
+    rgb = np.stack([np.full((4, 5), 7.0), np.arange(20.0).reshape(4, 5), np.full((4, 5), 7.0)])
+    rgb[0, 0, 0] = 1e308  # an invalid pixel far outside the band's (constant) valid values
+    valid = np.ones((4, 5), bool)
+    valid[0, 0] = False
+    with np.errstate(all="raise"):
+        out = stretch_rgb(rgb, valid)
+    assert (out[..., 0][valid] == 0.5).all() and (out[..., 2][valid] == 0.5).all()
+    assert out[0, 0].tolist() == [0.0, 0.0, 0.0]
+    assert out[..., 1][valid].min() == 0.0 and out[..., 1][valid].max() == 1.0

@@ -58,7 +58,15 @@ def test_run_writes_label_cogs_on_each_input_grid(base_run, crop_scenes):
         # Relative to OUTDIR, so a moved output folder still finds its files.
         assert entry["outputs"]["labels"] == f"labels/{name}.tif"
         assert entry["outputs"]["confidence"] == f"confidence/{name}.tif"
-    assert (out / "config.resolved.yaml").exists() and (out / "logs" / "sitfuse.log").exists()
+    assert (out / "config.resolved.yaml").exists()
+    # The log tells the run's story: its start, each stage and scene task, its end.
+    log = (out / "logs" / "sitfuse.log").read_text()
+    assert "run started: stages stats, train, embed, cluster, export over 3 scene(s)" in log
+    for stage in ("stats", "train", "cluster"):
+        assert f"stage {stage} done in" in log
+    for name in crop_scenes:
+        assert f"scene {name}: embed done in" in log and f"scene {name}: export done in" in log
+    assert log.rstrip().endswith("run finished: 0 scene(s) failed of 3")
     assert "olinda_a" in stdout and str(out / "labels") in stdout
 
 
