@@ -150,7 +150,7 @@ def test_an_interrupt_stops_a_training_that_runs_on_a_worker(tmp_path, crop_scen
     """With --gpus-per-worker the training is a Dask task, which its client's exit would
     not stop: it must end with the run, not write checkpoints after it."""
     config = write_config(
-        tmp_path, [crop_scenes["olinda_a"]], out="gpu", train={"epochs": 3, "steps_per_epoch": 400},
+        tmp_path, [crop_scenes["olinda_a"]], out="gpu", train={"epochs": 4, "steps_per_epoch": 100},
         dask={"workers": 1, "gpus_per_worker": 1},
     )
     out = tmp_path / "gpu"
@@ -158,10 +158,13 @@ def test_an_interrupt_stops_a_training_that_runs_on_a_worker(tmp_path, crop_scen
         [BIN / "sitfuse", "run", "-c", str(config), "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
-    wait_for(lambda: (out / "checkpoints" / "epoch_000.pt").exists(), timeout=180, what="epoch 0")
+    wait_for(
+        lambda: (out / "checkpoints" / "epoch_000.pt").exists() or run.poll() is not None, timeout=600, what="epoch 0"
+    )
+    assert run.poll() is None, run.communicate()[1][-2000:]
     run.send_signal(signal.SIGTERM)
-    _, stderr = run.communicate(timeout=60)
+    _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130, stderr[-2000:]
     assert stderr.strip() == "interrupted"
-    time.sleep(3)  # a training that outlived the run would write epoch_001.pt
+    time.sleep(5)  # a training that outlived the run would write epoch_001.pt
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_000.pt", "last.pt"]
