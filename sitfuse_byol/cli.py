@@ -231,11 +231,21 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     # The labels of this config's scenes (--scenes), not every scene OUTDIR ever held.
-    scene_ids = {ref.id for ref in resolve_scene_list(config["data"]["scenes"], base=config.base)}
+    scene_ids: set[str] | None
+    try:
+        scene_ids = {ref.id for ref in resolve_scene_list(config["data"]["scenes"], base=config.base)}
+    except InputError:
+        if args.scenes:
+            raise
+        # The scenes moved (outputs copied off the cluster): assign what OUTDIR holds.
+        scene_ids = None
     manifest = Manifest.load(config.output_dir / "run.json")
     label_paths = manifest.label_paths(scene_ids)
     if not manifest.scenes:
-        label_paths = [p for p in sorted((config.output_dir / "labels").glob("*.tif")) if p.stem in scene_ids]
+        label_paths = [
+            p for p in sorted((config.output_dir / "labels").glob("*.tif"))
+            if (p.stem in scene_ids if scene_ids is not None else not p.stem.endswith("_coarse"))
+        ]
     if not label_paths:
         raise InputError(
             "no label rasters of these scenes yet; run `sitfuse run` first", where=str(config.output_dir)

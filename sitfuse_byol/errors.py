@@ -28,6 +28,10 @@ class InputError(SitfuseError):
     """A scene, band, scene list or label file cannot be used."""
 
 
+class EmptySceneError(InputError):
+    """A scene without a valid pixel to sample: a property of its data, not a passing failure."""
+
+
 class ConfigError(SitfuseError):
     """A configuration key, type or value is wrong."""
 

@@ -274,8 +274,11 @@ def fit_kmeans(
                 kmeans.partial_fit(x[batch])
     centroids = kmeans.cluster_centers_.astype(np.float32)
     # Fewer distinct samples than clusters (a constant scene) leave copies of centroids
-    # that never win a pixel. Rows spread over the whole sample (every scene's) tell.
+    # that never win a pixel. Rows spread over the whole sample are a cheap first look;
+    # only when they hold too few is the whole sample counted.
     distinct = len(np.unique(x[:: max(1, n // _DISTINCT_CHECK_ROWS)], axis=0))
+    if distinct < n_clusters:
+        distinct = len(np.unique(x, axis=0))
     if distinct < n_clusters:
         log.warning(
             "warning: the sampled embeddings give only %d distinct clusters of the %d asked for "

@@ -18,7 +18,7 @@ import dask
 import numpy as np
 
 from sitfuse_byol.embed import SceneEmbedding
-from sitfuse_byol.errors import InputError
+from sitfuse_byol.errors import EmptySceneError
 from sitfuse_byol.export.atomic import atomic_path
 
 NEIGHBOUR_RADIUS = 2
@@ -102,10 +102,10 @@ class SceneSample:
         """``(samples, neighbours)``, both ``(m, D)`` float32, in block order (row-major).
 
         Raises:
-            InputError: No block added holds a valid pixel.
+            EmptySceneError: No block added holds a valid pixel.
         """
         if self._seen == 0:
-            raise InputError("no valid pixel to sample embeddings from", where=self.scene_id)
+            raise EmptySceneError("no valid pixel to sample embeddings from", where=self.scene_id)
         with self._lock:
             self._thin(self._bound())
             parts = [self._blocks[index] for index in sorted(self._blocks)]
@@ -159,7 +159,7 @@ def sample_embeddings(
         ``(samples, neighbours)``, both ``(m, D)`` float32.
 
     Raises:
-        InputError: The scene has no valid pixel.
+        EmptySceneError: The scene has no valid pixel.
     """
     sample = SceneSample(embedding.scene_id, n=n, seed=seed)
     blocks = embedding.data.rechunk({0: -1}).to_delayed()

@@ -146,19 +146,20 @@ def cell_valid(valid: da.Array, *, stride: int) -> da.Array:
 
 
 def _block_edge(size: int, *, block: int, halo: int, multiple: int) -> int:
-    """The block edge along an axis of ``size`` pixels: ``block``, or a little less.
+    """The block edge along an axis of ``size`` pixels: ``block``, or the nearest that works.
 
     A ragged last block narrower than the halo would have to borrow pixels from its
     neighbour (:func:`sitfuse_byol.tile.apply_blocks`), and the uneven chunks that leaves
-    cannot be written to Zarr (all chunks but the last must be equal). So the edge
-    shrinks, in steps of ``multiple``, until the remainder is 0 or at least the halo;
-    failing that the axis is one block.
+    cannot be written to Zarr (all chunks but the last must be equal). So the edge moves,
+    in steps of ``multiple``, alternately below and above ``block`` (up to twice it),
+    until the remainder is 0 or at least the halo; failing that the axis is one block.
     """
     if size <= block:
         return block
-    for edge in range(block, halo - 1, -multiple):
-        if edge > 0 and (size % edge == 0 or size % edge >= halo):
-            return edge
+    for step in range(block // multiple + 1):
+        for edge in (block - step * multiple, block + step * multiple):
+            if halo <= edge <= 2 * block and (size % edge == 0 or size % edge >= halo):
+                return edge
     return _round_up(size, multiple)
 
 

@@ -61,9 +61,13 @@ def stretch_rgb(rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
         if values.size == 0:
             continue
         low, high = np.percentile(values, [2, 98])
-        if high <= low:  # a constant band: mid grey, where a stretch would divide by zero
-            out[..., band] = 0.5
-            continue
+        if high <= low:
+            # Over 96% of one value: stretch over the whole range, so the few others
+            # (a cloud, an island) still show; a constant band is mid grey.
+            low, high = values.min(), values.max()
+            if high <= low:
+                out[..., band] = 0.5
+                continue
         scaled = (rgb[band].astype(np.float64) - low) / (high - low)
         out[..., band] = np.clip(np.nan_to_num(scaled, nan=0.0), 0.0, 1.0)
     out[~valid] = 0.0

@@ -32,7 +32,7 @@ from dask.utils import format_bytes
 
 from sitfuse_byol.cluster.sampling import load_samples, sample_matches
 from sitfuse_byol.config import Config
-from sitfuse_byol.errors import InputError, SitfuseError
+from sitfuse_byol.errors import EmptySceneError, InputError, SitfuseError
 from sitfuse_byol.export.atomic import atomic_write_text, remove_path
 from sitfuse_byol.progress import stage_progress, train_progress
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config, resolve_scene_list
@@ -855,12 +855,7 @@ class Pipeline:
             *sorted(self.fingerprints[s] for s in self.scenes),
         )
         if self._stage_done("cluster", key, self.paths.cluster_model / "model.json"):
-            # A scene left out of this clustering (say, without a valid pixel) fails as it
-            # did then, instead of being labelled by a model that never saw it.
-            for scene_id, message in self.manifest.stages["cluster"].get("left_out", {}).items():
-                if scene_id in self.scenes:
-                    self._fail(scene_id, InputError(message), stage="sample")
-            self._require_scenes()
+            self._fail_left_out()
             return
         states = self._embedding_states()
         started = time.perf_counter()
@@ -909,10 +904,25 @@ class Pipeline:
             }
         )
         model.save(self.paths.cluster_model)
-        left_out = {s: _error_text(self.errors[s]) for s in sorted(sampling - set(self.scenes)) if s in self.errors}
+        # Only what no rerun can change; a passing failure (a lost worker, a read error)
+        # is tried again by the next run.
+        left_out = {
+            s: _error_text(self.errors[s])
+            for s in sorted(sampling - set(self.scenes))
+            if isinstance(self.errors.get(s), EmptySceneError)
+        }
         self._mark_stage("cluster", key, started, left_out=left_out)
 
+    def _fail_left_out(self) -> None:
+        """Scenes the current clustering left out for want of a valid pixel fail as they
+        did then, instead of being labelled all nodata by a model that never saw them."""
+        for scene_id, message in self.manifest.stages.get("cluster", {}).get("left_out", {}).items():
+            if scene_id in self.scenes:
+                self._fail(scene_id, EmptySceneError(message), stage="sample")
+        self._require_scenes()
+
     def stage_export(self, client: Any) -> None:
+        self._fail_left_out()
         model_key = self._model_hash()
         # Where the outputs go is not what they are: a moved OUTDIR is not redone.
         output_key = self.config.digest("output", "embed", "data", leave_out=("output.dir", "data.scenes"))

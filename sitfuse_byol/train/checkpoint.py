@@ -6,6 +6,7 @@ with ``torch.load(..., weights_only=True)`` and never runs code from the file.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 from dataclasses import dataclass
@@ -43,15 +44,29 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
-        # A truncated file surfaces as an OSError of the zip reader ("Invalid argument").
-        reason = "the file is truncated or corrupt" if isinstance(err, OSError | EOFError) else str(err).splitlines()[0]
-        raise ModelError(f"cannot read checkpoint: {reason}", where=str(path)) from err
+        raise ModelError(f"cannot read checkpoint: {_load_failure(err)}", where=str(path)) from err
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ModelError("not a sitfuse-byol checkpoint (or an incompatible version)", where=str(path))
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise ModelError(f"incomplete checkpoint: no {', '.join(missing)}", where=str(path))
     return state
+
+
+def _load_failure(err: Exception) -> str:
+    """Why ``torch.load`` failed, in words: a truncated file surfaces as the zip reader's
+    ``Invalid argument`` or "central directory" error, or as an ``EOFError``."""
+    text = str(err).strip()
+    damaged = (
+        isinstance(err, EOFError)
+        or (isinstance(err, OSError) and err.errno == errno.EINVAL)
+        or (isinstance(err, RuntimeError) and ("central directory" in text or "zip archive" in text))
+    )
+    if damaged:
+        return "the file is truncated or corrupt"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def file_hash(path: Path) -> str:

@@ -107,3 +107,13 @@ def test_a_constant_band_is_mid_grey_without_overflow() -> None:
     assert (out[..., 0][valid] == 0.5).all() and (out[..., 2][valid] == 0.5).all()
     assert out[0, 0].tolist() == [0.0, 0.0, 0.0]
     assert out[..., 1][valid].min() == 0.0 and out[..., 1][valid].max() == 1.0
+
+
+def test_a_band_of_one_value_but_a_few_pixels_still_shows_them() -> None:
+    """The 2nd and 98th percentiles agree (over 98% water); the island must not vanish in grey."""
+    band = np.zeros((10, 10))
+    band[0, 0] = 5.0
+    rgb = np.stack([band, band, band])
+    out = stretch_rgb(rgb, np.ones((10, 10), bool))
+    assert out[0, 0].tolist() == [1.0, 1.0, 1.0]
+    assert (out.reshape(-1, 3)[1:] == 0.0).all()

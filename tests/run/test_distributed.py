@@ -158,13 +158,19 @@ def test_an_interrupt_stops_a_training_that_runs_on_a_worker(tmp_path, crop_scen
         [BIN / "sitfuse", "run", "-c", str(config), "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
-    wait_for(
-        lambda: (out / "checkpoints" / "epoch_000.pt").exists() or run.poll() is not None, timeout=600, what="epoch 0"
-    )
-    assert run.poll() is None, run.communicate()[1][-2000:]
-    run.send_signal(signal.SIGTERM)
-    _, stderr = run.communicate(timeout=120)
-    assert run.returncode == 130, stderr[-2000:]
+    try:
+        wait_for(
+            lambda: (out / "checkpoints" / "epoch_000.pt").exists() or run.poll() is not None,
+            timeout=600, what="epoch 0",
+        )
+        assert run.poll() is None, run.communicate()[1][-2000:]
+        run.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()  # a failed wait must not leave a training behind
+    # Stopped between steps, not after the run gave up waiting for it.
+    assert run.returncode == 130 and time.monotonic() - stopped < 25, stderr[-2000:]
     assert stderr.strip() == "interrupted"
     time.sleep(5)  # a training that outlived the run would write epoch_001.pt
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_000.pt", "last.pt"]

@@ -170,13 +170,37 @@ def test_a_scene_left_out_of_the_clustering_fails_again_when_the_clustering_is_r
         dst.write(np.zeros((src.count, src.height, src.width), src.dtypes[0]))
     config = write_config(tmp_path, [crop_scenes["olinda_a"], empty], embed={"save": False})
     errors = []
-    for _ in range(2):  # the second run reuses the clustering the first one fitted
-        assert main(["cluster", "-c", str(config), "--quiet", "--json"]) == 1
+    # The second run reuses the clustering the first one fitted; `export` runs on it alone.
+    for command in ("cluster", "cluster", "export"):
+        assert main([command, "-c", str(config), "--quiet", "--json"]) == 1
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         errors.append(summary["scenes"]["empty"]["error"])
         assert summary["scenes"]["olinda_a"]["status"] == "done"
         assert not (tmp_path / "out" / "labels" / "empty.tif").exists()
-    assert errors == ["sample: no valid pixel to sample embeddings from (empty)"] * 2
+    assert errors == ["sample: no valid pixel to sample embeddings from (empty)"] * 3
+
+
+def test_a_passing_sample_failure_is_tried_again_by_the_next_run(base_run, tmp_path, crop_scenes, capsys, monkeypatch):
+    import sitfuse_byol.run.pipeline as pipeline
+
+    folder, *_ = base_run
+    shutil.copytree(folder / "out", tmp_path / "out")
+    config = write_config(tmp_path, crop_scenes.values(), embed={"save": False})
+    real = pipeline.sample_task
+    away = [True]
+
+    def flaky(config, ref, threads=1):
+        if ref.id == "olinda_b" and away[0]:  # through every retry of this run
+            raise OSError("the network file system went away")
+        return real(config, ref, threads)
+
+    monkeypatch.setattr(pipeline, "sample_task", flaky)
+    assert main(["cluster", "-c", str(config), "--quiet", "--json"]) == 1
+    assert "OSError" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scenes"]["olinda_b"]["error"]
+    away[0] = False
+    # Not a property of the scene: the next run samples and labels it.
+    assert main(["cluster", "-c", str(config), "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scenes"]["olinda_b"]["status"] == "done"
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
@@ -410,6 +434,15 @@ def test_assign_takes_the_labels_of_the_configs_scenes_only(base_run, tmp_path, 
     capsys.readouterr()
     assert main(["assign", "-c", str(config), "--scenes", str(other), "--labels", str(polygons)]) == 2
     assert capsys.readouterr().err.startswith("error: no label rasters of these scenes yet")
+    # Outputs copied off the machine that has the scenes: the config's glob finds nothing
+    # here, and every scene in run.json is assigned.
+    import yaml
+
+    moved = yaml.safe_load(config.read_text())
+    moved["data"]["scenes"] = str(tmp_path / "nowhere" / "*.tif")
+    config.write_text(yaml.safe_dump(moved))
+    assert main(["assign", "-c", str(config), "--labels", str(polygons)]) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "classes").glob("*.tif")) == [f"{s}.tif" for s in CROPS]
 
 
 def test_polygons_and_zarr_outputs_on_request(base_run, tmp_path, crop_scenes):
