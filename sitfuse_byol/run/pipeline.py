@@ -95,13 +95,17 @@ def train_stage_key(config: Config, stats_path: Path) -> str:
     return "|".join(("train", config.digest("data", "tiling", "train"), file_hash(stats_path)))
 
 
+def _config_stats_key(config: Config) -> str:
+    """:func:`stats_stage_key` of the config's whole scene list, as it is on disk now."""
+    refs = resolve_scene_list(config["data"]["scenes"], base=config.base)
+    return stats_stage_key(config, (scene_fingerprint(r) for r in refs))
+
+
 def saved_stats_are_current(config: Config) -> bool:
     """Whether ``OUTDIR/stats.json`` was computed under these data settings from these scene
     files, as ``run.json`` records it (the check a run's stats stage makes)."""
-    refs = resolve_scene_list(config["data"]["scenes"], base=config.base)
     manifest = Manifest.load(config.output_dir / "run.json")
-    key = stats_stage_key(config, (scene_fingerprint(r) for r in refs))
-    return manifest.stages.get("stats", {}).get("key") == key
+    return manifest.stages.get("stats", {}).get("key") == _config_stats_key(config)
 
 
 def record_training(config: Config, *, seconds: float) -> None:
@@ -111,10 +115,9 @@ def record_training(config: Config, *, seconds: float) -> None:
     """
     from sitfuse_byol.train.checkpoint import checkpoint_hash
 
-    refs = resolve_scene_list(config["data"]["scenes"], base=config.base)
     paths = Paths(config.output_dir)
     manifest = Manifest.load(config.output_dir / "run.json")
-    manifest.stages["stats"] = {"key": stats_stage_key(config, (scene_fingerprint(r) for r in refs)), "seconds": 0.0}
+    manifest.stages["stats"] = {"key": _config_stats_key(config), "seconds": 0.0}
     key = train_stage_key(config, paths.stats)
     manifest.stages["train_started"] = {"key": key}
     manifest.stages["train"] = {
