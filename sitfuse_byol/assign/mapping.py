@@ -829,6 +829,7 @@ def run_assign(
     out_dir: Path,
     apply: Path | None = None,
     layer: str | None = None,
+    polygons: ClassPolygons | None = None,
 ) -> AssignResult:
     """Assign classes to clusters from polygons, or re-apply an edited mapping.
 
@@ -848,6 +849,8 @@ def run_assign(
         out_dir: The run's output directory.
         apply: An edited mapping file to apply instead of counting.
         layer: The polygon layer, for files with several polygon layers.
+        polygons: ``polygons_path`` already read (with ``field`` and ``layer``), by a
+            caller that checked it before other work; then the file is not read again.
 
     Returns:
         The mapping, the files written, the per-class table and notes.
@@ -878,7 +881,8 @@ def run_assign(
             raise ConfigError(
                 "give a class polygon file, or --apply an edited mapping", where="assign"
             )
-        polygons = read_class_polygons(Path(polygons_path), field=field, layer=layer)
+        if polygons is None:
+            polygons = read_class_polygons(Path(polygons_path), field=field, layer=layer)
         notes += polygons.notes
         counts = count_cluster_classes(label_paths, polygons)
         mapping = dataclasses.replace(

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
 
@@ -52,6 +52,9 @@ from sitfuse_byol.run.tasks import (
     saved_embedding_state,
     train_task,
 )
+
+if TYPE_CHECKING:  # the assign stage's polygons need the gis extra, imported when used
+    from sitfuse_byol.assign import ClassPolygons
 
 log = logging.getLogger("sitfuse_byol.run")
 
@@ -287,6 +290,8 @@ class Pipeline:
         # leaves the output folder as it was, its run.json included.
         self.checked = False
         self.log: _RunLog | None = None
+        # The --labels polygons, read by the checks at the start (see _check_labels).
+        self.class_polygons: ClassPolygons | None = None
         self.deferred_failures: dict[str, tuple[dict[str, float], str]] = {}
         # Failed scenes' outputs from earlier runs, with their export keys: kept, and kept
         # in run.json, while the clustering model is the same (see _remove_stale_outputs).
@@ -462,7 +467,9 @@ class Pipeline:
         from sitfuse_byol.assign import check_threshold, read_class_polygons
 
         check_threshold(self.options.threshold)
-        read_class_polygons(self.options.labels, field=self.options.label_field, layer=self.options.label_layer)
+        self.class_polygons = read_class_polygons(
+            self.options.labels, field=self.options.label_field, layer=self.options.label_layer
+        )
 
     def _check_rgb_bands(self, stages: tuple[str, ...]) -> None:
         """Each scene must have ``output.rgb_bands`` for its quicklook; found out at the
@@ -957,6 +964,7 @@ class Pipeline:
             layer=self.options.label_layer,
             threshold=self.options.threshold,
             out_dir=self.out,
+            polygons=self.class_polygons,
         )
         return result.report()
 
@@ -1010,13 +1018,14 @@ class Pipeline:
                     self._start_writing(stages)
                     self._run_stages(client, stages)
             except KeyboardInterrupt:
-                # The cluster is closed, and with it the tasks that were writing.
-                _remove_stale_temporaries(self.out)
                 log.info("interrupted; the next run goes on from here")
                 raise
-            # Every task is over once the client is closed: what a killed worker left
-            # half-written (its task redone elsewhere) goes now, not at the next run.
-            _remove_stale_temporaries(self.out)
+            finally:
+                # Every task is over once the cluster is closed, finished or interrupted:
+                # what a killed worker or an interrupt left half-written goes now, not at
+                # the next run (a run refused before writing leaves OUTDIR alone).
+                if self.checked:
+                    _remove_stale_temporaries(self.out)
             if "export" in stages:
                 self._remove_stale_outputs()
             assigned = self.stage_assign() if "assign" in stages else None

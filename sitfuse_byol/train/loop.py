@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sitfuse_byol.config import Config
+from sitfuse_byol.config import SCHEMA, Config
 from sitfuse_byol.cores import usable_cores
 from sitfuse_byol.errors import ConfigError, ModelError, SitfuseError
 from sitfuse_byol.export.atomic import atomic_path
@@ -496,8 +496,9 @@ def _stats_dict(stats: BandStats) -> dict[str, list]:
     return json.loads(stats.to_json())
 
 
-#: Train settings a resumed run may change: how long it runs, and where.
-RESUME_MAY_CHANGE = frozenset({"epochs", "steps_per_epoch", "device", "compile", "threads"})
+#: Train settings a resumed run may change: how long it runs, and where (the schema's
+#: placement keys: device, compile, threads).
+RESUME_MAY_CHANGE = frozenset({"epochs", "steps_per_epoch"} | {k for k, key in SCHEMA["train"].items() if key.placement})
 
 #: Tiling settings a resumed run must keep: the size and validity of the patches it learns from.
 RESUME_KEEPS_TILING = ("patch_size", "min_valid_fraction")
