@@ -7,6 +7,7 @@ code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from sitfuse_byol.errors import (
     ModelError,
     SitfuseError,
 )
+from sitfuse_byol.run.lock import output_folder_lock
 
 EXIT_OK, EXIT_USAGE = 0, 2
 EXIT_BROKEN_PIPE = 128 + 13  # as a process killed by SIGPIPE
@@ -145,7 +147,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
 
-    with train_progress(config["train"], quiet=args.quiet) as on_step:
+    with contextlib.ExitStack() as hold, train_progress(config["train"], quiet=args.quiet) as on_step:
+        if os.environ.get("RANK") == "0":  # the one rank that writes (without RANK, train refuses)
+            config.output_dir.mkdir(parents=True, exist_ok=True)
+            hold.enter_context(output_folder_lock(config.output_dir, command="sitfuse train --ddp"))
         train(
             config,
             device_name=args.device,
@@ -208,6 +213,7 @@ def _run_stages(args: argparse.Namespace) -> int:
         stages=args.stages,
         resume=getattr(args, "resume", False),
         compile=True if getattr(args, "compile", False) else None,
+        command=args.command,
     )
     summary = run_pipeline(config, options)
     if args.json:
@@ -258,15 +264,16 @@ def cmd_assign(args: argparse.Namespace) -> int:
         raise ConfigError(
             "give --labels POLYGONS to count classes anew, or --apply MAPPING, not both", where="sitfuse assign"
         )
-    result = run_assign(
-        label_paths=label_paths,
-        polygons_path=Path(args.labels) if args.labels else None,
-        field=args.field,
-        threshold=args.threshold,
-        out_dir=config.output_dir,
-        apply=Path(args.apply) if args.apply else None,
-        layer=args.layer,
-    )
+    with output_folder_lock(config.output_dir, command="sitfuse assign"):
+        result = run_assign(
+            label_paths=label_paths,
+            polygons_path=Path(args.labels) if args.labels else None,
+            field=args.field,
+            threshold=args.threshold,
+            out_dir=config.output_dir,
+            apply=Path(args.apply) if args.apply else None,
+            layer=args.layer,
+        )
     print(result.report())
     return EXIT_OK
 

@@ -38,6 +38,14 @@ def _file_fingerprint(path: Path) -> list:
     return ["missing"]
 
 
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
 def scene_fingerprint(ref: SceneRef) -> str:
     """Changes when any file of the scene changes (size or modification time)."""
     files = list(ref.spec.files) if isinstance(ref.spec, MultiFileSpec) else [Path(ref.spec)]
@@ -63,21 +71,30 @@ class Manifest:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     _saved_at: float = field(default=-math.inf, init=False, repr=False, compare=False)
     _pending: bool = field(default=False, init=False, repr=False, compare=False)
+    # The file as loaded (see changed_on_disk).
+    _loaded: tuple[int, int, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
-        if not path.exists():
-            return cls(path=path)
+        state = _file_state(path)
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return cls(path=path)
-        return cls(path=path, scenes=data.get("scenes", {}), stages=data.get("stages", {}))
+            data = json.loads(path.read_text()) if state is not None else {}
+        except (json.JSONDecodeError, FileNotFoundError):
+            data = {}
+        manifest = cls(path=path, scenes=data.get("scenes", {}), stages=data.get("stages", {}))
+        manifest._loaded = state
+        return manifest
+
+    def changed_on_disk(self) -> bool:
+        """Whether another process replaced the file since it was loaded (every save
+        renames a new file into place)."""
+        return _file_state(self.path) != self._loaded
 
     def save(self) -> None:
         """Write the record now."""
         atomic_write_json(self.path, {"scenes": self.scenes, "stages": self.stages})
         self._saved_at = time.monotonic()
+        self._loaded = _file_state(self.path)
         self._pending = False
 
     def flush(self) -> None:

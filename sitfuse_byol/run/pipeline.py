@@ -37,6 +37,7 @@ from sitfuse_byol.export.atomic import atomic_write_text, remove_path
 from sitfuse_byol.progress import stage_progress, train_progress
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config, resolve_scene_list
 from sitfuse_byol.run.cluster_client import ClusterOptions, dask_client, worker_info
+from sitfuse_byol.run.lock import output_folder_lock
 from sitfuse_byol.run.manifest import Manifest, scene_fingerprint
 from sitfuse_byol.run.tasks import (
     Paths,
@@ -84,6 +85,8 @@ class RunOptions:
     # `sitfuse train --resume` / `--compile`; a run resumes an interrupted training by itself.
     resume: bool = False
     compile: bool | None = None
+    # The CLI command, named to whoever finds the output folder held by this run.
+    command: str = "run"
 
 
 def stats_stage_key(config: Config, fingerprints: Iterable[str]) -> str:
@@ -220,6 +223,13 @@ def _remove_stale_temporaries(out: Path) -> None:
     remove_path(out / ".work")
 
 
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create an output folder: {err.strerror}", where=str(folder)) from err
+
+
 def export_key(fingerprint: str, model_hash: str, output_digest: str) -> str:
     """A scene's export key in run.json: its input, the clustering model, the output settings."""
     return f"{fingerprint}:{model_hash}:{output_digest}"
@@ -290,6 +300,8 @@ class Pipeline:
         # leaves the output folder as it was, its run.json included.
         self.checked = False
         self.log: _RunLog | None = None
+        # What the run holds until it ends: the output folder's lock (see _start_writing).
+        self.hold = contextlib.ExitStack()
         # The --labels polygons, read by the checks at the start (see _check_labels).
         self.class_polygons: ClassPolygons | None = None
         self.deferred_failures: dict[str, tuple[dict[str, float], str]] = {}
@@ -540,7 +552,7 @@ class Pipeline:
     def _prepare_output_dirs(self, stages: tuple[str, ...]) -> None:
         """Create the folders outputs are renamed into, so one that cannot be made (a file
         of that name, no permission) stops the run before any work, not each scene after it."""
-        folders = [self.out, self.out / "logs"]
+        folders = [self.out / "logs"]
         embeddings = self.out / "embeddings"
         if "embed" in stages and self.config["embed"]["save"] and embeddings.exists() and not embeddings.is_dir():
             # Made by the embed stage once it knows the stores fit on the disk.
@@ -548,15 +560,20 @@ class Pipeline:
         if "export" in stages:
             folders += [self.out / "labels", self.out / "confidence"]
         for folder in folders:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise InputError(f"cannot create an output folder: {err.strerror}", where=str(folder)) from err
+            _make_folder(folder)
 
     def _start_writing(self, stages: tuple[str, ...]) -> None:
         """The run-wide checks passed and the cluster is up: make the output folders, clear
         what killed runs left there, keep the log and the resolved config there, and record
         what failed so far."""
+        _make_folder(self.out)
+        self.hold.enter_context(output_folder_lock(self.out, command=f"sitfuse {self.options.command}"))
+        if self.manifest.changed_on_disk():
+            # Another command wrote here while this one started: its checks saw an older state.
+            raise InputError(
+                "another sitfuse command changed this output folder while this one started; run it again",
+                where=str(self.out),
+            )
         self._prepare_output_dirs(stages)
         _remove_stale_temporaries(self.out)
         self.checked = True
@@ -972,7 +989,7 @@ class Pipeline:
 
     def run(self) -> RunSummary:
         stages = self.options.stages
-        with _RunLog() as self.log:
+        with _RunLog() as self.log, contextlib.ExitStack() as self.hold:
             try:
                 return self._run(stages)
             finally:

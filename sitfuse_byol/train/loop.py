@@ -139,7 +139,14 @@ def _from_rank_zero(ctx: DistributedContext, func: Callable[[], Any]) -> Any:
             message[0] = ("ok", func())
         except SitfuseError as err:
             message[0] = ("error", type(err), err.what, err.where)
+        except Exception as err:
+            # Anything else (a full disk, a bug) still stops every rank, not rank 0 alone;
+            # rank 0 goes on to report it as itself.
+            dist.broadcast_object_list([("crash", f"{type(err).__name__}: {err}")], src=0)
+            raise
     dist.broadcast_object_list(message, src=0)
+    if message[0][0] == "crash":
+        raise SitfuseError(f"rank 0 failed: {message[0][1]}", where=f"rank {ctx.rank}")
     if message[0][0] == "error":
         _, kind, what, where = message[0]
         raise kind(what, where=where)

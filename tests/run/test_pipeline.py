@@ -203,7 +203,6 @@ def test_a_passing_sample_failure_is_tried_again_by_the_next_run(base_run, tmp_p
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["scenes"]["olinda_b"]["status"] == "done"
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_embedding_on_cuda_without_a_gpu_is_refused_before_any_work(base_run, tmp_path, crop_scenes, capsys):
     folder, *_ = base_run

@@ -171,3 +171,39 @@ def test_train_under_torchrun_without_ddp_or_ddp_without_torchrun_is_refused(tmp
     assert main(["train", "-c", str(config_path), "--quiet"]) == 2
     assert capsys.readouterr().err.strip() == "error: under torchrun, train with --ddp (sitfuse train)"
     assert not (tmp_path / "out").exists()
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from sitfuse_byol.errors import SitfuseError
+    from sitfuse_byol.train.loop import _from_rank_zero, init_distributed
+
+    ctx = init_distributed(enable=True, device=torch.device("cpu"))
+
+    def statistics():
+        raise OSError(28, "No space left on device")
+
+    try:
+        _from_rank_zero(ctx, statistics)
+    except SitfuseError as err:
+        print(f"rank {ctx.rank}: SitfuseError: {err}", flush=True)
+    except OSError as err:
+        print(f"rank {ctx.rank}: OSError: {err}", flush=True)
+    """
+)
+
+
+def test_an_unexpected_error_on_rank_zero_stops_every_rank(tmp_path):
+    """Not only a SitfuseError: the other ranks must not wait at a barrier for rank 0."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: OSError: [Errno 28] No space left on device",
+        "rank 1: SitfuseError: rank 0 failed: OSError: [Errno 28] No space left on device (rank 1)",
+    ], proc.stdout + proc.stderr[-3000:]
