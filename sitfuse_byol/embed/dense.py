@@ -185,7 +185,7 @@ def embed_scene(
     Raises:
         ModelError: The scene's band count differs from the model's.
     """
-    trained.check_bands(scene.n_bands, where=scene.source)
+    trained.check_bands(scene.band_names, where=scene.source)
     if window and window % 2 == 0:
         raise InputError(f"embedding window must be odd, got {window}", where="embed.window")
     stats = trained.stats

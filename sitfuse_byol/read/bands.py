@@ -44,3 +44,15 @@ def select_bands(names: Sequence[str], bands: BandSpec, *, where: str) -> list[i
     if len(set(positions)) != len(positions):
         raise InputError("a band is selected twice", where=where)
     return positions
+
+
+def named_by_the_file(names: Sequence[str]) -> bool:
+    """Whether band names came from the data (descriptions, a band coordinate, a
+    multi-file spec) rather than being the readers' stand-ins ``B1``, ``B2``..."""
+    return list(names) != [f"B{i}" for i in range(1, len(names) + 1)]
+
+
+def in_another_order(names: Sequence[str], reference: Sequence[str]) -> bool:
+    """Whether ``names`` are ``reference``'s bands in another order: read by position,
+    blue would pass for near-infrared."""
+    return list(names) != list(reference) and sorted(names) == sorted(reference) and len(set(names)) == len(names)

@@ -11,7 +11,8 @@ def aligned_chunk(*, size: int, block: int, patch: int, target: int = DEFAULT_CH
     """The chunk length along one axis.
 
     A chunk is a whole number of storage blocks, so every read decodes each block once,
-    and a whole number of patches, so training patches never straddle two chunks.
+    and, where that keeps it near ``target``, a whole number of patches, so that no
+    pixel is left out of training (patches never straddle two chunks).
 
     Args:
         size: Length of the axis in pixels.
@@ -21,6 +22,11 @@ def aligned_chunk(*, size: int, block: int, patch: int, target: int = DEFAULT_CH
     """
     # A block that spans (nearly) the whole axis cannot be aligned to usefully.
     base = math.lcm(block, patch) if 0 < block < size else patch
+    if base > 2 * max(target, block):
+        # A patch size prime to the block (9 px patches in 512 px tiles: lcm 4608) would
+        # make one chunk of a whole Sentinel-2 tile. Whole blocks then, and the sampler
+        # leaves the sliver past each chunk's last whole patch unused.
+        base = block
     if base >= size:
         return size
     n = max(1, round(target / base))

@@ -96,15 +96,21 @@ def reading(where: str) -> Iterator[None]:
     except InputError:
         raise
     except (RasterioError, OSError, ValueError, RuntimeError) as err:
-        raise InputError(f"cannot read pixels: {_first_line(err)}", where=where) from err
+        raise InputError(f"cannot read pixels: {first_line(err)}", where=where) from err
+    except Exception as err:
+        # Dask's stand-in for an error a worker could not send back as it was (rasterio's
+        # do not always survive pickling): a bare Exception of its repr.
+        if type(err) is not Exception:
+            raise
+        raise InputError(f"cannot read pixels: {first_line(err)}", where=where) from err
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     """The error's first line; rasterio's "Read failed. See previous exception for details."
     points at its cause, whose text (GDAL's, e.g. a bad TIFF tile) is the one that helps."""
     cause = err.__cause__ or err.__context__
     if "See previous exception" in str(err) and cause is not None:
-        return _first_line(cause)
+        return first_line(cause)
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 

@@ -36,11 +36,13 @@ from sitfuse_byol.errors import EmptySceneError, InputError, SitfuseError
 from sitfuse_byol.export.atomic import atomic_write_text, remove_path
 from sitfuse_byol.progress import stage_progress, train_progress
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config, resolve_scene_list
+from sitfuse_byol.read.bands import in_another_order, named_by_the_file
 from sitfuse_byol.run.cluster_client import ClusterOptions, dask_client, worker_info
 from sitfuse_byol.run.lock import output_folder_lock
 from sitfuse_byol.run.manifest import Manifest, scene_fingerprint
 from sitfuse_byol.run.tasks import (
     Paths,
+    SceneReadError,
     TaskFailure,
     embed_task,
     embedding_key,
@@ -411,6 +413,36 @@ class Pipeline:
                         ),
                         stage="read",
                     )
+        self._check_band_order()
+
+    def _check_band_order(self) -> None:
+        """Scenes are stacked band by band by position: a scene holding the first scene's
+        bands in another order fails (blue would pass for near-infrared); one whose bands
+        are named otherwise is warned of."""
+        if not self.scenes:
+            return
+        first = next(iter(self.scenes.values()))
+        for scene in list(self.scenes.values())[1:]:
+            if in_another_order(scene.band_names, first.band_names):
+                self._fail(
+                    scene.id,
+                    InputError(
+                        f"the scene's bands ({', '.join(scene.band_names)}) are {first.id}'s "
+                        f"({', '.join(first.band_names)}) in another order; list them in data.bands "
+                        "to read every scene in one order",
+                        where=scene.source,
+                    ),
+                    stage="read",
+                )
+            elif (
+                scene.band_names != first.band_names
+                and named_by_the_file(scene.band_names)
+                and named_by_the_file(first.band_names)
+            ):
+                log.warning(
+                    "warning: the scene's bands (%s) are named unlike %s's (%s); they are matched by position (%s)",
+                    ", ".join(scene.band_names), first.id, ", ".join(first.band_names), scene.source,
+                )
 
     def _require_models(self, stages: tuple[str, ...]) -> None:
         """A stage run on its own needs what earlier stages leave behind."""
@@ -420,7 +452,7 @@ class Pipeline:
         def fail_misfits(trained: TrainedEncoder) -> None:
             for scene in list(self.scenes.values()):
                 try:
-                    trained.check_bands(scene.n_bands, where=scene.source)
+                    trained.check_bands(scene.band_names, where=scene.source)
                 except ModelError as err:
                     self._fail(scene.id, err, stage="read")
 
@@ -735,7 +767,9 @@ class Pipeline:
             band_names=first.band_names, scene_ids=ids, moments=moments, histogram=histogram[0], bins=bins
         )
         stats.save(self.paths.stats)
-        self._mark_stage("stats", key, started)
+        # Keyed by the scenes it holds: with a scene left out (corrupt pixels), the next
+        # command makes it again, so that scene fails there too instead of reaching training.
+        self._mark_stage("stats", stats_stage_key(self.config, (self.fingerprints[s] for s in ids)), started)
 
     def stage_train(self, client: Any) -> None:
         from sitfuse_byol.train.checkpoint import checkpoint_hash, load_checkpoint
@@ -839,7 +873,10 @@ class Pipeline:
                 try:
                     result, seconds = future.result()
                 except Exception as err:  # retries spent: a lost worker, a transient error
-                    self._fail(ref.id, err, stage=name)
+                    # Named by its file, as bad input is (a worker's error knows no scene).
+                    where = self.scenes[ref.id].source if ref.id in self.scenes else str(ref.spec)
+                    text = str(err) if isinstance(err, SceneReadError) else _error_text(err)
+                    self._fail(ref.id, SitfuseError(text, where=where), stage=name)
                 else:
                     if isinstance(result, TaskFailure):
                         self._fail(ref.id, result.error, stage=name)

@@ -22,6 +22,7 @@ from typing import Any
 import dask
 import numpy as np
 import torch
+from rasterio.errors import RasterioError
 from threadpoolctl import threadpool_limits
 
 from sitfuse_byol.cluster.model import ClusterModel
@@ -40,6 +41,7 @@ from sitfuse_byol.export.atomic import remove_path
 from sitfuse_byol.export.scene_outputs import OutputOptions, write_scene_outputs
 from sitfuse_byol.normalize.stats import HistogramBins, scene_histogram, scene_moment_parts
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config
+from sitfuse_byol.read.scene import first_line
 from sitfuse_byol.run.manifest import scene_fingerprint
 from sitfuse_byol.train.checkpoint import checkpoint_hash, load_encoder
 from sitfuse_byol.train.device import resolve_device
@@ -192,6 +194,10 @@ def scene_embedding(config: Config, scene: Scene, *, saved: bool) -> SceneEmbedd
     return _embed(config, scene)
 
 
+class SceneReadError(Exception):
+    """A scene task's read failure, as it travels back from a worker (see :func:`run_scene_task`)."""
+
+
 @dataclass(frozen=True)
 class TaskFailure:
     """A scene task's bad-input error, returned instead of raised (see :func:`run_scene_task`)."""
@@ -211,10 +217,20 @@ def run_scene_task(
     # Worker processes do not inherit the command's filters; the run warns once per scene.
     warnings.filterwarnings("ignore", message=NOT_GEOREFERENCED_WARNING)
     start = time.perf_counter()
+    read_failure = None
     try:
         result = func(config, ref, threads)
     except SitfuseError as err:
         result = TaskFailure(err)
+    except RasterioError as err:
+        read_failure = f"cannot read pixels: {first_line(err)}"
+    if read_failure is not None:
+        # Raised again, so that a passing read failure is retried; but as an error that
+        # survives the trip to the driver and says what GDAL said (the cause's text, not
+        # "Read failed. See previous exception"). Raised outside the handler, so it carries
+        # no rasterio error as its context: Dask would send an unpicklable chain as a bare
+        # Exception of its repr.
+        raise SceneReadError(read_failure)
     return result, time.perf_counter() - start
 
 
@@ -299,7 +315,7 @@ def export_task(config: Config, ref: SceneRef, threads: int = 1) -> dict[str, st
         # that copy (it is cached per device) rather than load one more on the CPU.
         saved = has_saved_embedding(config, ref)
         trained = load_encoder(paths.checkpoint, device="cpu" if saved else _embedding_device(config))
-        trained.check_bands(scene.n_bands, where=scene.source)
+        trained.check_bands(scene.band_names, where=scene.source)
         model = load_cluster_model(paths.cluster_model)
         embedding = scene_embedding(config, scene, saved=saved)
         model.check_compatible(dim=embedding.dim, encoder_hash=trained.checkpoint_hash)

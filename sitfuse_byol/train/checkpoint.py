@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from sitfuse_byol.errors import ModelError
 from sitfuse_byol.export.atomic import atomic_path
 from sitfuse_byol.normalize import BandStats
+from sitfuse_byol.read.bands import in_another_order
 from sitfuse_byol.train.encoders import Encoder, create_encoder
 
 FORMAT_VERSION = 1
@@ -108,12 +110,19 @@ class TrainedEncoder:
     def device(self) -> torch.device:
         return next(self.encoder.parameters()).device
 
-    def check_bands(self, n_bands: int, *, where: str) -> None:
-        """Refuse a scene whose band count differs from the training data's."""
-        if n_bands != len(self.band_names):
+    def check_bands(self, band_names: Sequence[str], *, where: str) -> None:
+        """Refuse a scene whose band count differs from the training data's, or whose
+        bands are the training bands in another order."""
+        if len(band_names) != len(self.band_names):
             raise ModelError(
                 f"the model was trained on {len(self.band_names)} bands "
-                f"({', '.join(self.band_names)}) but this scene has {n_bands}",
+                f"({', '.join(self.band_names)}) but this scene has {len(band_names)}",
+                where=where,
+            )
+        if in_another_order(band_names, self.band_names):
+            raise ModelError(
+                f"the scene's bands ({', '.join(band_names)}) are the model's ({', '.join(self.band_names)}) "
+                "in another order; list them in data.bands to read them in the model's order",
                 where=where,
             )
 

@@ -160,6 +160,71 @@ def test_a_bad_scene_does_not_stop_the_others(tmp_path, crop_scenes, capsys):
     assert not (tmp_path / "out" / "labels" / "broken.tif").exists()
 
 
+def _with_a_corrupt_tile(source, path):
+    """A copy of ``source`` whose header is intact and whose first tile cannot be decoded."""
+    with rasterio.open(source) as src, rasterio.open(path, "w", **(src.profile | {"compress": "deflate"})) as dst:
+        dst.write(src.read())
+    with rasterio.open(path) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_scene_with_a_corrupt_tile_fails_in_every_command_and_the_others_go_on(tmp_path, crop_scenes, capsys):
+    bad = _with_a_corrupt_tile(crop_scenes["olinda_c"], tmp_path / "olinda_c.tif")
+    config = str(write_config(tmp_path, [crop_scenes["olinda_a"], crop_scenes["olinda_b"], bad]))
+    assert main(["stats", "-c", config, "--quiet"]) == 1
+    # The statistics left it out; the next command must not take them for the whole list's.
+    assert main(["train", "-c", config, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("scene olinda_c left out: stats: cannot read pixels: ") == 2, err
+    assert (tmp_path / "out" / "checkpoints" / "last.pt").exists()
+    assert main(["run", "-c", config, "--quiet"]) == 1
+    manifest = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert {s: manifest["scenes"][s]["status"] for s in manifest["scenes"]} == {
+        "olinda_a": "done", "olinda_b": "done", "olinda_c": "failed",
+    }
+    # Embedded on its own (no statistics pass first), it fails in a worker task, retried
+    # as a passing read failure might be, and still named by its file with GDAL's reason.
+    assert main(["embed", "-c", config, "--quiet", "--force"]) == 1
+    error = json.loads((tmp_path / "out" / "run.json").read_text())["scenes"]["olinda_c"]["error"]
+    assert error.startswith("embed: cannot read pixels: ") and error.endswith(f"({bad})"), error
+    assert "TIFFReadEncodedTile" in error and "See previous exception" not in error
+
+
+def test_a_scene_with_the_bands_in_another_order_fails_and_other_names_are_warned_of(
+    tmp_path, crop_scenes, capsys, caplog
+):
+    def copy(name, order, descriptions):
+        path = tmp_path / f"{name}.tif"
+        with rasterio.open(crop_scenes["olinda_b"]) as src, rasterio.open(path, "w", **src.profile) as dst:
+            dst.write(src.read(order))
+            dst.descriptions = descriptions(src.descriptions)
+        return path
+
+    reversed_bands = copy("reversed", [6, 5, 4, 3, 2, 1], lambda names: names[::-1])
+    renamed = copy("renamed", [1, 2, 3, 4, 5, 6], lambda names: tuple(f"SR_{n}" for n in names))
+    config = write_config(tmp_path, [crop_scenes["olinda_a"], reversed_bands, renamed])
+    with caplog.at_level("WARNING", logger="sitfuse_byol.run"):
+        assert main(["stats", "-c", str(config), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "scene reversed left out: read: the scene's bands (B7, B5, B4, B3, B2, B1) are olinda_a's "
+        "(B1, B2, B3, B4, B5, B7) in another order; list them in data.bands to read every scene in one order "
+        f"({reversed_bands})"
+    ) in err
+    assert "scene renamed left out" not in err
+    assert any(
+        r.getMessage().startswith("warning: the scene's bands (SR_B1, SR_B2") and "matched by position" in r.getMessage()
+        for r in caplog.records
+    )
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["scenes"] == ["olinda_a", "renamed"]
+
+
 def test_a_scene_left_out_of_the_clustering_fails_again_when_the_clustering_is_reused(
     base_run, tmp_path, crop_scenes, capsys
 ):

@@ -63,3 +63,37 @@ def test_local_cluster_workers_take_turns_over_the_gpus():
     assert gpu_index(1, 4, visible_devices="1,2,3,0") == 0  # dask-cuda: its own GPU is listed first
     assert gpu_index("tcp://10.0.0.5:40123", 4, visible_devices=None) == 0  # a remote worker
     assert gpu_index(None, 4, visible_devices=None) == 0  # not on a worker
+
+
+def test_a_read_failure_travels_back_picklable_with_gdals_reason(tmp_path):
+    import pickle
+
+    import numpy as np
+    import rasterio
+
+    from sitfuse_byol.run.tasks import SceneReadError
+
+    path = tmp_path / "b.tif"
+    profile = {
+        "driver": "GTiff", "width": 32, "height": 32, "count": 1, "dtype": "uint16", "tiled": True,
+        "blockxsize": 16, "blockysize": 16, "compress": "deflate",
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.arange(32 * 32, dtype="uint16").reshape(1, 32, 32))
+    with rasterio.open(path) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 32] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+
+    def read_all(config, ref, threads):
+        with rasterio.open(path) as src:
+            return src.read()
+
+    with pytest.raises(SceneReadError) as err:
+        run_scene_task(read_all, None, None, 1)
+    assert str(err.value).startswith("cannot read pixels: ")
+    assert "TIFFReadEncodedTile" in str(err.value) and "See previous exception" not in str(err.value)
+    # Dask sends a worker's error (and its chain) pickled, or else as a bare Exception of its repr.
+    assert err.value.__context__ is None and err.value.__cause__ is None
+    assert str(pickle.loads(pickle.dumps(err.value))) == str(err.value)

@@ -88,7 +88,11 @@ def test_checkpoint_contents_metrics_and_curves(tmp_path, landsat_path):
     assert trained.stats.n_bands == 6
     # The loaded encoder refuses a scene with another band count.
     with pytest.raises(ModelError, match="trained on 6 bands .* but this scene has 13"):
-        trained.check_bands(13, where="sentinel2")
+        trained.check_bands([f"B{i}" for i in range(1, 14)], where="sentinel2")
+    # And one holding its bands in another order, which would pass by count.
+    trained.check_bands(trained.band_names, where="landsat")
+    with pytest.raises(ModelError, match=r"are the model's \(.*\) in another order; list them in data.bands"):
+        trained.check_bands(trained.band_names[::-1], where="landsat")
 
     # Damaged files: one line each, never a KeyError or a size-mismatch traceback.
     broken = tmp_path / "broken.pt"
