@@ -74,7 +74,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     spec = parse_scene_entry(args.scene, base=Path.cwd(), where=args.scene)
     bands = [int(b) if b.isdigit() else b for b in args.bands.split(",")] if args.bands else None
-    scene = open_scene(spec, bands=bands, nodata=args.nodata)
+    scene = open_scene(spec, bands=bands, nodata=args.nodata, valid_range=args.valid_range, variable=args.variable)
     if scene.grid.crs is None:
         print(
             f"warning: scene has no CRS; its outputs will not be georeferenced ({scene.source})",
@@ -311,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.add_argument("--bands", help="comma-separated band indices (from 1) or names")
     inspect.add_argument("--nodata", type=float, help="override the file's nodata")
+    inspect.add_argument(
+        "--valid-range", type=float, nargs=2, metavar=("MIN", "MAX"), help="inclusive range of valid values"
+    )
+    inspect.add_argument("--variable", help="the variable to read from a Zarr store or NetCDF file")
     inspect.set_defaults(func=cmd_inspect)
 
     def add_run_args(sub: argparse.ArgumentParser) -> None:

@@ -63,6 +63,28 @@ def test_inspect_human_output_lists_chunks(capsys, landsat_path):
     assert "chunks" in out and "EPSG:31985" in out and "100.00%" in out
 
 
+def test_inspect_takes_the_reading_options_of_a_config_and_shows_a_nan_nodata(capsys, tmp_path):
+    import xarray as xr
+
+    data = np.arange(2 * 20 * 20, dtype=np.float32).reshape(2, 20, 20)
+    data[:, :5] = np.nan
+    path = write_tif(tmp_path / "nan.tif", data, nodata=float("nan"))
+    code, out, _ = run_cli(capsys, "inspect", str(path))
+    assert code == 0 and "nodata      nan" in out and "75.00%" in out
+    # Band 2 holds 400 + 20 row + col: rows 5 (below, NaN) to 14 stay valid.
+    code, out, _ = run_cli(capsys, "inspect", str(path), "--json", "--valid-range", "0", "699")
+    info = json.loads(out)
+    assert info["nodata"] == "nan" and info["valid_fraction"] == 0.5
+
+    store = tmp_path / "two.nc"
+    cube = xr.DataArray(data, dims=("band", "y", "x"), coords={"y": np.arange(20.0), "x": np.arange(20.0)})
+    xr.Dataset({"refl": cube, "qa": cube * 0}).to_netcdf(store, engine="h5netcdf")
+    code, _, err = run_cli(capsys, "inspect", str(store))
+    assert code == 2 and "several 3-D variables (refl, qa); set data.variable" in err
+    code, out, _ = run_cli(capsys, "inspect", str(store), "--variable", "refl", "--json")
+    assert code == 0 and json.loads(out)["shape"] == [2, 20, 20]
+
+
 def test_all_nodata_scene_reports_zero_valid_fraction(capsys, tmp_path):
     path = write_tif(tmp_path / "empty.tif", np.zeros((2, 30, 30), np.uint16), nodata=0)
     code, out, _ = run_cli(capsys, "inspect", str(path), "--json")

@@ -26,7 +26,8 @@ def describe_scene(scene: Scene) -> dict[str, Any]:
         "transform": grid["transform"],
         "res": grid["res"],
         "bounds": grid["bounds"],
-        "nodata": None if nodata is None or np.isnan(nodata) else nodata,
+        # JSON has no NaN: "nan", as gdalinfo -json writes it.
+        "nodata": "nan" if nodata is not None and np.isnan(nodata) else nodata,
         "valid_fraction": valid_fraction,
     }
 
@@ -45,6 +46,12 @@ INSPECT_JSON_KEYS = (
 )
 
 
+def _nodata_text(nodata: float | str | None) -> str:
+    if nodata is None:
+        return "none"
+    return nodata if isinstance(nodata, str) else f"{nodata:g}"
+
+
 def format_description(info: dict[str, Any]) -> str:
     """Aligned ``key: value`` lines for people."""
     crs = info["crs"]
@@ -60,7 +67,7 @@ def format_description(info: dict[str, Any]) -> str:
         ("transform", ", ".join(f"{v:g}" for v in info["transform"])),
         ("resolution", f"{info['res'][0]:g} x {info['res'][1]:g}"),
         ("bounds", ", ".join(f"{v:.6g}" for v in info["bounds"])),
-        ("nodata", "none" if info["nodata"] is None else f"{info['nodata']:g}"),
+        ("nodata", _nodata_text(info["nodata"])),
         ("valid", f"{info['valid_fraction']:.2%}"),
     ]
     width = max(len(k) for k, _ in rows)
