@@ -27,7 +27,7 @@ from rasterio.vrt import WarpedVRT
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.grid import Grid
 from sitfuse_byol.read.chunking import DEFAULT_CHUNK_TARGET, aligned_chunks
-from sitfuse_byol.read.geotiff import check_not_truncated, open_dataset, open_lazy
+from sitfuse_byol.read.geotiff import check_has_bands, check_not_truncated, open_dataset, open_lazy
 from sitfuse_byol.read.scene import Scene, build_scene
 
 RESAMPLING_NAMES = {r.name for r in Resampling}
@@ -122,6 +122,7 @@ def open_multifile(
     for path in spec.files:
         with open_dataset(path) as src:
             check_not_truncated(src, where=str(path))
+            check_has_bands(src, where=str(path))
             if src.count != 1:
                 raise InputError(f"expected a single-band file, found {src.count} bands", where=str(path))
             profiles.append(

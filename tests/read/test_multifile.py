@@ -97,3 +97,16 @@ def test_bad_multifile_mappings(tmp_path):
 def test_multifile_values_of_the_wrong_type(tmp_path, extra, message):
     with pytest.raises(InputError, match=message):
         MultiFileSpec.from_mapping({"id": "s", "bands": ["a.tif"], **extra}, base=tmp_path, where="x")
+
+
+def two_band_spec(tmp_path: Path, *files: str) -> MultiFileSpec:
+    return MultiFileSpec.from_mapping({"id": "s", "bands": list(files)}, base=tmp_path, where="test")
+
+
+def test_a_band_file_without_bands_names_its_subdatasets(tmp_path):
+    write_tif(tmp_path / "ref.tif", np.ones((20, 20), np.uint16))
+    ds = xr.Dataset({name: (("y", "x"), np.ones((20, 20), np.uint16)) for name in ("red", "nir")})
+    ds.to_netcdf(tmp_path / "bands.h5", engine="h5netcdf")
+    with pytest.raises(InputError, match=r"holds subdatasets \(nir, red\)|holds subdatasets \(red, nir\)") as err:
+        open_scene(two_band_spec(tmp_path, "ref.tif", "bands.h5"))
+    assert err.value.where == str(tmp_path / "bands.h5")
