@@ -114,12 +114,12 @@ def _select_array(
             where=where,
         )
     own = [_fill_value(v) for v in spatial]
-    shared = nodata if nodata is not None else shared_nodata(
-        own, first=0, dtype=np.result_type(*(v.dtype for v in spatial)), uncovered=False
-    )
+    dtype = np.result_type(*(v.dtype for v in spatial))
+    shared = nodata if nodata is not None else shared_nodata(own, first=0, dtype=dtype, uncovered=False)
     if nodata is None:
+        # In the type the stack has anyway, which can hold the shared value.
         spatial = [
-            v.copy(data=fill_as(v.data, own=fill, nodata=shared))
+            v.copy(data=fill_as(v.data.astype(dtype), own=fill, nodata=shared))
             for v, fill in zip(spatial, own, strict=True)
         ]
     stacked = xr.concat(

@@ -140,3 +140,18 @@ def test_2d_variables_without_spatial_dimensions_are_not_bands(tmp_path):
     path = tmp_path / "bounds.nc"
     ds.to_netcdf(path, engine="h5netcdf")
     assert open_scene(path).band_names == ("red",)
+
+
+def test_stacked_variables_of_different_types_share_the_first_fill_value(tmp_path):
+    quality = np.full((4, 5), 1, np.uint8)
+    quality[0] = 255
+    ds = xr.Dataset(
+        {"sst": (("y", "x"), np.full((4, 5), 290.0, np.float32)), "quality": (("y", "x"), quality)}
+    )
+    ds["sst"].encoding["_FillValue"] = -9999.0
+    ds["quality"].encoding["_FillValue"] = 255
+    path = tmp_path / "types.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    scene = open_scene(path)
+    assert scene.dtype == np.float32 and scene.nodata == -9999
+    assert scene.valid.compute().sum() == 3 * 5
