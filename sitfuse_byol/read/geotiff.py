@@ -19,6 +19,9 @@ from sitfuse_byol.grid import Grid
 from sitfuse_byol.read.chunking import DEFAULT_CHUNK_TARGET, aligned_chunks
 from sitfuse_byol.read.scene import Scene, build_scene
 
+#: How many subdataset names a message lists.
+SUBDATASETS_SHOWN = 3
+
 
 def open_dataset(path: Path) -> rasterio.DatasetReader:
     """Open a raster with rasterio, turning failures into one-line :class:`InputError`s."""
@@ -55,6 +58,26 @@ def check_not_truncated(src: rasterio.DatasetReader, *, where: str) -> None:
                 f"file is truncated: {size} bytes, but its blocks run to {int(offset) + int(length)}",
                 where=where,
             )
+
+
+def check_has_bands(src: rasterio.DatasetReader, *, where: str) -> None:
+    """Refuse a file GDAL opens without raster bands, such as a NetCDF or HDF container
+    whose rasters are subdatasets that GDAL only opens by name."""
+    if src.count:
+        return
+    names = src.subdatasets
+    if not names:
+        raise InputError("the file holds no raster band", where=where)
+    # GDAL names them "DRIVER:<file>:<name>"; the file is in ``where`` already.
+    shown = ", ".join(name.rsplit(src.name, 1)[-1].lstrip(':"/') for name in names[:SUBDATASETS_SHOWN])
+    if len(names) > SUBDATASETS_SHOWN:
+        shown += f" and {len(names) - SUBDATASETS_SHOWN} more"
+    raise InputError(
+        f"the file holds subdatasets ({shown}), not raster bands; extract one to a GeoTIFF "
+        f"(gdal_translate '{names[0]}' out.tif), or name a NetCDF/HDF5 file *.nc to read its "
+        "variables through xarray",
+        where=where,
+    )
 
 
 def open_lazy(source: Path | WarpedVRT, *, chunks: Mapping[str, int]) -> da.Array:
@@ -113,6 +136,7 @@ def open_geotiff(
     where = str(path)
     with open_dataset(path) as src:
         check_not_truncated(src, where=where)
+        check_has_bands(src, where=where)
         grid = Grid.of_dataset(src)
         names = band_names_of(src)
         file_nodata = src.nodata

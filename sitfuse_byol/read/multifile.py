@@ -10,27 +10,41 @@ reads, never on a whole scene in memory. The method depends on direction:
   configurable (``nearest``, ``cubic``...).
 
 Files in another CRS are refused unless ``reproject: true`` is set for the scene.
+
+Each band is masked with its own file's nodata (unless ``data.nodata`` overrides them all):
+its fill, and the pixels of the reference grid it does not cover, are given the scene's
+one nodata value (see :func:`~sitfuse_byol.read.scene.shared_nodata`). A band that does
+not overlap the reference grid at all is refused.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import dask.array as da
+import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
 
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.grid import Grid
 from sitfuse_byol.read.chunking import DEFAULT_CHUNK_TARGET, aligned_chunks
-from sitfuse_byol.read.geotiff import check_not_truncated, open_dataset, open_lazy
-from sitfuse_byol.read.scene import Scene, build_scene
+from sitfuse_byol.read.geotiff import check_has_bands, check_not_truncated, open_dataset, open_lazy
+from sitfuse_byol.read.scene import Scene, build_scene, fill_as, shared_nodata
+
+log = logging.getLogger("sitfuse_byol.read")
 
 RESAMPLING_NAMES = {r.name for r in Resampling}
+
+#: Band files already warned about for covering only part of their reference grid.
+_warned_partial: set[Path] = set()
 
 
 @dataclass(frozen=True)
@@ -122,6 +136,7 @@ def open_multifile(
     for path in spec.files:
         with open_dataset(path) as src:
             check_not_truncated(src, where=str(path))
+            check_has_bands(src, where=str(path))
             if src.count != 1:
                 raise InputError(f"expected a single-band file, found {src.count} bands", where=str(path))
             profiles.append(
@@ -149,24 +164,94 @@ def open_multifile(
                 "set reproject: true to warp them onto the reference grid",
                 where=str(path),
             )
+    coverage = [
+        _coverage(profile["grid"], ref, where=str(path))
+        for path, profile in zip(spec.files, profiles, strict=True)
+    ]
+    # A configured nodata overrides every file's; otherwise each band's own fill, and the
+    # pixels a band does not cover, get one scene-wide value that the valid mask knows.
+    scene_nodata = nodata if nodata is not None else shared_nodata(
+        [p["nodata"] for p in profiles],
+        first=ref_pos,
+        dtype=np.dtype(profiles[ref_pos]["dtype"]),
+        uncovered=min(coverage) < 1,
+    )
+    for path, fraction in zip(spec.files, coverage, strict=True):
+        if fraction < 1:
+            _warn_partial(path, fraction=fraction, nodata=scene_nodata)
     chunks = aligned_chunks(
         shape=ref.shape, block=profiles[ref_pos]["block"], patch=patch_size, target=chunk_target
     )
     band_arrays = [
-        _band_array(path, profile, ref=ref, chunks=chunks, spec=spec, nodata=nodata)
+        _band_array(
+            path,
+            profile,
+            ref=ref,
+            chunks=chunks,
+            spec=spec,
+            src_nodata=nodata if nodata is not None else profile["nodata"],
+            nodata=scene_nodata,
+        )
         for path, profile in zip(spec.files, profiles, strict=True)
     ]
-    file_nodata = profiles[ref_pos]["nodata"]
     return build_scene(
         id=spec.id,
         data=da.concatenate(band_arrays, axis=0).rechunk({0: -1}),
         grid=ref,
         band_names=spec.names,
-        file_nodata=file_nodata,
+        file_nodata=scene_nodata,
         nodata=nodata,
         valid_range=valid_range,
         bands=bands,
         source=where,
+    )
+
+
+def _coverage(grid: Grid, ref: Grid, *, where: str) -> float:
+    """The fraction of the reference grid's area inside a band's bounds.
+
+    Raises:
+        InputError: The band does not overlap the reference grid at all.
+    """
+    bounds = grid.bounds
+    if grid.crs != ref.crs and grid.crs is not None and ref.crs is not None:
+        bounds = transform_bounds(grid.crs, ref.crs, *bounds)
+    left, bottom, right, top = ref.bounds
+    width = min(right, bounds[2]) - max(left, bounds[0])
+    height = min(top, bounds[3]) - max(bottom, bounds[1])
+    if width <= 0 or height <= 0:
+        raise InputError(
+            f"band file does not overlap the reference grid (bounds {_format_bounds(bounds)} "
+            f"and {_format_bounds(ref.bounds)})",
+            where=where,
+        )
+    # Bounds of equal extents can differ in the last bits after a reprojection or a
+    # different pixel size; a millionth of a pixel is not a gap.
+    slack = 1e-6 * min(ref.res)
+    if width >= right - left - slack and height >= top - bottom - slack:
+        return 1.0
+    return width * height / ((right - left) * (top - bottom))
+
+
+def _format_bounds(bounds: Sequence[float]) -> str:
+    return ", ".join(f"{v:.6g}" for v in bounds)
+
+
+def _warn_partial(path: Path, *, fraction: float, nodata: float | None) -> None:
+    """Warn that a band covers only part of the grid, once per file: scenes are opened
+    again by each stage and task, and one warning says it all."""
+    key = path.resolve()
+    if key in _warned_partial:
+        return
+    _warned_partial.add(key)
+    # Rounded down, so a band that misses a sliver never reads as 100%.
+    percent = math.floor(fraction * 1000) / 10
+    log.warning(
+        "warning: band file covers %g%% of the reference grid; the pixels it misses are "
+        "marked invalid with nodata %g (%s)",
+        percent,
+        nodata,
+        path,
     )
 
 
@@ -184,14 +269,16 @@ def _band_array(
     ref: Grid,
     chunks: tuple[int, int],
     spec: MultiFileSpec,
+    src_nodata: float | None,
     nodata: float | None,
 ) -> da.Array:
+    """One band on the reference grid, its fill and the pixels it does not cover set to
+    ``nodata`` (the scene's); ``src_nodata`` is the fill it has in its file."""
     dask_chunks = {"band": 1, "y": chunks[0], "x": chunks[1]}
     grid: Grid = profile["grid"]
     if grid.same_as(ref):
-        return open_lazy(path, chunks=dask_chunks)
+        return fill_as(open_lazy(path, chunks=dask_chunks), own=src_nodata, nodata=nodata)
     method = spec.coarsen if grid.res[0] < ref.res[0] else spec.refine
-    src_nodata = nodata if nodata is not None else profile["nodata"]
     # rioxarray keeps the VRT's parameters and reopens it per read, so these handles
     # can close here instead of staying open for the life of the scene.
     with warnings.catch_warnings():
@@ -204,6 +291,6 @@ def _band_array(
             height=ref.height,
             resampling=Resampling[method],
             src_nodata=src_nodata,
-            nodata=src_nodata,
+            nodata=nodata,
         ) as vrt:
             return open_lazy(vrt, chunks=dask_chunks)

@@ -84,6 +84,41 @@ def valid_block(
     return ok
 
 
+def shared_nodata(
+    own: Sequence[float | None], *, first: int, dtype: np.dtype, uncovered: bool
+) -> float | None:
+    """The one nodata value of a scene stacked from bands that each declare their own.
+
+    Validity is decided from pixel values against a single nodata (:func:`valid_block`
+    runs on blocks in hand), so every band's fill is rewritten to this value by
+    :func:`fill_as`. It is the ``first`` band's nodata where it has one; else NaN for
+    floats; else the first nodata another band declares; else 0, GDAL's fill, where
+    ``uncovered`` says some pixels of the grid have no data at all. A value chosen from
+    another band (or 0) also marks the pixels of any band that hold it as invalid.
+
+    Args:
+        own: Each band's own nodata, ``None`` where it has none.
+        first: Position of the band whose nodata is preferred (the reference band).
+        dtype: The scene's data type.
+        uncovered: Whether some pixels of the grid are not covered by a band.
+    """
+    if own[first] is not None:
+        return own[first]
+    if all(value is None for value in own) and not uncovered:
+        return None
+    if np.issubdtype(dtype, np.floating):
+        return float("nan")
+    return next((value for value in own if value is not None), 0.0)
+
+
+def fill_as(data: da.Array, *, own: float | None, nodata: float | None) -> da.Array:
+    """The pixels of ``data`` with its own nodata rewritten to the scene's ``nodata``."""
+    if own is None or nodata is None or np.isnan(own) or own == nodata:
+        # NaN is invalid wherever it is, so a NaN fill needs no rewriting.
+        return data
+    return da.where(data == own, np.array(nodata, dtype=data.dtype), data)
+
+
 @contextlib.contextmanager
 def reading(where: str) -> Iterator[None]:
     """Turn I/O failures that surface while computing pixels into an :class:`InputError`.

@@ -13,9 +13,10 @@ import xarray as xr
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.grid import Grid
 from sitfuse_byol.read.chunking import DEFAULT_CHUNK_TARGET, aligned_chunks
-from sitfuse_byol.read.scene import Scene, build_scene
+from sitfuse_byol.read.scene import Scene, build_scene, fill_as, shared_nodata
 
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf")
+SPATIAL_DIMS = (("y", "x"), ("lat", "lon"), ("latitude", "longitude"))
 
 
 def _open_dataset(path: Path) -> xr.Dataset:
@@ -52,14 +53,34 @@ def _open_dataset(path: Path) -> xr.Dataset:
 
 
 def _spatial_dims(array: xr.DataArray, *, where: str) -> tuple[str, str]:
-    for y, x in (("y", "x"), ("lat", "lon"), ("latitude", "longitude")):
+    for y, x in SPATIAL_DIMS:
         if y in array.dims and x in array.dims:
             return y, x
     raise InputError(f"no spatial dimensions (y, x) among {list(array.dims)}", where=where)
 
 
-def _select_array(ds: xr.Dataset, variable: str | None, *, where: str) -> xr.DataArray:
-    """One ``(band, y, x)`` array: the named variable, the only 3-D one, or 2-D ones stacked."""
+def _fill_value(array: xr.DataArray) -> float | None:
+    """A variable's nodata: its ``_FillValue``, ``nodata`` or ``missing_value``."""
+    for key in ("_FillValue", "nodata", "missing_value"):
+        value = array.attrs.get(key, array.encoding.get(key))
+        if value is not None:
+            return float(np.asarray(value).ravel()[0])
+    return None
+
+
+def _has_spatial_dims(array: xr.DataArray) -> bool:
+    return any(y in array.dims and x in array.dims for y, x in SPATIAL_DIMS)
+
+
+def _select_array(
+    ds: xr.Dataset, variable: str | None, *, nodata: float | None, where: str
+) -> tuple[xr.DataArray, float | None]:
+    """One ``(band, y, x)`` array and its nodata: the named variable, the only 3-D one, or
+    2-D ones stacked.
+
+    Stacked variables each keep their own fill value in the file; unless ``nodata`` is
+    configured (it overrides them all), each is rewritten to one value for the scene.
+    """
     if variable is not None:
         if variable not in ds.data_vars:
             raise InputError(
@@ -79,13 +100,32 @@ def _select_array(ds: xr.Dataset, variable: str | None, *, where: str) -> xr.Dat
         array = three_d[0]
         y, x = _spatial_dims(array, where=where)
         band_dim = next(d for d in array.dims if d not in (y, x))
-        return array.transpose(band_dim, y, x)
+        return array.transpose(band_dim, y, x), _fill_value(array)
     # Several 2-D variables on one grid are taken as bands, named after the variables.
-    y, x = _spatial_dims(candidates[0], where=where)
+    # Those without spatial dimensions (e.g. CF bounds such as time_bnds) cannot be bands.
+    spatial = [v for v in candidates if _has_spatial_dims(v)] or candidates
+    y, x = _spatial_dims(spatial[0], where=where)
+    others = [v for v in spatial if set(v.dims) != {y, x}]
+    if others:
+        raise InputError(
+            f"2-D variables on different dimensions ({spatial[0].name} on {y}, {x}; "
+            f"{others[0].name} on {', '.join(map(str, others[0].dims))}); "
+            "set data.variable to read one",
+            where=where,
+        )
+    own = [_fill_value(v) for v in spatial]
+    dtype = np.result_type(*(v.dtype for v in spatial))
+    shared = nodata if nodata is not None else shared_nodata(own, first=0, dtype=dtype, uncovered=False)
+    if nodata is None:
+        # In the type the stack has anyway, which can hold the shared value.
+        spatial = [
+            v.copy(data=fill_as(v.data.astype(dtype), own=fill, nodata=shared))
+            for v, fill in zip(spatial, own, strict=True)
+        ]
     stacked = xr.concat(
-        [v.transpose(y, x) for v in candidates], dim="band", coords="minimal", compat="override"
+        [v.transpose(y, x) for v in spatial], dim="band", coords="minimal", compat="override"
     )
-    return stacked.assign_coords(band=[str(v.name) for v in candidates])
+    return stacked.assign_coords(band=[str(v.name) for v in spatial]), shared
 
 
 def _check_even_spacing(array: xr.DataArray, dim: Hashable, *, where: str) -> None:
@@ -153,22 +193,17 @@ def open_xarray(
 
     The variable is ``variable`` if given, else the only 3-D variable, else all 2-D
     variables stacked as bands. Nodata comes from ``nodata``, else the variable's
-    ``_FillValue``/``nodata`` attribute. Band names come from the band coordinate.
+    ``_FillValue``/``nodata`` attribute; stacked variables' fill values become one value
+    (the first's where it has one). Band names come from the band coordinate.
     """
     where = str(path)
     ds = _open_dataset(path)
-    array = _select_array(ds, variable, where=where)
+    array, file_nodata = _select_array(ds, variable, nodata=nodata, where=where)
     grid = grid_of(array, where=where)
     if array.dims[0] in array.coords:
         names = [str(v) for v in array.coords[array.dims[0]].values]
     else:
         names = [f"B{i}" for i in range(1, array.shape[0] + 1)]
-    file_nodata = None
-    for key in ("_FillValue", "nodata", "missing_value"):
-        value = array.attrs.get(key, array.encoding.get(key))
-        if value is not None:
-            file_nodata = float(np.asarray(value).ravel()[0])
-            break
     stored = array.encoding.get("chunks") or array.encoding.get("preferred_chunks")
     if isinstance(stored, dict):
         stored = tuple(stored.get(d, array.sizes[d]) for d in array.dims)

@@ -113,3 +113,17 @@ def test_a_corrupt_tile_names_gdals_reason_not_rasterios_pointer(tmp_path):
         scene.data.compute()
     assert err.value.what.startswith("cannot read pixels: ")
     assert "TIFFReadEncodedTile" in err.value.what and "See previous exception" not in err.value.what
+
+
+def test_a_file_of_subdatasets_names_them_and_how_to_read_one(tmp_path):
+    import xarray as xr
+
+    ds = xr.Dataset({name: (("y", "x"), np.ones((4, 5), np.float32)) for name in "abcde"})
+    path = tmp_path / "container.h5"
+    ds.to_netcdf(path, engine="h5netcdf")
+    with pytest.raises(InputError) as err:
+        open_scene(path)
+    assert err.value.where == str(path)
+    assert err.value.what.startswith("the file holds subdatasets (a, b, c and 2 more), not raster bands; ")
+    assert f"gdal_translate 'HDF5:{path}://a' out.tif" in err.value.what
+    assert "\n" not in err.value.what

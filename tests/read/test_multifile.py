@@ -63,7 +63,9 @@ def test_coarsening_averages(tmp_path):
 
 def test_different_crs_is_refused_without_reproject(tmp_path):
     write_tif(tmp_path / "a.tif", np.ones((20, 20), np.uint16), crs="EPSG:32618")
-    write_tif(tmp_path / "b.tif", np.ones((20, 20), np.uint16), crs="EPSG:32617")
+    # The same place in the next UTM zone west, so the warped band covers the reference.
+    zone_17 = Affine(10, 0, 939900, 0, -10, 4010600)
+    write_tif(tmp_path / "b.tif", np.ones((40, 40), np.uint16), crs="EPSG:32617", transform=zone_17)
     entry = {"id": "s", "bands": ["a.tif", "b.tif"]}
     spec = MultiFileSpec.from_mapping(entry, base=tmp_path, where="test")
     with pytest.raises(InputError, match=r"different CRSs \(EPSG:32617 and EPSG:32618\)"):
@@ -97,3 +99,88 @@ def test_bad_multifile_mappings(tmp_path):
 def test_multifile_values_of_the_wrong_type(tmp_path, extra, message):
     with pytest.raises(InputError, match=message):
         MultiFileSpec.from_mapping({"id": "s", "bands": ["a.tif"], **extra}, base=tmp_path, where="x")
+
+
+def two_band_spec(tmp_path: Path, *files: str) -> MultiFileSpec:
+    return MultiFileSpec.from_mapping({"id": "s", "bands": list(files)}, base=tmp_path, where="test")
+
+
+def test_each_band_file_is_masked_with_its_own_nodata(tmp_path):
+    ref = np.full((20, 20), 7, np.uint16)
+    ref[0, 0] = 0  # the reference file's fill
+    band = np.full((20, 20), 9, np.uint16)
+    band[:5] = 65535  # the band file's own fill, not the reference's
+    coarse = np.full((10, 10), 3, np.uint16)
+    coarse[-1] = 65535  # a band on another grid, warped onto the reference one
+    write_tif(tmp_path / "ref.tif", ref, nodata=0)
+    write_tif(tmp_path / "band.tif", band, nodata=65535)
+    write_tif(tmp_path / "coarse.tif", coarse, nodata=65535, transform=Affine(20, 0, 400000, 0, -20, 4000000))
+    spec = MultiFileSpec.from_mapping(
+        {"id": "s", "bands": ["ref.tif", "band.tif", "coarse.tif"], "resampling": {"refine": "nearest"}},
+        base=tmp_path,
+        where="test",
+    )
+    scene = open_scene(spec)
+    assert scene.nodata == 0
+    assert scene.dtype == np.uint16
+    expected = np.ones((20, 20), bool)
+    expected[0, 0] = False
+    expected[:5] = False
+    expected[-2:] = False
+    np.testing.assert_array_equal(scene.valid.compute(), expected)
+    # The blocks in hand give the same mask as the scene's lazy one.
+    np.testing.assert_array_equal(scene.valid_of(scene.data.compute()), expected)
+    # A configured nodata still overrides every file's: their fills are data then.
+    valid = open_scene(spec, nodata=7).valid.compute()
+    assert valid[0, 0] and valid.sum() == 1
+
+
+def test_a_band_nodata_without_a_reference_nodata_masks_that_band(tmp_path):
+    write_tif(tmp_path / "ref.tif", np.ones((20, 20), np.uint16))
+    band = np.ones((20, 20), np.uint16)
+    band[:5] = 65535
+    write_tif(tmp_path / "band.tif", band, nodata=65535)
+    scene = open_scene(two_band_spec(tmp_path, "ref.tif", "band.tif"))
+    assert scene.nodata == 65535
+    assert scene.valid.compute().sum() == 15 * 20
+    # Float bands mark their fill NaN instead: no value is taken from the data.
+    write_tif(tmp_path / "fref.tif", np.ones((20, 20), np.float32))
+    write_tif(tmp_path / "fband.tif", np.where(band == 65535, -9999, 1).astype(np.float32), nodata=-9999)
+    scene = open_scene(two_band_spec(tmp_path, "fref.tif", "fband.tif"))
+    assert np.isnan(scene.nodata)
+    assert scene.valid.compute().sum() == 15 * 20
+
+
+def test_a_band_file_outside_the_reference_grid_is_refused(tmp_path):
+    write_tif(tmp_path / "ref.tif", np.ones((20, 20), np.uint16))
+    far = write_tif(tmp_path / "far.tif", np.ones((20, 20), np.uint16), transform=Affine(10, 0, 900000, 0, -10, 4000000))
+    with pytest.raises(InputError, match="^band file does not overlap the reference grid") as err:
+        open_scene(two_band_spec(tmp_path, "ref.tif", "far.tif"))
+    assert err.value.where == str(far)
+    assert "\n" not in str(err.value)
+
+
+def test_pixels_a_band_file_does_not_cover_are_invalid_and_warned_about_once(tmp_path, caplog):
+    write_tif(tmp_path / "ref.tif", np.ones((20, 20), np.uint16))
+    # The right half of the reference grid only.
+    write_tif(tmp_path / "half.tif", np.ones((20, 10), np.uint16), transform=Affine(10, 0, 400100, 0, -10, 4000000))
+    spec = two_band_spec(tmp_path, "ref.tif", "half.tif")
+    with caplog.at_level("WARNING", logger="sitfuse_byol.read"):
+        scene = open_scene(spec)
+        open_scene(spec)
+    valid = scene.valid.compute()
+    assert not valid[:, :10].any() and valid[:, 10:].all()
+    np.testing.assert_array_equal(scene.valid_of(scene.data.compute()), valid)
+    records = [r for r in caplog.records if r.name == "sitfuse_byol.read"]
+    assert len(records) == 1
+    assert records[0].getMessage().startswith("warning: band file covers 50% of the reference grid")
+    assert str(tmp_path / "half.tif") in records[0].getMessage()
+
+
+def test_a_band_file_without_bands_names_its_subdatasets(tmp_path):
+    write_tif(tmp_path / "ref.tif", np.ones((20, 20), np.uint16))
+    ds = xr.Dataset({name: (("y", "x"), np.ones((20, 20), np.uint16)) for name in ("red", "nir")})
+    ds.to_netcdf(tmp_path / "bands.h5", engine="h5netcdf")
+    with pytest.raises(InputError, match=r"holds subdatasets \(nir, red\)|holds subdatasets \(red, nir\)") as err:
+        open_scene(two_band_spec(tmp_path, "ref.tif", "bands.h5"))
+    assert err.value.where == str(tmp_path / "bands.h5")

@@ -90,3 +90,68 @@ def test_float32_coordinates_of_a_regular_grid_are_accepted(tmp_path):
     ds.to_netcdf(path, engine="h5netcdf")
     transform = open_scene(path).grid.transform
     assert transform.a == pytest.approx(10.3, abs=1e-2) and transform.e == pytest.approx(-10.3, abs=1e-2)
+
+
+def test_stacked_2d_variables_are_masked_with_their_own_fill_values(tmp_path):
+    red = np.full((4, 5), 10, np.int16)
+    red[0, 0] = -9999
+    nir = np.full((4, 5), 20, np.int16)
+    nir[3] = -1
+    ds = xr.Dataset({"red": (("y", "x"), red), "nir": (("y", "x"), nir)})
+    ds["red"].encoding["_FillValue"] = -9999
+    ds["nir"].encoding["_FillValue"] = -1
+    path = tmp_path / "fills.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    scene = open_scene(path)
+    assert scene.nodata == -9999
+    assert scene.dtype == np.int16
+    expected = np.ones((4, 5), bool)
+    expected[0, 0] = False
+    expected[3] = False
+    np.testing.assert_array_equal(scene.valid.compute(), expected)
+    np.testing.assert_array_equal(scene.valid_of(scene.data.compute()), expected)
+    # A configured nodata overrides every variable's fill value: the fills are data then.
+    valid = open_scene(path, nodata=10).valid.compute()
+    assert valid[0, 0] and valid.sum() == 1
+
+
+def test_2d_variables_on_different_dimensions_are_an_input_error(tmp_path):
+    ds = xr.Dataset(
+        {"red": (("y", "x"), np.ones((4, 5), np.float32)), "sst": (("lat", "lon"), np.ones((3, 3), np.float32))}
+    )
+    path = tmp_path / "mixed.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    with pytest.raises(InputError) as err:
+        open_scene(path)
+    assert err.value.what == (
+        "2-D variables on different dimensions (red on y, x; sst on lat, lon); set data.variable to read one"
+    )
+    assert err.value.where == str(path)
+    assert open_scene(path, variable="sst").data.shape == (1, 3, 3)
+
+
+def test_2d_variables_without_spatial_dimensions_are_not_bands(tmp_path):
+    ds = xr.Dataset(
+        {
+            "red": (("y", "x"), np.ones((4, 5), np.float32)),
+            "time_bnds": (("time", "nv"), np.zeros((1, 2))),
+        }
+    )
+    path = tmp_path / "bounds.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    assert open_scene(path).band_names == ("red",)
+
+
+def test_stacked_variables_of_different_types_share_the_first_fill_value(tmp_path):
+    quality = np.full((4, 5), 1, np.uint8)
+    quality[0] = 255
+    ds = xr.Dataset(
+        {"sst": (("y", "x"), np.full((4, 5), 290.0, np.float32)), "quality": (("y", "x"), quality)}
+    )
+    ds["sst"].encoding["_FillValue"] = -9999.0
+    ds["quality"].encoding["_FillValue"] = 255
+    path = tmp_path / "types.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    scene = open_scene(path)
+    assert scene.dtype == np.float32 and scene.nodata == -9999
+    assert scene.valid.compute().sum() == 3 * 5
