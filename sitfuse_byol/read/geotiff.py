@@ -140,6 +140,7 @@ def open_geotiff(
         grid = Grid.of_dataset(src)
         names = band_names_of(src)
         file_nodata = src.nodata
+        packing = list(zip(src.scales, src.offsets, strict=True))
         chunks = aligned_chunks(
             shape=grid.shape, block=src.block_shapes[0], patch=patch_size, target=chunk_target
         )
@@ -154,4 +155,5 @@ def open_geotiff(
         valid_range=valid_range,
         bands=bands,
         source=where,
+        packing=packing,
     )

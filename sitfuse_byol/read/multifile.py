@@ -145,6 +145,7 @@ def open_multifile(
                     "nodata": src.nodata,
                     "block": src.block_shapes[0],
                     "dtype": src.dtypes[0],
+                    "packing": (src.scales[0], src.offsets[0]),
                 }
             )
     dtypes = {p["dtype"] for p in profiles}
@@ -204,6 +205,7 @@ def open_multifile(
         valid_range=valid_range,
         bands=bands,
         source=where,
+        packing=[p["packing"] for p in profiles],
     )
 
 

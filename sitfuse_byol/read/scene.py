@@ -29,6 +29,8 @@ class Scene:
         nodata: The nodata value in effect, or ``None``.
         valid_range: Inclusive ``(min, max)`` of valid values, or ``None``.
         source: Where the scene came from, for messages.
+        packing: Each band's ``(scale, offset)`` as the file declares them. Values are
+            read as stored, unscaled, so scenes stored with other ones do not compare.
     """
 
     id: str
@@ -39,6 +41,7 @@ class Scene:
     nodata: float | None
     valid_range: tuple[float, float] | None
     source: str
+    packing: tuple[tuple[float, float], ...] = ()
 
     @property
     def n_bands(self) -> int:
@@ -160,10 +163,12 @@ def build_scene(
     valid_range: Sequence[float] | None,
     bands: Sequence[int | str] | None,
     source: str,
+    packing: Sequence[tuple[float, float]] | None = None,
 ) -> Scene:
     """Select bands, settle nodata and attach the lazy valid mask.
 
-    A configured ``nodata`` overrides the file's.
+    A configured ``nodata`` overrides the file's. ``packing``: each band's ``(scale,
+    offset)`` (none declared when ``None``).
     """
     positions = select_bands(band_names, bands, where=source)
     if positions != list(range(len(band_names))):
@@ -181,4 +186,5 @@ def build_scene(
         nodata=nodata_used,
         valid_range=(valid_range[0], valid_range[1]) if valid_range is not None else None,
         source=source,
+        packing=tuple((float(packing[i][0]), float(packing[i][1])) if packing else (1.0, 0.0) for i in positions),
     )

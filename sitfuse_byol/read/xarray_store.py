@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
+from rasterio.crs import CRS
 
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.grid import Grid
@@ -66,6 +67,13 @@ def _fill_value(array: xr.DataArray) -> float | None:
         if value is not None:
             return float(np.asarray(value).ravel()[0])
     return None
+
+
+def _packing(array: xr.DataArray) -> tuple[float, float]:
+    """A variable's CF ``scale_factor`` and ``add_offset`` (kept as attributes: the
+    store is opened without mask_and_scale)."""
+    scale, offset = (array.attrs.get(k, array.encoding.get(k, d)) for k, d in (("scale_factor", 1.0), ("add_offset", 0.0)))
+    return float(np.asarray(scale).ravel()[0]), float(np.asarray(offset).ravel()[0])
 
 
 def _has_spatial_dims(array: xr.DataArray) -> bool:
@@ -175,7 +183,19 @@ def grid_of(array: xr.DataArray, *, where: str) -> Grid:
             raise InputError(
                 f"cannot derive the grid from the {y}/{x} coordinates: {detail}", where=where
             ) from err
+    if crs is None and _geographic(array, y=y, x=x):
+        # CF latitude/longitude coordinates without a grid mapping: WGS 84, as GDAL's
+        # netCDF driver takes them, rather than outputs without any CRS.
+        crs = CRS.from_epsg(4326)
     return Grid(height=array.sizes[y], width=array.sizes[x], transform=transform, crs=crs)
+
+
+def _geographic(array: xr.DataArray, *, y: Hashable, x: Hashable) -> bool:
+    """Whether the (y, x) dimensions are latitude and longitude in degrees."""
+    if (y, x) not in SPATIAL_DIMS[1:] or y not in array.coords or x not in array.coords:
+        return False
+    lat, lon = np.asarray(array[y].values, dtype=float), np.asarray(array[x].values, dtype=float)
+    return bool(np.abs(lat).max() <= 90 and lon.min() >= -180 and lon.max() <= 360)
 
 
 def open_xarray(
@@ -220,4 +240,5 @@ def open_xarray(
         valid_range=valid_range,
         bands=bands,
         source=where,
+        packing=[_packing(ds[n] if n in ds.data_vars and ds[n].ndim == 2 else array) for n in names],
     )

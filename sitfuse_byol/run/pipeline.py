@@ -225,6 +225,12 @@ def _remove_stale_temporaries(out: Path) -> None:
     remove_path(out / ".work")
 
 
+def _packing_text(packing: tuple[tuple[float, float], ...]) -> str:
+    """One (scale, offset) where all bands share it, else the list."""
+    shown = sorted(set(packing), key=packing.index)
+    return ", ".join(f"({scale:g}, {offset:g})" for scale, offset in shown)
+
+
 def _make_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -413,17 +419,29 @@ class Pipeline:
                         ),
                         stage="read",
                     )
-        self._check_band_order()
+        self._check_band_agreement()
 
-    def _check_band_order(self) -> None:
-        """Scenes are stacked band by band by position: a scene holding the first scene's
-        bands in another order fails (blue would pass for near-infrared); one whose bands
-        are named otherwise is warned of."""
+    def _check_band_agreement(self) -> None:
+        """Scenes are stacked band by band by position, in stored units: a scene holding
+        the first scene's bands in another order fails (blue would pass for near-infrared),
+        as does one stored with another scale or offset; one whose bands are named
+        otherwise is warned of."""
         if not self.scenes:
             return
         first = next(iter(self.scenes.values()))
         for scene in list(self.scenes.values())[1:]:
-            if in_another_order(scene.band_names, first.band_names):
+            if scene.packing != first.packing:
+                self._fail(
+                    scene.id,
+                    InputError(
+                        f"the scene's values are stored with (scale, offset) {_packing_text(scene.packing)} "
+                        f"but {first.id}'s with {_packing_text(first.packing)}; stored values are read as they "
+                        "are, so the two would not compare: keep scenes of one product and version in a run",
+                        where=scene.source,
+                    ),
+                    stage="read",
+                )
+            elif in_another_order(scene.band_names, first.band_names):
                 self._fail(
                     scene.id,
                     InputError(

@@ -155,3 +155,35 @@ def test_stacked_variables_of_different_types_share_the_first_fill_value(tmp_pat
     scene = open_scene(path)
     assert scene.dtype == np.float32 and scene.nodata == -9999
     assert scene.valid.compute().sum() == 3 * 5
+
+
+def test_latitude_longitude_without_a_grid_mapping_is_wgs84(tmp_path):
+    lat = 40.0 - 0.01 * np.arange(30)  # north up, as most products store it
+    lon = -75.0 + 0.01 * np.arange(40)
+    data = np.arange(30 * 40, dtype=np.float32).reshape(30, 40)
+    path = tmp_path / "grid.nc"
+    xr.Dataset({"sst": (("lat", "lon"), data), "chl": (("lat", "lon"), data)}, coords={"lat": lat, "lon": lon}).to_netcdf(
+        path, engine="h5netcdf"
+    )
+    scene = open_scene(path)
+    assert scene.grid.crs == rasterio.crs.CRS.from_epsg(4326)
+    assert scene.grid.transform.c == pytest.approx(-75.005) and scene.grid.transform.f == pytest.approx(40.005)
+    # Projected coordinates without a CRS stay without one: nothing says what they are.
+    xr.Dataset({"sst": (("y", "x"), data)}, coords={"y": 1000.0 - 30 * np.arange(30), "x": 30.0 * np.arange(40)}).to_netcdf(
+        tmp_path / "plain.nc", engine="h5netcdf"
+    )
+    assert open_scene(tmp_path / "plain.nc").grid.crs is None
+
+
+def test_the_declared_scale_and_offset_are_kept_and_values_stay_as_stored(tmp_path):
+    data = np.arange(2 * 10 * 12, dtype=np.int16).reshape(2, 10, 12)
+    cube = xr.DataArray(
+        data, dims=("band", "y", "x"), coords={"y": 100.0 - 10 * np.arange(10), "x": 10.0 * np.arange(12)},
+        attrs={"scale_factor": 1e-4, "add_offset": -0.1},
+    )
+    xr.Dataset({"refl": cube}).to_netcdf(tmp_path / "packed.nc", engine="h5netcdf")
+    scene = open_scene(tmp_path / "packed.nc")
+    assert scene.packing == ((1e-4, -0.1), (1e-4, -0.1))
+    assert scene.dtype == np.int16
+    np.testing.assert_array_equal(scene.data.compute(), data)
+    assert open_scene(tmp_path / "packed.nc", bands=[2]).packing == ((1e-4, -0.1),)

@@ -195,19 +195,23 @@ def test_a_scene_with_a_corrupt_tile_fails_in_every_command_and_the_others_go_on
     assert "TIFFReadEncodedTile" in error and "See previous exception" not in error
 
 
-def test_a_scene_with_the_bands_in_another_order_fails_and_other_names_are_warned_of(
+def test_scenes_with_bands_in_another_order_or_scale_fail_and_other_names_are_warned_of(
     tmp_path, crop_scenes, capsys, caplog
 ):
-    def copy(name, order, descriptions):
+    def copy(name, order, descriptions, scale=1.0):
         path = tmp_path / f"{name}.tif"
         with rasterio.open(crop_scenes["olinda_b"]) as src, rasterio.open(path, "w", **src.profile) as dst:
             dst.write(src.read(order))
             dst.descriptions = descriptions(src.descriptions)
+            if scale != 1.0:
+                dst.scales = [scale] * src.count
+                dst.offsets = [-0.2] * src.count
         return path
 
     reversed_bands = copy("reversed", [6, 5, 4, 3, 2, 1], lambda names: names[::-1])
     renamed = copy("renamed", [1, 2, 3, 4, 5, 6], lambda names: tuple(f"SR_{n}" for n in names))
-    config = write_config(tmp_path, [crop_scenes["olinda_a"], reversed_bands, renamed])
+    scaled = copy("scaled", [1, 2, 3, 4, 5, 6], lambda names: names, scale=2.75e-5)
+    config = write_config(tmp_path, [crop_scenes["olinda_a"], reversed_bands, renamed, scaled])
     with caplog.at_level("WARNING", logger="sitfuse_byol.run"):
         assert main(["stats", "-c", str(config), "--quiet"]) == 1
     err = capsys.readouterr().err
@@ -217,6 +221,10 @@ def test_a_scene_with_the_bands_in_another_order_fails_and_other_names_are_warne
         f"({reversed_bands})"
     ) in err
     assert "scene renamed left out" not in err
+    assert (
+        "scene scaled left out: read: the scene's values are stored with (scale, offset) (2.75e-05, -0.2) "
+        "but olinda_a's with (1, 0); stored values are read as they are"
+    ) in err
     assert any(
         r.getMessage().startswith("warning: the scene's bands (SR_B1, SR_B2") and "matched by position" in r.getMessage()
         for r in caplog.records
