@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,15 +40,18 @@ class Grid:
 
     @property
     def res(self) -> tuple[float, float]:
-        """Pixel size (x, y), both positive."""
-        return (abs(self.transform.a), abs(self.transform.e))
+        """Pixel size (x, y), both positive: the lengths of a pixel's sides, which on a
+        rotated grid are not the transform's a and e alone."""
+        t = self.transform
+        return (math.hypot(t.a, t.d), math.hypot(t.b, t.e))
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
-        """(left, bottom, right, top) in CRS units."""
-        x0, y0 = self.transform * (0, 0)
-        x1, y1 = self.transform * (self.width, self.height)
-        return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+        """(left, bottom, right, top) in CRS units: the box around all four corners
+        (two are enough only on a north-up or south-up grid)."""
+        corners = [self.transform * (col, row) for col in (0, self.width) for row in (0, self.height)]
+        xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+        return (min(xs), min(ys), max(xs), max(ys))
 
     @property
     def crs_string(self) -> str | None:

@@ -31,6 +31,7 @@ from sitfuse_byol.assign.polygons import (
     UNCERTAIN,
     ClassPolygons,
     burn_windows,
+    class_order,
     read_class_polygons,
     reproject_polygons,
 )
@@ -634,7 +635,7 @@ def load_mapping(path: Path, *, n_labels: int, model_hash: str | None = None) ->
     if declared is not None:
         classes = [c for c in declared if c != UNCERTAIN]
     else:
-        classes = sorted({c for c in assigned.values() if c != UNCERTAIN})
+        classes = sorted({c for c in assigned.values() if c != UNCERTAIN}, key=class_order)
     return ClusterMapping(
         classes=classes,
         clusters=[assigned.get(k, UNCERTAIN) for k in range(n_labels)],

@@ -310,7 +310,8 @@ def compute_stats(scenes: Sequence[Scene]) -> BandStats:
         (part for scene in scenes for part in scene_moment_parts(scene)),
         where=", ".join(s.id for s in scenes),
     )
-    bins = HistogramBins.from_moments(moments, integer_data=np.issubdtype(first.dtype, np.integer))
+    # Integer bins only if every scene is integer: one float scene's values fall between them.
+    bins = HistogramBins.from_moments(moments, integer_data=all(np.issubdtype(s.dtype, np.integer) for s in scenes))
     histogram = sum((scene_histogram(scene, bins) for scene in scenes), np.zeros((first.n_bands, MAX_BINS), np.int64))
     return stats_from(
         band_names=first.band_names, scene_ids=[s.id for s in scenes], moments=moments, histogram=histogram, bins=bins

@@ -765,7 +765,9 @@ class Pipeline:
             ids = [ref.id for ref in self.refs if ref.id in self.scenes]
             first = self.scenes[ids[0]]
             moments = merged_moments((p for s in ids for p in parts[s]), where=", ".join(ids))
-            bins = HistogramBins.from_moments(moments, integer_data=np.issubdtype(first.dtype, np.integer))
+            bins = HistogramBins.from_moments(
+                moments, integer_data=all(np.issubdtype(self.scenes[s].dtype, np.integer) for s in ids)
+            )
             histogram.clear()
 
             def add(scene_id: str, result: np.ndarray, seconds: float) -> None:

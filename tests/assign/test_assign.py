@@ -630,3 +630,14 @@ def test_windows_reproduce_a_whole_grid_rasterization() -> None:
         covered[rows, cols] += burnt > 0
     assert covered.max() == 1  # no pixel is counted twice
     np.testing.assert_array_equal(composite, reference)
+
+
+def test_numeric_class_codes_are_ordered_by_value(tmp_path: Path, label_paths: list[Path]) -> None:
+    # Land-cover codes (NLCD-style): as text, 100 would come before 21 and 9.
+    codes = [21, 100, 9, 41, 21, 9]
+    geometries = [utm_box(scene, rows, cols) for scene, rows, cols, _ in FEATURES[: len(codes)]]
+    path = write_vector(tmp_path / "codes.gpkg", geometries, {"class": codes}, crs="EPSG:32618")
+    polygons = read_class_polygons(path, field="class")
+    assert polygons.class_names == ["9", "21", "41", "100"]
+    mapping = build_mapping(count_cluster_classes(label_paths, polygons), threshold=0.51)
+    assert mapping.classes == sorted(mapping.classes, key=float)

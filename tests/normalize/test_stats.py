@@ -69,6 +69,18 @@ def test_float_percentiles_within_one_bin(tmp_path):
     np.testing.assert_allclose(stats.mean, expected["mean"], rtol=1e-6)
 
 
+def test_an_integer_scene_first_does_not_put_a_float_scenes_values_in_integer_bins(tmp_path):
+    # A few integer pixels (0 and 10) first; the percentiles fall among the float scene's values.
+    counts = np.random.default_rng(2).choice([0, 10], size=(1, 10, 10)).astype(np.uint16)
+    values = np.random.default_rng(3).uniform(3, 7, size=(1, 100, 100)).astype(np.float32)
+    scenes = [open_scene(write_tif(tmp_path / "u.tif", counts)), open_scene(write_tif(tmp_path / "f.tif", values))]
+    stats = compute_stats(scenes)
+    expected = numpy_stats([counts, values], [np.ones((10, 10), bool), np.ones((100, 100), bool)])
+    bin_width = (stats.max[0] - stats.min[0]) / 65536
+    assert abs(stats.p2[0] - expected["p2"][0]) <= bin_width
+    assert abs(stats.p98[0] - expected["p98"][0]) <= bin_width
+
+
 def test_save_load_roundtrip_and_normalize(landsat_path, tmp_path):
     scene = open_scene(landsat_path)
     stats = compute_stats([scene])
