@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from sitfuse_byol.config import Config, load_config
 from sitfuse_byol.errors import (
@@ -27,6 +27,9 @@ from sitfuse_byol.errors import (
     SitfuseError,
 )
 from sitfuse_byol.run.lock import output_folder_lock
+
+if TYPE_CHECKING:  # the assign command needs the gis extra, imported when used
+    from sitfuse_byol.assign import AssignResult
 
 EXIT_OK, EXIT_USAGE = 0, 2
 EXIT_BROKEN_PIPE = 128 + 13  # as a process killed by SIGPIPE
@@ -147,26 +150,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
 
-    with contextlib.ExitStack() as hold, train_progress(config["train"], quiet=args.quiet) as on_step:
+    with contextlib.ExitStack() as hold:
         if os.environ.get("RANK") == "0":  # the one rank that writes (without RANK, train refuses)
             config.output_dir.mkdir(parents=True, exist_ok=True)
             hold.enter_context(output_folder_lock(config.output_dir, command="sitfuse train --ddp"))
-        train(
-            config,
-            device_name=args.device,
-            resume=args.resume,
-            compile_model=True if args.compile else None,
-            ddp=True,
-            progress=on_step,
-            # Statistics of other data settings (a valid range, nodata) are made again.
-            reuse_stats=saved_stats_are_current(config),
-        )
-    if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the others trained the same model
-        from sitfuse_byol.export.atomic import atomic_write_text
+        with train_progress(config["train"], quiet=args.quiet) as on_step:
+            train(
+                config,
+                device_name=args.device,
+                resume=args.resume,
+                compile_model=True if args.compile else None,
+                ddp=True,
+                progress=on_step,
+                # Statistics of other data settings (a valid range, nodata) are made again.
+                reuse_stats=saved_stats_are_current(config),
+            )
+        if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the others trained the same model
+            from sitfuse_byol.export.atomic import atomic_write_text
 
-        record_training(config, seconds=time.perf_counter() - started)
-        atomic_write_text(config.output_dir / "config.resolved.yaml", config.to_yaml())
-        print(_training_report(config))
+            record_training(config, seconds=time.perf_counter() - started)
+            atomic_write_text(config.output_dir / "config.resolved.yaml", config.to_yaml())
+            print(_training_report(config))
     return EXIT_OK
 
 
@@ -231,11 +235,29 @@ def _run_stages(args: argparse.Namespace) -> int:
 
 
 def cmd_assign(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.apply is None and args.labels is None:
+        raise ConfigError(
+            "give --labels POLYGONS to assign, or --apply MAPPING to re-apply a mapping", where="sitfuse assign"
+        )
+    if args.apply is not None and args.labels is not None:
+        raise ConfigError(
+            "give --labels POLYGONS to count classes anew, or --apply MAPPING, not both", where="sitfuse assign"
+        )
+    if not config.output_dir.is_dir():
+        raise InputError("no label rasters yet; run `sitfuse run` first", where=str(config.output_dir))
+    # Held before run.json is read: a run ending meanwhile may replace the label rasters.
+    with output_folder_lock(config.output_dir, command="sitfuse assign"):
+        result = _assign(args, config)
+    print(result.report())
+    return EXIT_OK
+
+
+def _assign(args: argparse.Namespace, config: Config) -> AssignResult:
     from sitfuse_byol.assign import run_assign
     from sitfuse_byol.read import resolve_scene_list
     from sitfuse_byol.run.manifest import Manifest
 
-    config = config_from_args(args)
     # The labels of this config's scenes (--scenes), not every scene OUTDIR ever held.
     scene_ids: set[str] | None
     try:
@@ -256,26 +278,15 @@ def cmd_assign(args: argparse.Namespace) -> int:
         raise InputError(
             "no label rasters of these scenes yet; run `sitfuse run` first", where=str(config.output_dir)
         )
-    if args.apply is None and args.labels is None:
-        raise ConfigError(
-            "give --labels POLYGONS to assign, or --apply MAPPING to re-apply a mapping", where="sitfuse assign"
-        )
-    if args.apply is not None and args.labels is not None:
-        raise ConfigError(
-            "give --labels POLYGONS to count classes anew, or --apply MAPPING, not both", where="sitfuse assign"
-        )
-    with output_folder_lock(config.output_dir, command="sitfuse assign"):
-        result = run_assign(
-            label_paths=label_paths,
-            polygons_path=Path(args.labels) if args.labels else None,
-            field=args.field,
-            threshold=args.threshold,
-            out_dir=config.output_dir,
-            apply=Path(args.apply) if args.apply else None,
-            layer=args.layer,
-        )
-    print(result.report())
-    return EXIT_OK
+    return run_assign(
+        label_paths=label_paths,
+        polygons_path=Path(args.labels) if args.labels else None,
+        field=args.field,
+        threshold=args.threshold,
+        out_dir=config.output_dir,
+        apply=Path(args.apply) if args.apply else None,
+        layer=args.layer,
+    )
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:

@@ -631,7 +631,8 @@ def load_mapping(path: Path, *, n_labels: int, model_hash: str | None = None) ->
     if missing:
         notes.append(f"clusters {_ranges(missing)} are not in {path.name}; they count as uncertain")
     # A file's own class list keeps its order, so renaming a class there keeps every
-    # class raster value; without one the order is alphabetical, as when built.
+    # class raster value; without one the order is class_order's (codes by value, then
+    # names alphabetically), as when built.
     if declared is not None:
         classes = [c for c in declared if c != UNCERTAIN]
     else:

@@ -45,7 +45,6 @@ MAX_WINDOW_PIXELS = 1 << 20
 _NO_CRS_MESSAGE = "polygon file has no CRS; save it with a CRS in QGIS (Layer › Save As › CRS)"
 
 
-
 def class_order(name: str) -> tuple[int, float, str]:
     """Sort key of class names: numbers (land-cover codes such as 11, 21, 41) by value,
     then words alphabetically; as text, "100" would come before "21"."""
@@ -54,6 +53,7 @@ def class_order(name: str) -> tuple[int, float, str]:
     except ValueError:
         return (1, 0.0, name)
     return (0, value, name) if math.isfinite(value) else (1, 0.0, name)
+
 
 @dataclass(frozen=True)
 class ClassPolygons:

@@ -46,12 +46,6 @@ def select_bands(names: Sequence[str], bands: BandSpec, *, where: str) -> list[i
     return positions
 
 
-def named_by_the_file(names: Sequence[str]) -> bool:
-    """Whether band names came from the data (descriptions, a band coordinate, a
-    multi-file spec) rather than being the readers' stand-ins ``B1``, ``B2``..."""
-    return list(names) != [f"B{i}" for i in range(1, len(names) + 1)]
-
-
 def in_another_order(names: Sequence[str], reference: Sequence[str]) -> bool:
     """Whether ``names`` are ``reference``'s bands in another order: read by position,
     blue would pass for near-infrared."""

@@ -22,11 +22,12 @@ def aligned_chunk(*, size: int, block: int, patch: int, target: int = DEFAULT_CH
     """
     # A block that spans (nearly) the whole axis cannot be aligned to usefully.
     base = math.lcm(block, patch) if 0 < block < size else patch
-    if base > 2 * max(target, block):
+    if base > 2 * max(target, block, patch):
         # A patch size prime to the block (9 px patches in 512 px tiles: lcm 4608) would
-        # make one chunk of a whole Sentinel-2 tile. Whole blocks then, and the sampler
-        # leaves the sliver past each chunk's last whole patch unused.
-        base = block
+        # make one chunk of a whole Sentinel-2 tile. Whole blocks then, at least a patch
+        # long, and the sampler leaves the sliver past each chunk's last whole patch unused.
+        n = max(math.ceil(patch / block), round(target / block))
+        return min(n * block, size)
     if base >= size:
         return size
     n = max(1, round(target / base))

@@ -13,8 +13,8 @@ Files in another CRS are refused unless ``reproject: true`` is set for the scene
 
 Each band is masked with its own file's nodata (unless ``data.nodata`` overrides them all):
 its fill, and the pixels of the reference grid it does not cover, are given the scene's
-one nodata value (see :func:`~sitfuse_byol.read.scene.shared_nodata`). A band that does
-not overlap the reference grid at all is refused.
+one nodata value (see :func:`~sitfuse_byol.read.scene.shared_nodata`). A band that covers
+no pixel of the reference grid is refused.
 """
 
 from __future__ import annotations
@@ -210,29 +210,28 @@ def open_multifile(
 
 
 def _coverage(grid: Grid, ref: Grid, *, where: str) -> float:
-    """The fraction of the reference grid's area inside a band's bounds.
+    """The fraction of the reference grid's pixels whose centres lie inside a band's
+    bounds: the pixels a warped read fills. (By area, a 15 m band half a 30 m pixel
+    short of the grid, as a panchromatic band can be, would count as a gap.)
 
     Raises:
-        InputError: The band does not overlap the reference grid at all.
+        InputError: The band covers no pixel of the reference grid.
     """
     bounds = grid.bounds
     if grid.crs != ref.crs and grid.crs is not None and ref.crs is not None:
         bounds = transform_bounds(grid.crs, ref.crs, *bounds)
     left, bottom, right, top = ref.bounds
-    width = min(right, bounds[2]) - max(left, bounds[0])
-    height = min(top, bounds[3]) - max(bottom, bounds[1])
-    if width <= 0 or height <= 0:
+    xs = left + (np.arange(ref.width) + 0.5) * (right - left) / ref.width
+    ys = bottom + (np.arange(ref.height) + 0.5) * (top - bottom) / ref.height
+    inside_x = int(((xs >= bounds[0]) & (xs <= bounds[2])).sum())
+    inside_y = int(((ys >= bounds[1]) & (ys <= bounds[3])).sum())
+    if inside_x == 0 or inside_y == 0:
         raise InputError(
-            f"band file does not overlap the reference grid (bounds {_format_bounds(bounds)} "
+            f"band file covers no pixel of the reference grid (bounds {_format_bounds(bounds)} "
             f"and {_format_bounds(ref.bounds)})",
             where=where,
         )
-    # Bounds of equal extents can differ in the last bits after a reprojection or a
-    # different pixel size; a millionth of a pixel is not a gap.
-    slack = 1e-6 * min(ref.res)
-    if width >= right - left - slack and height >= top - bottom - slack:
-        return 1.0
-    return width * height / ((right - left) * (top - bottom))
+    return inside_x * inside_y / (ref.width * ref.height)
 
 
 def _format_bounds(bounds: Sequence[float]) -> str:

@@ -54,6 +54,7 @@ def output_folder_lock(out: Path, *, command: str) -> Iterator[None]:
     # No O_TRUNC: a refused command must not wipe the holder's record.
     fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        unsupported = None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -63,18 +64,20 @@ def output_folder_lock(out: Path, *, command: str) -> Iterator[None]:
                 where=str(out),
             ) from None
         except OSError as err:
+            unsupported = err.strerror
+        if unsupported is not None:
             # Some network file systems (NFS without lockd, Lustre without flock) refuse
-            # locks; the run goes on, as it would have without this guard.
+            # locks; the run goes on, as it would have without this guard. (Outside the
+            # handler, so that the command's own errors do not carry this one.)
             log.warning(
                 "warning: cannot lock the output folder (%s): make sure no other sitfuse command writes there (%s)",
-                err.strerror, out,
+                unsupported, out,
             )
-            yield
-            return
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        record = f"{command}, pid {os.getpid()} on {socket.gethostname()}, since {started}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record.encode(), 0)
+        else:
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            record = f"{command}, pid {os.getpid()} on {socket.gethostname()}, since {started}"
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode(), 0)
         yield
     finally:
         # Closing the descriptor releases the lock.

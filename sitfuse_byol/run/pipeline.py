@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from dask.utils import format_bytes
 
 from sitfuse_byol.cluster.sampling import load_samples, sample_matches
@@ -36,7 +37,7 @@ from sitfuse_byol.errors import EmptySceneError, InputError, SitfuseError
 from sitfuse_byol.export.atomic import atomic_write_text, remove_path
 from sitfuse_byol.progress import stage_progress, train_progress
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config, resolve_scene_list
-from sitfuse_byol.read.bands import in_another_order, named_by_the_file
+from sitfuse_byol.read.bands import in_another_order
 from sitfuse_byol.run.cluster_client import ClusterOptions, dask_client, worker_info
 from sitfuse_byol.run.lock import output_folder_lock
 from sitfuse_byol.run.manifest import Manifest, scene_fingerprint
@@ -225,10 +226,15 @@ def _remove_stale_temporaries(out: Path) -> None:
     remove_path(out / ".work")
 
 
+def _same_packing(a: tuple[tuple[float, float], ...], b: tuple[tuple[float, float], ...]) -> bool:
+    # Files store scale factors as float32 or float64: 1e-4 is not 1e-4 in both.
+    return len(a) == len(b) and bool(np.allclose(np.array(a), np.array(b), rtol=1e-6, atol=0))
+
+
 def _packing_text(packing: tuple[tuple[float, float], ...]) -> str:
     """One (scale, offset) where all bands share it, else the list."""
     shown = sorted(set(packing), key=packing.index)
-    return ", ".join(f"({scale:g}, {offset:g})" for scale, offset in shown)
+    return ", ".join(f"({scale:.7g}, {offset:.7g})" for scale, offset in shown)
 
 
 def _make_folder(folder: Path) -> None:
@@ -308,8 +314,6 @@ class Pipeline:
         # leaves the output folder as it was, its run.json included.
         self.checked = False
         self.log: _RunLog | None = None
-        # What the run holds until it ends: the output folder's lock (see _start_writing).
-        self.hold = contextlib.ExitStack()
         # The --labels polygons, read by the checks at the start (see _check_labels).
         self.class_polygons: ClassPolygons | None = None
         self.deferred_failures: dict[str, tuple[dict[str, float], str]] = {}
@@ -424,19 +428,22 @@ class Pipeline:
     def _check_band_agreement(self) -> None:
         """Scenes are stacked band by band by position, in stored units: a scene holding
         the first scene's bands in another order fails (blue would pass for near-infrared),
-        as does one stored with another scale or offset; one whose bands are named
-        otherwise is warned of."""
+        as does one stored with another scale or offset than most scenes."""
         if not self.scenes:
             return
-        first = next(iter(self.scenes.values()))
-        for scene in list(self.scenes.values())[1:]:
-            if scene.packing != first.packing:
+        scenes = list(self.scenes.values())
+        # The packing most scenes share (a tie: the first scene's), as for band counts.
+        reference = max(scenes, key=lambda s: sum(_same_packing(s.packing, o.packing) for o in scenes))
+        first = scenes[0]
+        for scene in scenes:
+            if not _same_packing(scene.packing, reference.packing):
                 self._fail(
                     scene.id,
                     InputError(
                         f"the scene's values are stored with (scale, offset) {_packing_text(scene.packing)} "
-                        f"but {first.id}'s with {_packing_text(first.packing)}; stored values are read as they "
-                        "are, so the two would not compare: keep scenes of one product and version in a run",
+                        f"but {reference.id}'s with {_packing_text(reference.packing)}; values are read as "
+                        "stored, so the two would not compare: unpack them first "
+                        "(gdal_translate -unscale -ot Float32)",
                         where=scene.source,
                     ),
                     stage="read",
@@ -451,15 +458,6 @@ class Pipeline:
                         where=scene.source,
                     ),
                     stage="read",
-                )
-            elif (
-                scene.band_names != first.band_names
-                and named_by_the_file(scene.band_names)
-                and named_by_the_file(first.band_names)
-            ):
-                log.warning(
-                    "warning: the scene's bands (%s) are named unlike %s's (%s); they are matched by position (%s)",
-                    ", ".join(scene.band_names), first.id, ", ".join(first.band_names), scene.source,
                 )
 
     def _require_models(self, stages: tuple[str, ...]) -> None:
@@ -612,18 +610,22 @@ class Pipeline:
         for folder in folders:
             _make_folder(folder)
 
-    def _start_writing(self, stages: tuple[str, ...]) -> None:
-        """The run-wide checks passed and the cluster is up: make the output folders, clear
-        what killed runs left there, keep the log and the resolved config there, and record
-        what failed so far."""
+    def _hold_output_folder(self, hold: contextlib.ExitStack) -> None:
+        """Take the output folder for this run (see :mod:`sitfuse_byol.run.lock`) before
+        starting a cluster, so that a second command learns at once that it is taken."""
         _make_folder(self.out)
-        self.hold.enter_context(output_folder_lock(self.out, command=f"sitfuse {self.options.command}"))
+        hold.enter_context(output_folder_lock(self.out, command=f"sitfuse {self.options.command}"))
         if self.manifest.changed_on_disk():
             # Another command wrote here while this one started: its checks saw an older state.
             raise InputError(
                 "another sitfuse command changed this output folder while this one started; run it again",
                 where=str(self.out),
             )
+
+    def _start_writing(self, stages: tuple[str, ...]) -> None:
+        """The run-wide checks passed and the cluster is up: make the output folders, clear
+        what killed runs left there, keep the log and the resolved config there, and record
+        what failed so far."""
         self._prepare_output_dirs(stages)
         _remove_stale_temporaries(self.out)
         self.checked = True
@@ -743,8 +745,6 @@ class Pipeline:
 
     def stage_stats(self, client: Any) -> None:
         """Band statistics from two passes of scene tasks, merged here in scene-list order."""
-        import numpy as np
-
         from sitfuse_byol.normalize.stats import HistogramBins, merged_moments, stats_from
 
         key = stats_stage_key(self.config, (self.fingerprints[s] for s in self.scenes))
@@ -1046,9 +1046,9 @@ class Pipeline:
 
     def run(self) -> RunSummary:
         stages = self.options.stages
-        with _RunLog() as self.log, contextlib.ExitStack() as self.hold:
+        with _RunLog() as self.log, contextlib.ExitStack() as hold:
             try:
-                return self._run(stages)
+                return self._run(stages, hold)
             finally:
                 # Scene records not yet written (see Manifest), interrupted or not.
                 if self.checked:
@@ -1067,7 +1067,7 @@ class Pipeline:
         _Interrupts.check()
         del warm_up
 
-    def _run(self, stages: tuple[str, ...]) -> RunSummary:
+    def _run(self, stages: tuple[str, ...], hold: contextlib.ExitStack) -> RunSummary:
         with _terminate_as_interrupt():
             self.open_scenes()
             self._require_scenes()
@@ -1083,6 +1083,7 @@ class Pipeline:
             dashboard = self.options.dashboard if self.options.dashboard is not None else not self.options.quiet
             # Under --json, stdout holds the summary alone.
             stream = sys.stderr if self.options.json else sys.stdout
+            self._hold_output_folder(hold)
             try:
                 with contextlib.ExitStack() as cluster:
                     with _Interrupts.defer():

@@ -21,3 +21,9 @@ def test_patch_sizes_prime_to_the_block_keep_chunks_near_the_target():
     assert aligned_chunk(size=10980, block=256, patch=9, target=1000) == 1024
     # Where the lcm stays near the target, chunks still hold whole patches.
     assert aligned_chunk(size=10000, block=256, patch=48, target=1000) == 768
+
+
+def test_chunks_hold_at_least_one_patch():
+    for size, block, patch, target in [(10980, 512, 520, 512), (10980, 256, 300, 512), (4608, 512, 9, 512)]:
+        chunk = aligned_chunk(size=size, block=block, patch=patch, target=target)
+        assert chunk >= patch and chunk % block == 0, (size, block, patch, chunk)

@@ -154,7 +154,7 @@ def test_a_band_nodata_without_a_reference_nodata_masks_that_band(tmp_path):
 def test_a_band_file_outside_the_reference_grid_is_refused(tmp_path):
     write_tif(tmp_path / "ref.tif", np.ones((20, 20), np.uint16))
     far = write_tif(tmp_path / "far.tif", np.ones((20, 20), np.uint16), transform=Affine(10, 0, 900000, 0, -10, 4000000))
-    with pytest.raises(InputError, match="^band file does not overlap the reference grid") as err:
+    with pytest.raises(InputError, match="^band file covers no pixel of the reference grid") as err:
         open_scene(two_band_spec(tmp_path, "ref.tif", "far.tif"))
     assert err.value.where == str(far)
     assert "\n" not in str(err.value)
@@ -184,3 +184,20 @@ def test_a_band_file_without_bands_names_its_subdatasets(tmp_path):
     with pytest.raises(InputError, match=r"holds subdatasets \(nir, red\)|holds subdatasets \(red, nir\)") as err:
         open_scene(two_band_spec(tmp_path, "ref.tif", "bands.h5"))
     assert err.value.where == str(tmp_path / "bands.h5")
+
+
+def test_a_finer_band_half_a_pixel_short_of_the_grid_covers_it(tmp_path, caplog):
+    """A 15 m band whose edge stops within the last 30 m pixel (as a panchromatic band can)
+    still covers every pixel centre: no warning, and no nodata forced onto the scene."""
+    ref = np.full((10, 10), 500, np.uint16)
+    ref[3, 3] = 0  # a legitimate zero: the reference file declares no nodata
+    write_tif(tmp_path / "ref30.tif", ref, transform=Affine(30, 0, 400000, 0, -30, 4000000))
+    write_tif(tmp_path / "pan15.tif", np.full((20, 19), 600, np.uint16), transform=Affine(15, 0, 400000, 0, -15, 4000000))
+    with caplog.at_level("WARNING", logger="sitfuse_byol.read"):
+        spec = MultiFileSpec.from_mapping(
+            {"id": "s", "bands": ["ref30.tif", "pan15.tif"], "reference": "ref30"}, base=tmp_path, where="test"
+        )
+        scene = open_scene(spec)
+    assert scene.grid.res == (30, 30)
+    assert not caplog.records
+    assert scene.nodata is None and scene.valid.compute().all()
