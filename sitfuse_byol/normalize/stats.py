@@ -246,7 +246,10 @@ def merged_moments(parts: Iterable[np.ndarray], *, where: str) -> np.ndarray:
     """
     moments = _merge_moments(parts)
     if not moments[:, 0].any():
-        raise InputError("no valid pixel in any scene", where=where)
+        raise InputError(
+            "no valid pixel in any scene: every pixel is nodata, not finite or outside data.valid_range",
+            where=where,
+        )
     return moments
 
 

@@ -103,7 +103,8 @@ def test_mismatched_bands_and_all_nodata(landsat_path, tmp_path):
     with pytest.raises(InputError, match="has 3 bands but landsat7_olinda has 6"):
         compute_stats([six, three])
     empty = write_tif(tmp_path / "empty.tif", np.zeros((2, 20, 20), np.uint8), nodata=0)
-    with pytest.raises(InputError, match="no valid pixel in any scene"):
+    hint = "every pixel is nodata, not finite or outside data.valid_range"
+    with pytest.raises(InputError, match=f"^no valid pixel in any scene: {hint} \\(empty\\)$"):
         compute_stats([open_scene(empty)])
 
 
