@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -735,7 +736,8 @@ def apply_mapping(
                 colors=colors,
                 tags={
                     "source_labels": path.name,
-                    "classes": ",".join(mapping.output_classes),
+                    # JSON: a class name may hold a comma ("sea: deep, open").
+                    "classes": json.dumps(mapping.output_classes),
                     # Export removes class rasters of another model's labels.
                     "model_hash": info.model_hash or "",
                 },

@@ -448,6 +448,7 @@ def test_assign_command_maps_clusters_and_reapplies_an_edited_mapping(base_run, 
     with rasterio.open(classes) as dst, rasterio.open(crop_scenes["olinda_a"]) as src:
         assert dst.crs == src.crs and dst.transform == src.transform
         before = dst.read(1)
+        assert json.loads(dst.tags()["classes"]) == mapping["classes"]
     assert (tmp_path / "out" / "classes" / "olinda_a.qml").read_text().count("paletteEntry") == 3
 
     # Send every cluster to "land" by editing the text, then re-apply.
