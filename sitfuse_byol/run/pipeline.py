@@ -144,6 +144,8 @@ class RunSummary:
     stages: dict[str, dict[str, Any]]
     out_dir: Path
     failed: list[str] = field(default_factory=list)
+    # Each scene's task seconds in this run; a scene without any was left as it was.
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -153,22 +155,32 @@ class RunSummary:
         return json.dumps({"out_dir": str(self.out_dir), "scenes": self.scenes, "stages": self.stages})
 
     def table(self) -> str:
-        rows = [("scene", "status", "seconds", "labels / error")]
+        """Per scene: its status, its seconds in this run and its labels (or error); then
+        the run's outputs that exist."""
+        rows = [("scene", "status", "seconds", "outputs / error")]
         for scene_id, entry in self.scenes.items():
-            detail = entry.get("error") or entry.get("outputs", {}).get("labels", "")
-            seconds = sum(entry.get("timings", {}).values())
-            rows.append((scene_id, entry["status"], f"{seconds:.1f}", detail))
+            outputs = entry.get("outputs", {})
+            detail = entry.get("error") or outputs.get("labels") or outputs.get("embeddings", "")
+            if scene_id in self.seconds:
+                rows.append((scene_id, entry["status"], f"{self.seconds[scene_id]:.1f}", detail))
+            else:
+                # Inputs and settings as before: its outputs were kept (--force redoes it).
+                status = "unchanged" if entry["status"] == "done" else entry["status"]
+                rows.append((scene_id, status, "-", detail))
         widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
         lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
-        outputs = [
-            f"outputs in {self.out_dir}:",
-            f"  labels (COG + .qml + .aux.xml + .png)  {self.out_dir / 'labels'}",
-            f"  confidence                              {self.out_dir / 'confidence'}",
-            f"  clustering model                        {self.out_dir / 'cluster'}",
-            f"  encoder checkpoint                      {self.out_dir / 'checkpoints' / 'last.pt'}",
-            f"  training curves                         {self.out_dir / 'train' / 'curves.png'}",
-            f"  manifest                                {self.out_dir / 'run.json'}",
+        kinds = [
+            ("labels (COG + .qml + .aux.xml + .png)", self.out_dir / "labels"),
+            ("confidence (distance to the centroid)", self.out_dir / "confidence"),
+            ("embeddings (Zarr)", self.out_dir / "embeddings"),
+            ("clustering model", self.out_dir / "cluster"),
+            ("encoder checkpoint", self.out_dir / "checkpoints" / "last.pt"),
+            ("training curves", self.out_dir / "train" / "curves.png"),
+            ("manifest", self.out_dir / "run.json"),
         ]
+        width = max(len(name) for name, _ in kinds)
+        outputs = [f"outputs in {self.out_dir}:"]
+        outputs += [f"  {name:<{width}}  {path}" for name, path in kinds if path.exists()]
         return "\n".join(lines + [""] + outputs)
 
 
@@ -1113,9 +1125,16 @@ class Pipeline:
             for s in ids
             if s in self.manifest.scenes
         }
+        for s in ids:
+            # `sitfuse embed` alone: run.json records scenes once labelled, not their embeddings.
+            if s not in scenes and "embed" in self.scene_seconds.get(s, {}):
+                scenes[s] = {"status": "done", "outputs": {"embeddings": str(self.paths.embedding(s))}, "error": None}
         failed = [s for s in ids if s in self.errors]
         log.info("run finished: %d scene(s) failed of %d", len(failed), len(ids))
-        return RunSummary(scenes=scenes, stages=self.manifest.stages, out_dir=self.out, failed=failed)
+        return RunSummary(
+            scenes=scenes, stages=self.manifest.stages, out_dir=self.out, failed=failed,
+            seconds={s: sum(t.values()) for s, t in self.scene_seconds.items() if t},
+        )
 
 
 def _preload() -> None:

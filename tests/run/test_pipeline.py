@@ -100,14 +100,20 @@ def test_one_model_gives_the_same_label_to_the_same_pixels_in_every_scene(base_r
     assert (a_part == b_part).mean() > 0.99
 
 
-def test_rerun_skips_done_scenes_and_force_redoes_them(base_run, tmp_path):
+def test_rerun_skips_done_scenes_and_force_redoes_them(base_run, tmp_path, capsys):
     folder, config, *_ = base_run
     label = folder / "out" / "labels" / "olinda_a.tif"
     before = label.stat().st_mtime_ns
+    capsys.readouterr()
     assert main(["run", "-c", str(config), "--quiet"]) == 0
     assert label.stat().st_mtime_ns == before
+    # The summary says so: nothing ran for the scene in this run.
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("olinda_a "))
+    assert row.split()[1:3] == ["unchanged", "-"] and row.endswith(str(label))
     assert main(["run", "-c", str(config), "--quiet", "--force"]) == 0
     assert label.stat().st_mtime_ns != before
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("olinda_a "))
+    assert row.split()[1] == "done" and float(row.split()[2]) > 0
 
 
 def test_cluster_fit_from_kept_samples_equals_fit_from_the_stores(base_run, tmp_path, crop_scenes):
@@ -564,12 +570,18 @@ def test_assign_names_the_polygon_layer_of_a_file_with_several(base_run, tmp_pat
     assert "water" in mapping and "land" in mapping
 
 
-def test_embed_runs_on_its_own_before_any_clustering(tmp_path, crop_scenes):
+def test_embed_runs_on_its_own_before_any_clustering(tmp_path, crop_scenes, capsys):
     config = write_config(tmp_path, [crop_scenes["olinda_a"]])
     assert main(["train", "-c", str(config), "--quiet"]) == 0
+    capsys.readouterr()
     assert main(["embed", "-c", str(config), "--quiet"]) == 0
     assert (tmp_path / "out" / "embeddings" / "olinda_a.zarr").is_dir()
     assert not (tmp_path / "out" / "cluster" / "model.json").exists()
+    # The summary lists the stores, and only outputs that exist.
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("olinda_a "))
+    assert row.split()[1] == "done" and row.endswith(str(tmp_path / "out" / "embeddings" / "olinda_a.zarr"))
+    assert "embeddings (Zarr)" in out and "clustering model" not in out and "labels (COG" not in out
 
 
 def test_embeddings_saved_by_another_encoder_or_settings_are_not_reused(base_run, tmp_path, crop_scenes, caplog):
