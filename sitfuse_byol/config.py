@@ -211,7 +211,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "augment": Key("mapping", {}, "Augmentation strengths (see `sitfuse_byol/train/augment.py`); mild spectral jitter, no band dropout by default.", check=_augment),
     },
     "embed": {
-        "stride": Key("int", 1, "Embed n x n pixel cells (the mean of their valid pixels) instead of pixels; the output transform is scaled to match.", minimum=1),
+        "stride": Key("int", 1, "Embed n x n pixel cells (the mean of their valid pixels) instead of pixels: saved embeddings are on the n-times coarser grid (transform scaled to match); label rasters stay on the input grid, each cell's label on its n x n pixels.", minimum=1),
         "block_size": Key("int", 256, "Inference block edge in pixels (plus halo); blocks run in parallel threads.", minimum=16),
         "window": Key("int", 0, "Average embeddings over an odd window (BYOL learns pooled patches); 0 disables.", minimum=0, check=lambda v: "must be odd or 0" if v and v % 2 == 0 else None),
         "save": Key("bool", True, "Write embeddings to Zarr; false streams them into clustering."),
