@@ -64,9 +64,10 @@ def format_description(info: dict[str, Any]) -> str:
         ("shape", " x ".join(map(str, info["shape"])) + "  (band, y, x)"),
         ("chunks", " x ".join(map(str, info["chunks"]))),
         ("crs", crs if crs else "none (not georeferenced)"),
-        ("transform", ", ".join(f"{v:g}" for v in info["transform"])),
+        # 10 digits: a UTM northing to the millimetre (7 before the decimal point).
+        ("transform", ", ".join(f"{v:.10g}" for v in info["transform"])),
         ("resolution", f"{info['res'][0]:g} x {info['res'][1]:g}"),
-        ("bounds", ", ".join(f"{v:.6g}" for v in info["bounds"])),
+        ("bounds", ", ".join(f"{v:.10g}" for v in info["bounds"])),
         ("nodata", _nodata_text(info["nodata"])),
         ("valid", f"{info['valid_fraction']:.2%}"),
     ]

@@ -104,7 +104,7 @@ def _select_array(
     if three_d:
         if len(three_d) > 1:
             names = ", ".join(str(v.name) for v in three_d)
-            raise InputError(f"several 3-D variables ({names}); set data.variable", where=where)
+            raise InputError(f"several 3-D variables ({names}); set data.variable (inspect: --variable)", where=where)
         array = three_d[0]
         y, x = _spatial_dims(array, where=where)
         band_dim = next(d for d in array.dims if d not in (y, x))
@@ -118,7 +118,7 @@ def _select_array(
         raise InputError(
             f"2-D variables on different dimensions ({spatial[0].name} on {y}, {x}; "
             f"{others[0].name} on {', '.join(map(str, others[0].dims))}); "
-            "set data.variable to read one",
+            "set data.variable (inspect: --variable) to read one",
             where=where,
         )
     own = [_fill_value(v) for v in spatial]

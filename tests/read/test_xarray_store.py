@@ -124,7 +124,8 @@ def test_2d_variables_on_different_dimensions_are_an_input_error(tmp_path):
     with pytest.raises(InputError) as err:
         open_scene(path)
     assert err.value.what == (
-        "2-D variables on different dimensions (red on y, x; sst on lat, lon); set data.variable to read one"
+        "2-D variables on different dimensions (red on y, x; sst on lat, lon); set data.variable (inspect: --variable) "
+        "to read one"
     )
     assert err.value.where == str(path)
     assert open_scene(path, variable="sst").data.shape == (1, 3, 3)
