@@ -889,6 +889,14 @@ def run_assign(
             polygons = read_class_polygons(Path(polygons_path), field=field, layer=layer)
         notes += polygons.notes
         counts = count_cluster_classes(label_paths, polygons)
+        # Counted zero everywhere: drawn off these scenes (or only over nodata), which the
+        # per-class table alone leaves for the user to notice.
+        missed = [name for name, total in zip(counts.class_names, counts.counts.sum(axis=0), strict=True) if not total]
+        if missed:
+            notes.append(
+                f"class {', '.join(missed)}: no polygon covers a valid pixel of these scenes "
+                "(drawn elsewhere, or over nodata); no cluster can go to it"
+            )
         mapping = dataclasses.replace(
             build_mapping(counts, threshold=threshold), model_hash=_common_clustering(label_paths)[1]
         )

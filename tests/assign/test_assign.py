@@ -641,3 +641,19 @@ def test_numeric_class_codes_are_ordered_by_value(tmp_path: Path, label_paths: l
     assert polygons.class_names == ["9", "21", "41", "100"]
     mapping = build_mapping(count_cluster_classes(label_paths, polygons), threshold=0.51)
     assert mapping.classes == sorted(mapping.classes, key=float)
+
+
+def test_a_class_drawn_off_every_scene_is_named_in_the_notes(tmp_path: Path, label_paths: list[Path]) -> None:
+    features = [*FEATURES, ("a", (-2000, -1990), (-2000, -1990), "marsh")]  # 20 km off, in no scene
+    geometries = [utm_box(scene, rows, cols) for scene, rows, cols, _ in features]
+    path = write_vector(tmp_path / "classes.gpkg", geometries, {"class": [f[3] for f in features]}, crs="EPSG:32618")
+    result = run_assign(label_paths=label_paths, polygons_path=path, field="class", threshold=0.51, out_dir=tmp_path)
+    assert (
+        "class marsh: no polygon covers a valid pixel of these scenes (drawn elsewhere, or over nodata); "
+        "no cluster can go to it"
+    ) in result.notes
+    plain = run_assign(
+        label_paths=label_paths, polygons_path=write_class_polygons(tmp_path / "c.gpkg"), field="class",
+        threshold=0.51, out_dir=tmp_path / "plain",
+    )
+    assert not any("no polygon covers" in note for note in plain.notes)
