@@ -34,6 +34,8 @@ from sitfuse_byol.export.sidecars import aux_xml_path_for, qml_path_for
 from sitfuse_byol.read import Scene
 
 RGB_GUESSES = (("B04", "B03", "B02"), ("B4", "B3", "B2"), ("red", "green", "blue"), ("B3", "B2", "B1"))
+#: Red, green and blue, in nanometres, for bands named by wavelength.
+VISIBLE_NM = (640.0, 550.0, 470.0)
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,25 @@ def _rgb_positions(scene: Scene, rgb_bands: Sequence[int | str] | None) -> list[
     for guess in RGB_GUESSES:
         if all(name in scene.band_names for name in guess):
             return [scene.band_names.index(name) for name in guess]
+    by_wavelength = _nearest_to_visible(scene.band_names)
+    if by_wavelength is not None:
+        return by_wavelength
     return [0, 0, 0] if scene.n_bands < 3 else [2, 1, 0]
+
+
+def _nearest_to_visible(names: Sequence[str]) -> list[int] | None:
+    """The bands nearest red, green and blue where the band names are wavelengths, as a
+    hyperspectral cube's band coordinate often is (nm, or µm with decimals); else ``None``."""
+    try:
+        values = np.array([float(name) for name in names])
+    except ValueError:
+        return None
+    if values.max() < 3 and not np.all(values == np.round(values)):
+        values = values * 1000  # micrometres
+    # Band numbers (1..224) are no wavelengths; the visible range must be inside.
+    if values.min() > VISIBLE_NM[-1] or values.max() < VISIBLE_NM[0] or values.min() < 300:
+        return None
+    return [int(np.abs(values - target).argmin()) for target in VISIBLE_NM]
 
 
 def check_class_names(names: Sequence[str] | None, *, n_labels: int) -> None:

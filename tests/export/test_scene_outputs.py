@@ -267,3 +267,16 @@ def test_a_failed_export_leaves_the_earlier_outputs_of_the_scene_whole(
     )  # fmt: skip
     assert not stale.exists()
     assert (tmp_path / "labels" / f"{holed_scene.id}.tif.aux.xml").exists()
+
+
+def test_the_quicklook_of_a_cube_with_wavelength_bands_shows_red_green_blue() -> None:
+    from sitfuse_byol.export.scene_outputs import _nearest_to_visible
+
+    aviris_like = [f"{nm:.1f}" for nm in range(400, 2501, 10)]
+    assert _nearest_to_visible(aviris_like) == [24, 15, 7]  # 640, 550 and 470 nm
+    assert _nearest_to_visible(["0.45", "0.55", "0.65", "0.86"]) == [2, 1, 0]  # micrometres
+    # Band numbers and names are not wavelengths.
+    assert _nearest_to_visible([str(i) for i in range(1, 61)]) is None
+    assert _nearest_to_visible(["1", "2", "3"]) is None
+    assert _nearest_to_visible(["blue", "green", "red"]) is None
+    assert _nearest_to_visible(["1600", "2200"]) is None  # no visible band at all
