@@ -53,7 +53,8 @@ UNCERTAIN_COLOR = (200, 200, 200)
 #: Rows and columns of the pieces a label raster is reclassified in.
 APPLY_CHUNK = 1024
 
-_MAPPING_KEYS = ("threshold", "n_labels", "model", "classes", "clusters")
+_MAPPING_KEYS = ("threshold", "n_labels", "model", "classes", "colors", "clusters")
+_HEX_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ class ClusterMapping:
         notes: Things a user should know, e.g. clusters a file left out.
         model_hash: The clustering model whose labels the mapping was made from (the
             label rasters' ``model_hash`` tag); ``None`` when unknown.
+        colors: Colours a mapping file gives some classes (``"#rrggbb"``); the others
+            take the label palette's.
     """
 
     classes: list[str]
@@ -102,6 +105,7 @@ class ClusterMapping:
     counts: np.ndarray | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     model_hash: str | None = None
+    colors: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def n_labels(self) -> int:
@@ -422,7 +426,8 @@ def mapping_yaml(mapping: ClusterMapping, *, source: str | None = None, path: Pa
         "# recounting:",
         f"#     sitfuse assign -c CONFIG --apply {_comment_text(str(path.resolve())) if path else 'mapping.yaml'}",
         "# Clusters missing from `clusters` count as uncertain. `threshold` and the",
-        "# comments are for information only.",
+        "# comments are for information only. Colours of the class rasters can be set with",
+        "# e.g. `colors: {water: '#1f78b4', forest: '#33a02c'}`.",
         "",
     ]
     classes = ", ".join(_yaml_scalar(c) for c in mapping.output_classes)
@@ -432,7 +437,10 @@ def mapping_yaml(mapping: ClusterMapping, *, source: str | None = None, path: Pa
     body.append(f"n_labels: {mapping.n_labels}")
     if mapping.model_hash:
         body.append(f"model: {mapping.model_hash}")
-    body += [f"classes: [{classes}]", "clusters:"]
+    body.append(f"classes: [{classes}]")
+    if mapping.colors:
+        body.append("colors: {" + ", ".join(f"{_yaml_scalar(c)}: '{v}'" for c, v in mapping.colors.items()) + "}")
+    body.append("clusters:")
     entries = [f"  {k}: {_yaml_scalar(name)}" for k, name in enumerate(mapping.clusters)]
     width = max((len(e) for e in entries), default=0)
     for k, entry in enumerate(entries):
@@ -644,7 +652,46 @@ def load_mapping(path: Path, *, n_labels: int, model_hash: str | None = None) ->
         threshold=threshold,
         notes=notes,
         model_hash=model_hash,
+        colors=_class_colors_of(data.get("colors"), [*classes, UNCERTAIN], path),
     )
+
+
+def _colors_in(path: Path) -> dict[str, str]:
+    """The valid ``colors`` of an existing mapping file, read leniently (it is replaced)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    colors = data.get("colors") if isinstance(data, dict) else None
+    if not isinstance(colors, dict):
+        return {}
+    return {
+        str(name): color.lower()
+        for name, color in colors.items()
+        if isinstance(color, str) and _HEX_COLOR.fullmatch(color)
+    }
+
+
+def _class_colors_of(value: Any, classes: list[str], path: Path) -> dict[str, str]:
+    """A mapping file's ``colors``: class name -> ``#rrggbb``, for classes it maps to."""
+    if value is None:
+        return {}
+    where = f"{path}: colors"
+    if not isinstance(value, dict):
+        raise ConfigError("'colors' must map class names to colours, e.g. \"water: '#1f78b4'\"", where=where)
+    colors = {}
+    for name, color in value.items():
+        if name not in classes:
+            close = difflib.get_close_matches(str(name), classes, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; classes are {', '.join(classes)}"
+            raise ConfigError(f"colour for unknown class {name!r}{hint}", where=where)
+        if not isinstance(color, str) or not _HEX_COLOR.fullmatch(color):
+            raise ConfigError(
+                f"class {name}: colour {color!r} is not '#rrggbb' (quote it: YAML reads # as a comment)",
+                where=where,
+            )
+        colors[name] = color.lower()
+    return colors
 
 
 # --- applying -------------------------------------------------------------------------
@@ -677,9 +724,13 @@ def _class_array(path: Path, info: _LabelInfo, mapping: ClusterMapping) -> da.Ar
 
 
 def class_colors(mapping: ClusterMapping) -> np.ndarray:
-    """``(len(output_classes), 3)`` uint8 colours: the label palette, uncertain in grey."""
+    """``(len(output_classes), 3)`` uint8 colours: the mapping's own, else the label
+    palette's, uncertain in grey."""
     colors = label_colors(len(mapping.output_classes))
     colors[-1] = UNCERTAIN_COLOR
+    for i, name in enumerate(mapping.output_classes):
+        if name in mapping.colors:
+            colors[i] = [int(mapping.colors[name][k : k + 2], 16) for k in (1, 3, 5)]
     return colors
 
 
@@ -889,6 +940,8 @@ def run_assign(
             polygons = read_class_polygons(Path(polygons_path), field=field, layer=layer)
         notes += polygons.notes
         counts = count_cluster_classes(label_paths, polygons)
+        # Colours the user gave the classes in the mapping this one replaces stay.
+        earlier_colors = _colors_in(out_dir / "assign" / "mapping.yaml")
         # Counted zero everywhere: drawn off these scenes (or only over nodata), which the
         # per-class table alone leaves for the user to notice.
         missed = [name for name, total in zip(counts.class_names, counts.counts.sum(axis=0), strict=True) if not total]
@@ -897,8 +950,11 @@ def run_assign(
                 f"class {', '.join(missed)}: no polygon covers a valid pixel of these scenes "
                 "(drawn elsewhere, or over nodata); no cluster can go to it"
             )
+        mapping = build_mapping(counts, threshold=threshold)
         mapping = dataclasses.replace(
-            build_mapping(counts, threshold=threshold), model_hash=_common_clustering(label_paths)[1]
+            mapping,
+            model_hash=_common_clustering(label_paths)[1],
+            colors={c: v for c, v in earlier_colors.items() if c in mapping.output_classes},
         )
         mapping_path = out_dir / "assign" / "mapping.yaml"
         source = f"{polygons.path} (field {field!r}), threshold {threshold}"

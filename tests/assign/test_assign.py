@@ -657,3 +657,45 @@ def test_a_class_drawn_off_every_scene_is_named_in_the_notes(tmp_path: Path, lab
         threshold=0.51, out_dir=tmp_path / "plain",
     )
     assert not any("no polygon covers" in note for note in plain.notes)
+
+
+def test_class_colours_set_in_the_mapping_colour_the_class_rasters_and_survive_a_recount(
+    tmp_path: Path, label_paths: list[Path]
+) -> None:
+    polygons = write_class_polygons(tmp_path / "classes.gpkg")
+    out = tmp_path / "out"
+    first = run_assign(label_paths=label_paths, polygons_path=polygons, field="class", threshold=0.51, out_dir=out)
+    text = first.mapping_path.read_text()
+    assert "colors:" not in yaml.safe_load(text)
+    # The user gives water its colour (as the header shows how) and re-applies.
+    first.mapping_path.write_text(text.replace("clusters:\n", "colors: {water: '#1F78B4'}\nclusters:\n", 1))
+    applied = run_assign(
+        label_paths=label_paths, polygons_path=None, field="class", threshold=0.51, out_dir=out,
+        apply=first.mapping_path,
+    )
+    water = applied.mapping.output_classes.index("water")
+    with rasterio.open(applied.class_paths[0]) as src:
+        assert src.colormap(1)[water][:3] == (0x1F, 0x78, 0xB4)
+    assert "color=\"#1f78b4\"" in applied.class_paths[0].with_suffix(".qml").read_text()
+    # Counting anew keeps the colour of a class that is still there.
+    again = run_assign(label_paths=label_paths, polygons_path=polygons, field="class", threshold=0.51, out_dir=out)
+    assert again.mapping.colors == {"water": "#1f78b4"}
+    assert yaml.safe_load(again.mapping_path.read_text())["colors"] == {"water": "#1f78b4"}
+
+
+@pytest.mark.parametrize(
+    ("colors", "message"),
+    [
+        ("{watr: '#1f78b4'}", "colour for unknown class 'watr' (did you mean 'water'?)"),
+        ("{water: '#1f78b'}", "class water: colour '#1f78b' is not '#rrggbb'"),
+        ("[water]", "'colors' must map class names to colours"),
+    ],
+)
+def test_a_bad_class_colour_is_a_one_line_error(
+    tmp_path: Path, label_paths: list[Path], colors: str, message: str
+) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(f"classes: [forest, water]\ncolors: {colors}\nclusters: {{0: water, 1: forest}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_mapping(path, n_labels=K)
+    assert err.value.what.startswith(message) and err.value.where == f"{path}: colors"
