@@ -169,8 +169,11 @@ class RunSummary:
                 rows.append((scene_id, status, "-", detail))
         widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
         lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
+        labels = self.out_dir / "labels"
+        polygons = " + .gpkg" if labels.is_dir() and any(labels.glob("*.gpkg")) else ""
         kinds = [
-            ("labels (COG + .qml + .aux.xml + .png)", self.out_dir / "labels"),
+            (f"labels (COG + .qml + .aux.xml + .png{polygons})", labels),
+            ("class rasters (sitfuse assign)", self.out_dir / "classes"),
             ("confidence (distance to the centroid)", self.out_dir / "confidence"),
             ("embeddings (Zarr)", self.out_dir / "embeddings"),
             ("clustering model", self.out_dir / "cluster"),

@@ -522,13 +522,15 @@ def test_assign_takes_the_labels_of_the_configs_scenes_only(base_run, tmp_path, 
     assert sorted(p.name for p in (tmp_path / "out" / "classes").glob("*.tif")) == [f"{s}.tif" for s in CROPS]
 
 
-def test_polygons_and_zarr_outputs_on_request(base_run, tmp_path, crop_scenes):
+def test_polygons_and_zarr_outputs_on_request(base_run, tmp_path, crop_scenes, capsys):
     import xarray as xr
 
     folder, *_ = base_run
     shutil.copytree(folder / "out", tmp_path / "out")
     config = write_config(tmp_path, [crop_scenes["olinda_a"]], output={"polygons": True, "zarr": True, "min_polygon_px": 8})
+    capsys.readouterr()
     assert main(["export", "-c", str(config), "--quiet"]) == 0
+    assert "labels (COG + .qml + .aux.xml + .png + .gpkg)" in capsys.readouterr().out
     import pyogrio
 
     info = pyogrio.read_info(tmp_path / "out" / "labels" / "olinda_a.gpkg")
