@@ -39,7 +39,7 @@ from sitfuse_byol.progress import stage_progress, train_progress
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config, resolve_scene_list
 from sitfuse_byol.read.bands import in_another_order
 from sitfuse_byol.run.cluster_client import ClusterOptions, dask_client, worker_info
-from sitfuse_byol.run.lock import output_folder_lock
+from sitfuse_byol.run.lock import LOCK_NAME, output_folder_lock
 from sitfuse_byol.run.manifest import Manifest, scene_fingerprint
 from sitfuse_byol.run.tasks import (
     Paths,
@@ -628,7 +628,12 @@ class Pipeline:
     def _hold_output_folder(self, hold: contextlib.ExitStack) -> None:
         """Take the output folder for this run (see :mod:`sitfuse_byol.run.lock`) before
         starting a cluster, so that a second command learns at once that it is taken."""
+        made = not self.out.exists()
         _make_folder(self.out)
+        if made:
+            # A run that stops before writing (an unreachable scheduler) leaves no folder
+            # behind it (run last by the stack, once the lock is released).
+            hold.callback(self._remove_unused_folder)
         hold.enter_context(output_folder_lock(self.out, command=f"sitfuse {self.options.command}"))
         if self.manifest.changed_on_disk():
             # Another command wrote here while this one started: its checks saw an older state.
@@ -636,6 +641,12 @@ class Pipeline:
                 "another sitfuse command changed this output folder while this one started; run it again",
                 where=str(self.out),
             )
+
+    def _remove_unused_folder(self) -> None:
+        if not self.checked:
+            remove_path(self.out / LOCK_NAME)
+            with contextlib.suppress(OSError):  # not empty after all: left as it is
+                self.out.rmdir()
 
     def _start_writing(self, stages: tuple[str, ...]) -> None:
         """The run-wide checks passed and the cluster is up: make the output folders, clear
