@@ -77,7 +77,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     spec = parse_scene_entry(args.scene, base=Path.cwd(), where=args.scene)
     bands = [int(b) if b.isdigit() else b for b in args.bands.split(",")] if args.bands else None
-    scene = open_scene(spec, bands=bands, nodata=args.nodata, valid_range=args.valid_range, variable=args.variable)
+    scene = open_scene(
+        spec, bands=bands, nodata=args.nodata, valid_range=args.valid_range, variable=args.variable, unscale=args.unscale
+    )
     if scene.grid.crs is None:
         print(
             f"warning: scene has no CRS; its outputs will not be georeferenced ({scene.source})",
@@ -326,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--valid-range", type=float, nargs=2, metavar=("MIN", "MAX"), help="inclusive range of valid values"
     )
     inspect.add_argument("--variable", help="the variable to read from a Zarr store or NetCDF file")
+    inspect.add_argument("--unscale", action="store_true", help="apply the files' scale and offset (data.unscale)")
     inspect.set_defaults(func=cmd_inspect)
 
     def add_run_args(sub: argparse.ArgumentParser) -> None:

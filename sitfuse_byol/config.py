@@ -115,6 +115,8 @@ class Key:
         check: Extra validation returning an error message or ``None``.
         placement: The key says where work runs, not what it computes, so change
             detection (:meth:`Config.digest`) leaves it out.
+        hashed_from: A key added later is hashed only when it differs from this value
+            (its default), so adding it left the keys of earlier runs as they were.
     """
 
     kind: str
@@ -127,6 +129,7 @@ class Key:
     exclusive_minimum: bool = False
     check: Callable[[Any], str | None] | None = None
     placement: bool = False
+    hashed_from: Any = None
 
 
 def _pair(value: Any) -> str | None:
@@ -179,6 +182,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "nodata": Key("float", None, "Nodata value; overrides the files' own.", nullable=True),
         "valid_range": Key("list", None, "Inclusive [min, max] of valid values.", nullable=True, check=_pair),
         "variable": Key("str", None, "Zarr/NetCDF variable to read; guessed when null.", nullable=True),
+        "unscale": Key("bool", False, "Apply each file's scale and offset (GDAL scale/offset, CF scale_factor/add_offset): values in physical units as float32, nodata and invalid pixels NaN, valid_range in those units. Needed to mix scenes packed differently; false keeps stored values, with nodata and valid_range in stored units.", hashed_from=False),
         "chunk_size": Key("int", 512, "Preferred Dask chunk edge in pixels (aligned to blocks and patches).", minimum=16),
     },
     "tiling": {
@@ -419,7 +423,11 @@ def _without_placement(section: str, values: Any) -> Any:
     keys = SCHEMA.get(section, {})
     if not isinstance(values, dict):
         return values
-    return {k: v for k, v in values.items() if not (k in keys and keys[k].placement)}
+    return {
+        k: v
+        for k, v in values.items()
+        if not (k in keys and (keys[k].placement or (keys[k].hashed_from is not None and v == keys[k].hashed_from)))
+    }
 
 
 def load_config(

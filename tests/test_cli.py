@@ -61,6 +61,9 @@ def test_inspect_human_output_lists_chunks(capsys, landsat_path):
     code, out, _ = run_cli(capsys, "inspect", str(landsat_path))
     assert code == 0
     assert "chunks" in out and "EPSG:31985" in out and "100.00%" in out
+    code, out, _ = run_cli(capsys, "inspect", str(landsat_path), "--json", "--unscale")
+    assert code == 0 and json.loads(out)["dtype"] == "float32" and json.loads(out)["nodata"] == "nan"
+    code, out, _ = run_cli(capsys, "inspect", str(landsat_path))
     # Coordinates to the metre and below, not 6 digits (about 10 m off in a UTM northing).
     with rasterio.open(landsat_path) as src:
         assert f"{src.transform.f:.10g}" in out and f"{src.bounds.bottom:.10g}" in out

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import yaml
 
@@ -200,3 +203,16 @@ def test_a_section_that_is_not_a_mapping_is_refused(tmp_path, empty):
     path.write_text(f"data:\n  scenes: [a.tif]\ntrain: {empty}\n")
     with pytest.raises(ConfigError, match="config: train: must be a mapping"):
         load_config(path)
+
+
+def test_a_key_added_later_leaves_the_keys_of_earlier_runs_alone_at_its_default(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"scenes": ["a.tif"]}}))
+    default = load_config(path)
+    assert default["data"]["unscale"] is False
+    assert load_config(path, overrides=["data.unscale=false"]).digest("data") == default.digest("data")
+    assert load_config(path, overrides=["data.unscale=true"]).digest("data") != default.digest("data")
+    # As the key was hashed before it existed.
+    without = {k: v for k, v in default.values["data"].items() if k != "unscale"}
+    text = json.dumps({"data": without}, sort_keys=True, default=str)
+    assert default.digest("data") == hashlib.sha256(text.encode()).hexdigest()[:16]

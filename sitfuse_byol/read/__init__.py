@@ -10,7 +10,7 @@ from sitfuse_byol.errors import InputError
 from sitfuse_byol.read.chunking import DEFAULT_CHUNK_TARGET
 from sitfuse_byol.read.geotiff import open_geotiff
 from sitfuse_byol.read.multifile import MultiFileSpec, open_multifile
-from sitfuse_byol.read.scene import Scene, reading, valid_block
+from sitfuse_byol.read.scene import Scene, reading, unscaled, valid_block
 from sitfuse_byol.read.scene_list import SceneRef, resolve_scene_list
 from sitfuse_byol.read.xarray_store import NETCDF_SUFFIXES, open_xarray
 
@@ -45,6 +45,7 @@ def open_scene(
     variable: str | None = None,
     patch_size: int = 32,
     chunk_target: int = DEFAULT_CHUNK_TARGET,
+    unscale: bool = False,
 ) -> Scene:
     """Open any supported scene lazily; no pixel is read.
 
@@ -56,6 +57,8 @@ def open_scene(
         variable: For Zarr/NetCDF, the variable to read.
         patch_size: Chunks are aligned to it.
         chunk_target: Preferred chunk edge in pixels.
+        unscale: Apply the files' scale and offset (see :func:`~sitfuse_byol.read.scene.unscaled`);
+            ``valid_range`` is then in physical units.
 
     Raises:
         InputError: The scene cannot be opened or the selection does not fit it; when
@@ -65,17 +68,19 @@ def open_scene(
     common: _OpenOptions = {
         "bands": bands,
         "nodata": nodata,
-        "valid_range": valid_range,
+        # Unscaled, the range is in physical units: applied after the scaling.
+        "valid_range": None if unscale else valid_range,
         "patch_size": patch_size,
         "chunk_target": chunk_target,
     }
     try:
         if isinstance(spec, MultiFileSpec):
-            return open_multifile(spec, **common)
-        path = Path(spec)
-        if path.suffix == ".zarr" or path.suffix in NETCDF_SUFFIXES or path.is_dir():
-            return open_xarray(path, variable=variable, **common)
-        return open_geotiff(path, **common)
+            opened = open_multifile(spec, **common)
+        elif (path := Path(spec)).suffix == ".zarr" or path.suffix in NETCDF_SUFFIXES or path.is_dir():
+            opened = open_xarray(path, variable=variable, **common)
+        else:
+            opened = open_geotiff(path, **common)
+        return unscaled(opened, valid_range=valid_range) if unscale else opened
     except InputError as err:
         if isinstance(scene, SceneRef) and scene.entry not in str(err.where):
             err.where = f"{scene.entry}: {err.where}" if err.where else scene.entry
@@ -97,4 +102,5 @@ def open_scene_from_config(ref: SceneRef, *, data: dict, patch_size: int) -> Sce
         variable=data["variable"],
         patch_size=patch_size,
         chunk_target=data["chunk_size"],
+        unscale=data["unscale"],
     )

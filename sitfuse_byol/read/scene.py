@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -85,6 +86,38 @@ def valid_block(
         if valid_range is not None:
             ok &= (band >= valid_range[0]) & (band <= valid_range[1])
     return ok
+
+
+def unscaled(scene: Scene, *, valid_range: Sequence[float] | None) -> Scene:
+    """The scene in physical units: each band times its scale plus its offset, as float32.
+
+    Its nodata pixels become NaN (so the nodata is NaN), and ``valid_range`` applies to
+    the scaled values. Scenes packed with different scales then compare.
+
+    Raises:
+        InputError: ``valid_range`` is empty.
+    """
+    if valid_range is not None and not valid_range[0] <= valid_range[1]:
+        raise InputError(f"valid_range {list(valid_range)} is empty", where=scene.source)
+    scale = np.array([p[0] for p in scene.packing], np.float32).reshape(-1, 1, 1)
+    offset = np.array([p[1] for p in scene.packing], np.float32).reshape(-1, 1, 1)
+    nodata = scene.nodata
+
+    def to_physical(raw: np.ndarray) -> np.ndarray:
+        values = raw.astype(np.float32) * scale + offset
+        if nodata is not None and not np.isnan(nodata):
+            values[raw == nodata] = np.nan
+        return values
+
+    data = scene.data.rechunk({0: -1}).map_blocks(to_physical, dtype=np.float32)
+    return dataclasses.replace(
+        scene,
+        data=data,
+        valid=valid_mask(data, nodata=float("nan"), valid_range=valid_range),
+        nodata=float("nan"),
+        valid_range=(valid_range[0], valid_range[1]) if valid_range is not None else None,
+        packing=tuple((1.0, 0.0) for _ in scene.packing),
+    )
 
 
 def shared_nodata(

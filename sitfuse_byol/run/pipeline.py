@@ -457,8 +457,7 @@ class Pipeline:
                     InputError(
                         f"the scene's values are stored with (scale, offset) {_packing_text(scene.packing)} "
                         f"but {reference.id}'s with {_packing_text(reference.packing)}; values are read as "
-                        "stored, so the two would not compare: unpack them first "
-                        "(gdal_translate -unscale -ot Float32)",
+                        "stored, so the two would not compare: set data.unscale: true to read physical values",
                         where=scene.source,
                     ),
                     stage="read",

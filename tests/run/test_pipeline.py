@@ -227,7 +227,8 @@ def test_scenes_with_bands_in_another_order_or_scale_fail(tmp_path, crop_scenes,
     assert "renamed" not in err
     assert (
         "scene scaled left out: read: the scene's values are stored with (scale, offset) (2.75e-05, -0.2) "
-        "but olinda_a's with (1, 0); values are read as stored"
+        "but olinda_a's with (1, 0); values are read as stored, so the two would not compare: "
+        "set data.unscale: true to read physical values"
     ) in err
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["scenes"] == ["olinda_a", "renamed"]
@@ -235,6 +236,11 @@ def test_scenes_with_bands_in_another_order_or_scale_fail(tmp_path, crop_scenes,
     scaled32 = copy("scaled32", [1, 2, 3, 4, 5, 6], lambda names: names, scale=float(np.float32(2.75e-5)))
     config = write_config(tmp_path, [scaled, scaled32], out="packed")
     assert main(["stats", "-c", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    # Read in physical units, scenes packed differently mix: statistics of all of them.
+    config = write_config(tmp_path, [crop_scenes["olinda_a"], scaled], out="unscaled", data={"unscale": True})
+    assert main(["stats", "-c", str(config), "--quiet"]) == 0, capsys.readouterr().err
+    stats = json.loads((tmp_path / "unscaled" / "stats.json").read_text())
+    assert stats["scenes"] == ["olinda_a", "scaled"]
 
 
 def test_a_scene_left_out_of_the_clustering_fails_again_when_the_clustering_is_reused(
