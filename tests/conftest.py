@@ -31,6 +31,17 @@ def sentinel2_zarr() -> Path:
     return SAMPLES / "sentinel2_virginia.zarr"
 
 
+def corrupt_tile(path: Path, *, tile: str = "0_0", length: int = 32) -> Path:
+    """Overwrite the start of one tile's compressed stream (``"row_col"``) of a tiled,
+    compressed GeoTIFF: its header stays intact, and reading that tile fails in GDAL."""
+    with rasterio.open(path) as src:
+        offset = int(src.get_tag_item(f"BLOCK_OFFSET_{tile}", "TIFF", bidx=1))
+    data = bytearray(path.read_bytes())
+    data[offset : offset + length] = b"\xff" * length
+    path.write_bytes(bytes(data))
+    return path
+
+
 def write_tif(
     path: Path,
     data: np.ndarray,

@@ -7,7 +7,7 @@ import rasterio
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.read import open_scene
 from sitfuse_byol.read.scene import reading
-from tests.conftest import write_tif
+from tests.conftest import corrupt_tile, write_tif
 
 
 def test_landsat_sample_opens_lazily_with_its_grid(landsat_path):
@@ -103,12 +103,7 @@ def test_a_corrupt_tile_names_gdals_reason_not_rasterios_pointer(tmp_path):
     }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(rng.integers(0, 5000, (2, 64, 64)).astype("uint16"))
-    with rasterio.open(path) as src:
-        offset = int(src.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
-    data = bytearray(path.read_bytes())
-    data[offset : offset + 64] = b"\xff" * 64  # the deflate stream of one tile
-    path.write_bytes(bytes(data))
-    scene = open_scene(path)  # the header is intact
+    scene = open_scene(corrupt_tile(path, tile="1_1", length=64))  # the header is intact
     with pytest.raises(InputError) as err, reading(scene.source):
         scene.data.compute()
     assert err.value.what.startswith("cannot read pixels: ")

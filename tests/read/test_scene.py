@@ -10,6 +10,7 @@ from rasterio.transform import from_origin
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.read import open_scene
 from sitfuse_byol.read.scene import reading
+from tests.conftest import corrupt_tile
 
 
 def test_a_read_error_sent_back_by_a_worker_process_is_an_input_error(tmp_path):
@@ -23,12 +24,7 @@ def test_a_read_error_sent_back_by_a_worker_process_is_an_input_error(tmp_path):
     }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(np.arange(64 * 64, dtype="uint16").reshape(1, 64, 64))
-    with rasterio.open(path) as src:
-        offset = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
-    data = bytearray(path.read_bytes())
-    data[offset : offset + 32] = b"\xff" * 32
-    path.write_bytes(bytes(data))
-    scene = open_scene(path)
+    scene = open_scene(corrupt_tile(path))
     cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
     with cluster, Client(cluster), pytest.raises(InputError) as err, reading(scene.source):
         scene.data.sum().compute()

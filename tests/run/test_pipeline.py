@@ -14,6 +14,7 @@ import torch
 from rio_cogeo.cogeo import cog_validate
 
 from sitfuse_byol.cli import main
+from tests.conftest import corrupt_tile
 from tests.run.conftest import CROP_SIZE, CROPS, labels_of, write_config
 
 
@@ -170,12 +171,7 @@ def _with_a_corrupt_tile(source, path):
     """A copy of ``source`` whose header is intact and whose first tile cannot be decoded."""
     with rasterio.open(source) as src, rasterio.open(path, "w", **(src.profile | {"compress": "deflate"})) as dst:
         dst.write(src.read())
-    with rasterio.open(path) as src:
-        offset = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
-    data = bytearray(path.read_bytes())
-    data[offset : offset + 64] = b"\xff" * 64
-    path.write_bytes(bytes(data))
-    return path
+    return corrupt_tile(path, length=64)
 
 
 def test_a_scene_with_a_corrupt_tile_fails_in_every_command_and_the_others_go_on(tmp_path, crop_scenes, capsys):

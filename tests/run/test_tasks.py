@@ -9,6 +9,7 @@ import torch
 
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.run.tasks import TaskFailure, _one_torch_thread, run_scene_task
+from tests.conftest import corrupt_tile
 
 
 def _torch_threads_of_a_new_thread() -> int:
@@ -80,11 +81,7 @@ def test_a_read_failure_travels_back_picklable_with_gdals_reason(tmp_path):
     }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(np.arange(32 * 32, dtype="uint16").reshape(1, 32, 32))
-    with rasterio.open(path) as src:
-        offset = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
-    data = bytearray(path.read_bytes())
-    data[offset : offset + 32] = b"\xff" * 32
-    path.write_bytes(bytes(data))
+    corrupt_tile(path)
 
     def read_all(config, ref, threads):
         with rasterio.open(path) as src:
