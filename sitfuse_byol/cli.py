@@ -54,7 +54,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         help="override a config key (value parsed as YAML), or one entry of a mapping key "
         "(train.encoder_args.width=32); repeatable",
     )
-    parser.add_argument("--scenes", help="override data.scenes (a path, list file or glob)")
+    parser.add_argument(
+        "--scenes",
+        action="append",
+        help="override data.scenes (a path, list file or glob); repeat to give several paths or globs",
+    )
     parser.add_argument("--out", help="override output.dir")
 
 
@@ -63,8 +67,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
     if args.scenes:
         # Typed on the command line, so taken from the current folder (like --out), not
-        # from the config's; a glob stays a glob.
-        overrides.append(f"data.scenes={json.dumps(str(Path(args.scenes).absolute()))}")
+        # from the config's; a glob stays a glob (in a list too).
+        given = [str(Path(entry).absolute()) for entry in args.scenes]
+        overrides.append(f"data.scenes={json.dumps(given[0] if len(given) == 1 else given)}")
     if args.out:
         overrides.append(f"output.dir={json.dumps(str(Path(args.out).resolve()))}")
     return load_config(args.config, overrides=overrides)

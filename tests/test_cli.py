@@ -247,6 +247,12 @@ def test_scenes_flag_is_taken_from_the_current_folder(capsys, tmp_path, monkeypa
     code, out, _ = run_cli(capsys, "config", "show", "-c", str(config), "--scenes", "scenes/*.tif")
     assert code == 0
     assert yaml.safe_load(out)["data"]["scenes"] == str(tmp_path / "scenes" / "*.tif")
+    # Repeated, every one counts (not the last alone).
+    code, out, _ = run_cli(
+        capsys, "config", "show", "-c", str(config), "--scenes", "scenes/*.tif", "--scenes", "more/b.tif"
+    )
+    assert code == 0
+    assert yaml.safe_load(out)["data"]["scenes"] == [str(tmp_path / "scenes" / "*.tif"), str(tmp_path / "more" / "b.tif")]
 
 
 @pytest.mark.parametrize(

@@ -94,12 +94,9 @@ def resolve_scene_list(scenes: object, *, base: Path) -> list[SceneRef]:
         text = str(scenes)
         path = Path(text).expanduser()
         path = path if path.is_absolute() else base / path
-        # A file whose name holds "[" is that file, not a pattern.
-        if GLOB_CHARS & set(text) and not path.exists():
-            matches = sorted(glob.glob(str(path)))
-            if not matches:
-                raise InputError("glob matches no file", where=text)
-            refs = [SceneRef(spec=parse_scene_entry(m, base=base, where=m), entry=m) for m in matches]
+        matched = _glob_refs(text, base=base, where=text)
+        if matched is not None:
+            refs = matched
         elif path.suffix in LIST_SUFFIXES:
             refs = _read_text_list(path)
         elif path.suffix in YAML_SUFFIXES and path.exists():
@@ -152,8 +149,25 @@ def _entries(entries: Sequence, *, base: Path, label: str) -> list[SceneRef]:
     refs = []
     for i, entry in enumerate(entries, start=1):
         where = f"{label}[{i}]"
-        refs.append(SceneRef(spec=parse_scene_entry(entry, base=base, where=where), entry=where))
+        matched = _glob_refs(entry, base=base, where=f"{where}: {entry}") if isinstance(entry, str) else None
+        if matched is not None:
+            refs += matched
+        else:
+            refs.append(SceneRef(spec=parse_scene_entry(entry, base=base, where=where), entry=where))
     return refs
+
+
+def _glob_refs(text: str, *, base: Path, where: str) -> list[SceneRef] | None:
+    """The scenes a glob matches, in name order; ``None`` when ``text`` is no glob
+    (a file whose name holds "[" is that file, not a pattern)."""
+    path = Path(text).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not GLOB_CHARS & set(text) or path.exists():
+        return None
+    matches = sorted(glob.glob(str(path)))
+    if not matches:
+        raise InputError("glob matches no file", where=where)
+    return [SceneRef(spec=parse_scene_entry(m, base=base, where=m), entry=m) for m in matches]
 
 
 def _read_text_list(path: Path) -> list[SceneRef]:

@@ -32,6 +32,14 @@ def test_glob_and_yaml_list(three_tifs):
     assert isinstance(refs[1].spec, MultiFileSpec) and refs[1].id == "multi"
 
 
+def test_list_entries_may_be_globs(three_tifs):
+    refs = resolve_scene_list(["c.tif", "[ab].tif"], base=three_tifs)
+    assert [r.id for r in refs] == ["c", "a", "b"]
+    with pytest.raises(InputError) as err:
+        resolve_scene_list(["c.tif", "*.zarr"], base=three_tifs)
+    assert err.value.what == "glob matches no file" and err.value.where == "data.scenes[2]: *.zarr"
+
+
 def test_bad_entry_is_named(three_tifs):
     (three_tifs / "scenes.txt").write_text("a.tif\nmissing.tif\n")
     refs = resolve_scene_list("scenes.txt", base=three_tifs)
