@@ -241,9 +241,10 @@ def _remove_stale_temporaries(out: Path) -> None:
     remove_path(out / ".work")
 
 
-def _same_packing(a: tuple[tuple[float, float], ...], b: tuple[tuple[float, float], ...]) -> bool:
-    # Files store scale factors as float32 or float64: 1e-4 is not 1e-4 in both.
-    return len(a) == len(b) and bool(np.allclose(np.array(a), np.array(b), rtol=1e-6, atol=0))
+def _packing_key(packing: tuple[tuple[float, float], ...]) -> tuple[float, ...]:
+    # Files store scale factors as float32 or float64: 2.75e-5 is not 2.75e-5 in both,
+    # but the two agree to 6 significant digits.
+    return tuple(float(f"{value:.6g}") for pair in packing for value in pair)
 
 
 def _packing_text(packing: tuple[tuple[float, float], ...]) -> str:
@@ -447,11 +448,14 @@ class Pipeline:
         if not self.scenes:
             return
         scenes = list(self.scenes.values())
-        # The packing most scenes share (a tie: the first scene's), as for band counts.
-        reference = max(scenes, key=lambda s: sum(_same_packing(s.packing, o.packing) for o in scenes))
+        keys = {scene.id: _packing_key(scene.packing) for scene in scenes}
+        # The packing most scenes share (a tie: the first scene's), as for band counts;
+        # counted, not compared pairwise: a list may hold thousands of scenes.
+        common = Counter(keys.values()).most_common(1)[0][0]
+        reference = next(scene for scene in scenes if keys[scene.id] == common)
         first = scenes[0]
         for scene in scenes:
-            if not _same_packing(scene.packing, reference.packing):
+            if keys[scene.id] != common:
                 self._fail(
                     scene.id,
                     InputError(
