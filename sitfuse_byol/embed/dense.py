@@ -200,9 +200,10 @@ def embed_scene(
         valid = scene.valid_of(raw)
         return np.concatenate([stats.normalize(raw, valid), valid[None].astype(np.float32)])
 
-    raw = scene.data.rechunk({0: -1})
+    # Cut into blocks before normalizing: a pass that embeds a few blocks (a streamed
+    # cluster sample) then normalizes just those, not every chunk they were read from.
+    raw = scene.data.rechunk((-1, *blocks))
     normalized = da.map_blocks(normalize, raw, chunks=((scene.n_bands + 1,), *raw.chunks[1:]), dtype=np.float32)
-    normalized = normalized.rechunk((-1, *blocks))
     dim = trained.encoder.out_channels
     features = apply_blocks(
         lambda b: _forward(trained, b, window=window),

@@ -149,13 +149,13 @@ def _embedding_device(config: Config) -> torch.device:
     return torch.device("cuda", index)
 
 
-def _embed(config: Config, scene: Scene) -> SceneEmbedding:
+def _embed(config: Config, scene: Scene, *, block_size: int | None = None) -> SceneEmbedding:
     return embed_scene(
         scene,
         load_encoder(Paths(config.output_dir).checkpoint, device=_embedding_device(config)),
         stride=config["embed"]["stride"],
         window=config["embed"]["window"],
-        block_size=config["embed"]["block_size"],
+        block_size=block_size or config["embed"]["block_size"],
     )
 
 
@@ -287,11 +287,14 @@ def sample_task(config: Config, ref: SceneRef, threads: int = 1) -> tuple[np.nda
             return kept
     with local_compute(threads):
         scene = _open(config, ref)
-        # Streamed embeddings are computed here and again for the labels, so only a
-        # share of the blocks is embedded for the sample.
+        if saved or not cfg["sample_blocks"]:
+            embedding = scene_embedding(config, scene, saved=saved)
+        else:
+            # Streamed embeddings are computed here and again for the labels, so the
+            # sample comes from a few small blocks, each embedded with its halo alone.
+            embedding = _embed(config, scene, block_size=cfg["sample_block_size"])
         return sample_embeddings(
-            scene_embedding(config, scene, saved=saved), n=cfg["samples_per_scene"], seed=cfg["seed"],
-            max_blocks=0 if saved else cfg["sample_blocks"],
+            embedding, n=cfg["samples_per_scene"], seed=cfg["seed"], max_blocks=0 if saved else cfg["sample_blocks"]
         )
 
 

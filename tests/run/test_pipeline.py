@@ -398,7 +398,7 @@ def test_streamed_sample_from_some_blocks_is_the_same_on_one_or_two_workers(base
         run_dir.mkdir()
         shutil.copytree(folder / "out", run_dir / "out")
         shutil.rmtree(run_dir / "out" / "embeddings")
-        # 160 px scenes in 96 px blocks: 4 blocks each, 2 of them embedded for the sample.
+        # 160 px scenes: 2 of their 64 px sample blocks are embedded for the sample.
         config = write_config(run_dir, crop_scenes.values(), embed={"save": False}, cluster={"sample_blocks": 2})
         assert main(["run", "-c", str(config), "--quiet", "--workers", str(workers)]) == 0
         out = run_dir / "out"
@@ -597,7 +597,8 @@ def test_embeddings_saved_by_another_encoder_or_settings_are_not_reused(base_run
     old_labels = labels_of(out / "labels" / "olinda_a.tif")
 
     # A retrained encoder: `sitfuse cluster` must not fit on, nor label, the old embeddings.
-    config = write_config(tmp_path, scenes, train={"seed": 99})
+    # (Streamed samples drawn from every inference block, as from saved stores.)
+    config = write_config(tmp_path, scenes, train={"seed": 99}, cluster={"sample_blocks": 0})
     assert main(["train", "-c", str(config), "--quiet"]) == 0
     caplog.clear()
     assert main(["cluster", "-c", str(config), "--quiet"]) == 0
@@ -605,8 +606,7 @@ def test_embeddings_saved_by_another_encoder_or_settings_are_not_reused(base_run
     streamed_centroids = np.load(out / "cluster" / "centroids.npy")
     streamed_labels = labels_of(out / "labels" / "olinda_a.tif")
     assert not np.array_equal(streamed_centroids, old_centroids)
-    # The same as embedding with the new encoder first (every block of these small scenes
-    # is sampled either way).
+    # The same as embedding with the new encoder first (every block is sampled either way).
     assert main(["embed", "-c", str(config), "--quiet"]) == 0
     caplog.clear()
     assert main(["cluster", "-c", str(config), "--quiet", "--force"]) == 0

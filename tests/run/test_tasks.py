@@ -94,3 +94,36 @@ def test_a_read_failure_travels_back_picklable_with_gdals_reason(tmp_path):
     # Dask sends a worker's error (and its chain) pickled, or else as a bare Exception of its repr.
     assert err.value.__context__ is None and err.value.__cause__ is None
     assert str(pickle.loads(pickle.dumps(err.value))) == str(err.value)
+
+
+def test_a_streamed_sample_embeds_a_few_small_blocks_with_the_labelling_passs_values(tiny_checkpoint, landsat_path):
+    import numpy as np
+    from scipy.spatial import cKDTree
+
+    from sitfuse_byol.config import load_config
+    from sitfuse_byol.embed import embed_scene
+    from sitfuse_byol.read import open_scene
+    from sitfuse_byol.read.scene_list import SceneRef, parse_scene_entry
+    from sitfuse_byol.run.tasks import sample_task
+    from sitfuse_byol.train.checkpoint import load_encoder
+
+    out = tiny_checkpoint.parent.parent
+    raw = {
+        "data": {"scenes": [str(landsat_path)]},
+        "embed": {"save": False, "block_size": 128, "window": 3},
+        # n above every valid pixel: the sample is all of the chosen blocks' pixels.
+        "cluster": {"samples_per_scene": 10**6, "sample_blocks": 3, "sample_block_size": 32},
+        "output": {"dir": str(out)},
+    }
+    config = load_config(raw=raw, base=out)
+    ref = SceneRef(spec=parse_scene_entry(str(landsat_path), base=out, where="test"), entry=str(landsat_path))
+    samples, neighbours = sample_task(config, ref, 2)
+    # Three 32 x 32 blocks (the inference blocks would give up to 3 x 128 x 128 pixels).
+    assert 2000 < len(samples) <= 3 * 32 * 32 and neighbours.shape == samples.shape
+
+    # Each sampled embedding is one the labelling pass (128 px blocks) computes, within
+    # float32 rounding: the small blocks carry the same halo.
+    full = embed_scene(open_scene(landsat_path), load_encoder(tiny_checkpoint), block_size=128, window=3)
+    rows = full.data.compute().reshape(full.dim, -1).T
+    distance, _ = cKDTree(rows[np.isfinite(rows).all(axis=1)]).query(samples)
+    assert distance.max() < 1e-4
