@@ -159,6 +159,12 @@ def open_multifile(
     ref = profiles[ref_pos]["grid"]
     for path, profile in zip(spec.files, profiles, strict=True):
         crs = profile["grid"].crs
+        if crs != ref.crs and spec.reproject and None in (crs, ref.crs):
+            raise InputError(
+                f"cannot reproject between {_crs_name(crs)} and {_crs_name(ref.crs)}: "
+                "every band file needs a CRS to be warped onto the reference grid",
+                where=str(path),
+            )
         if crs != ref.crs and not spec.reproject:
             raise InputError(
                 f"band files have different CRSs ({_crs_name(crs)} and {_crs_name(ref.crs)}); "

@@ -777,9 +777,10 @@ class Pipeline:
         from sitfuse_byol.normalize.stats import HistogramBins, merged_moments, stats_from
 
         key = stats_stage_key(self.config, (self.fingerprints[s] for s in self.scenes))
-        if self._stage_done("stats", key, self.paths.stats):
+        if self._stage_done("stats", key, self.paths.stats) or self._stats_stand_without_failed_scenes(client):
             return
         started = time.perf_counter()
+        candidates = list(self.scenes)
         parts: dict[str, list[Any]] = {}
         self._scene_tasks(
             client, name="stats", func=moments_task, keys={s: "moments" for s in self.scenes},
@@ -816,9 +817,35 @@ class Pipeline:
             band_names=first.band_names, scene_ids=ids, moments=moments, histogram=histogram[0], bins=bins
         )
         stats.save(self.paths.stats)
-        # Keyed by the scenes it holds: with a scene left out (corrupt pixels), the next
-        # command makes it again, so that scene fails there too instead of reaching training.
-        self._mark_stage("stats", stats_stage_key(self.config, (self.fingerprints[s] for s in ids)), started)
+        # Keyed by the scenes it holds, and naming those left out (corrupt pixels): the next
+        # command reads them again, so each fails there too instead of reaching training.
+        self._mark_stage(
+            "stats", stats_stage_key(self.config, (self.fingerprints[s] for s in ids)), started,
+            left_out={s: self.fingerprints[s] for s in candidates if s not in ids},
+        )
+
+    def _stats_stand_without_failed_scenes(self, client: Any) -> bool:
+        """Whether the saved statistics hold every scene of this run but those whose pixels
+        could not be read when they were made, still failing now.
+
+        Only those scenes are read again (the first pass), not every scene twice: a batch
+        of hundreds of scenes keeping one corrupt file would otherwise make its statistics
+        again on every rerun. One now readable (replaced or repaired in place, or a
+        passing read failure) means statistics are made again with it.
+        """
+        entry = self.manifest.stages.get("stats", {})
+        left_out = entry.get("left_out") or {}
+        again = [s for s in self.scenes if left_out.get(s) == self.fingerprints[s]]
+        kept = [s for s in self.scenes if s not in again]
+        if not again or not kept or not self._stage_done(
+            "stats", stats_stage_key(self.config, (self.fingerprints[s] for s in kept)), self.paths.stats
+        ):
+            return False
+        self._scene_tasks(
+            client, name="stats", func=moments_task, keys={s: "moments" for s in again},
+            on_result=lambda scene_id, result, seconds: None, gpu=False,
+        )
+        return all(s not in self.scenes for s in again)
 
     def stage_train(self, client: Any) -> None:
         from sitfuse_byol.train.checkpoint import checkpoint_hash, load_checkpoint

@@ -197,6 +197,27 @@ def test_a_scene_with_a_corrupt_tile_fails_in_every_command_and_the_others_go_on
     assert "TIFFReadEncodedTile" in error and "See previous exception" not in error
 
 
+def test_a_rerun_reads_only_the_scene_left_out_of_the_statistics_until_it_is_mended(tmp_path, crop_scenes, capsys):
+    bad = _with_a_corrupt_tile(crop_scenes["olinda_c"], tmp_path / "olinda_c.tif")
+    config = str(write_config(tmp_path, [crop_scenes["olinda_a"], crop_scenes["olinda_b"], bad]))
+    stats, record = tmp_path / "out" / "stats.json", tmp_path / "out" / "run.json"
+    assert main(["stats", "-c", config, "--quiet"]) == 1
+    made, entry = stats.stat().st_mtime_ns, json.loads(record.read_text())["stages"]["stats"]
+    assert list(entry["left_out"]) == ["olinda_c"]
+    capsys.readouterr()
+    # The statistics stand: only the scene left out is read again, and fails again.
+    assert main(["stats", "-c", config, "--quiet"]) == 1
+    assert "scene olinda_c left out: stats: cannot read pixels: " in capsys.readouterr().err
+    assert stats.stat().st_mtime_ns == made
+    assert json.loads(record.read_text())["stages"]["stats"] == entry
+    assert json.loads(stats.read_text())["scenes"] == ["olinda_a", "olinda_b"]
+    # Mended, it joins the statistics.
+    shutil.copy(crop_scenes["olinda_c"], bad)
+    assert main(["stats", "-c", config, "--quiet"]) == 0
+    assert json.loads(stats.read_text())["scenes"] == ["olinda_a", "olinda_b", "olinda_c"]
+    assert json.loads(record.read_text())["stages"]["stats"]["left_out"] == {}
+
+
 def test_scenes_with_bands_in_another_order_or_scale_fail(tmp_path, crop_scenes, capsys):
     def copy(name, order, descriptions, scale=1.0):
         path = tmp_path / f"{name}.tif"
