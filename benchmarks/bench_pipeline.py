@@ -359,7 +359,7 @@ def main() -> None:
 
         dim = load_encoder(WORK / "model_default" / "checkpoints" / "last.pt").encoder.out_channels
         sample_blocks = SCHEMA["cluster"]["sample_blocks"].default
-        sample_block = SCHEMA["cluster"]["sample_block_size"].default
+        sample_window = SCHEMA["cluster"]["sample_window"].default
         window = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["embed"]["window"]
         default_workers = ClusterOptions().sized_for(len(four)).workers
         write_section(
@@ -373,10 +373,10 @@ def main() -> None:
             f"alone on the same normalized pixels in memory ({block}x{block} blocks, no halo, no I/O), all "
             f"cores, best of {WARM_RUNS} in each memory layout. `saved` writes float32 embeddings to Zarr "
             f"({4 * dim} bytes a pixel for {dim} features) and labels them from there; `streamed` "
-            f"(`embed.save: false`) embeds `cluster.sample_blocks` ({sample_blocks}) blocks of "
-            f"{sample_block}x{sample_block} px (plus halo) spread over the scene for the cluster sample "
-            "(in `cluster s`: about 0.19 Mpx with their halos whatever the scene's size, 73% of the 1x "
-            "scene and 5% of the 16x), and the whole scene while labelling (in `export s`). "
+            f"(`embed.save: false`) embeds a {sample_window}x{sample_window} window (plus halo) of each of "
+            f"`cluster.sample_blocks` ({sample_blocks}) blocks spread over the scene for the cluster sample "
+            "(in `cluster s`; the same pixels however large the scene), and the whole scene while "
+            "labelling (in `export s`). "
             "`pipeline forward s` is the embed graph alone as "
             "the pipeline runs it (reading, normalizing, the forward over halo-padded blocks, one per "
             f"core, and the {window}x{window} window average); `ceiling` is the ratio if clustering and "

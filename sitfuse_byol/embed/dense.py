@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,13 +186,43 @@ def embed_scene(
     Raises:
         ModelError: The scene's band count differs from the model's.
     """
+    return _embedding(scene, trained, stride=stride, window=window, block_size=block_size, sample_edge=0)
+
+
+def embed_sample_windows(
+    scene: Scene,
+    trained: TrainedEncoder,
+    *,
+    edge: int,
+    stride: int = 1,
+    window: int = 0,
+    block_size: int = 512,
+) -> SceneEmbedding:
+    """:func:`embed_scene`'s blocks, each embedded only in one window (NaN elsewhere).
+
+    The window, ``edge`` pixels a side (rounded up to whole cells and encoder steps, at
+    most the block), is centred on a valid pixel drawn from the block's own pixels, and
+    is embedded with the same halo of the same padded block as :func:`embed_scene`'s, so
+    its embeddings are the ones a whole-scene pass gives (within float32 rounding). A
+    cluster sample drawn from a few of these blocks costs a few windows' forward passes,
+    while the graph keeps the inference blocks' size (thousands of small blocks would
+    cost seconds of graph building on a large scene).
+    """
+    return _embedding(scene, trained, stride=stride, window=window, block_size=block_size, sample_edge=edge)
+
+
+def _embedding(
+    scene: Scene, trained: TrainedEncoder, *, stride: int, window: int, block_size: int, sample_edge: int
+) -> SceneEmbedding:
     trained.check_bands(scene.band_names, where=scene.source)
     if window and window % 2 == 0:
         raise InputError(f"embedding window must be odd, got {window}", where="embed.window")
     stats = trained.stats
     halo = _round_up(embedding_halo(trained, window=window), stride)
     multiple = math.lcm(stride, trained.encoder.stride)
-    block = max(_round_up(block_size, multiple), halo)
+    # Block edges are whole cells and encoder steps (so blocks start where the whole
+    # scene's cells and strided features do), and hold at least the halo.
+    block = _round_up(max(block_size, halo), multiple)
     blocks = tuple(_block_edge(size, block=block, halo=halo, multiple=multiple) for size in scene.grid.shape)
 
     def normalize(raw: np.ndarray) -> np.ndarray:
@@ -205,12 +236,17 @@ def embed_scene(
     raw = scene.data.rechunk((-1, *blocks))
     normalized = da.map_blocks(normalize, raw, chunks=((scene.n_bands + 1,), *raw.chunks[1:]), dtype=np.float32)
     dim = trained.encoder.out_channels
-    features = apply_blocks(
-        lambda b: _forward(trained, b, window=window),
-        normalized,
-        halo=halo,
-        out_channels=dim,
-    )
+    if sample_edge:
+        edge = _round_up(sample_edge, multiple)
+
+        def forward(b: np.ndarray) -> np.ndarray:
+            return _window_forward(trained, b, window=window, halo=halo, edge=edge, multiple=multiple)
+    else:
+
+        def forward(b: np.ndarray) -> np.ndarray:
+            return _forward(trained, b, window=window)
+
+    features = apply_blocks(forward, normalized, halo=halo, out_channels=dim)
     valid = scene.valid.rechunk(features.chunks[1:])
     if stride > 1:
         # Blocks start at multiples of the stride, so no cell straddles two.
@@ -225,6 +261,32 @@ def embed_scene(
         valid=valid,
         grid=scene.grid.coarsened(stride=stride),
     )
+
+
+def _window_forward(
+    trained: TrainedEncoder, padded: np.ndarray, *, window: int, halo: int, edge: int, multiple: int
+) -> np.ndarray:
+    """:func:`_forward` of one window of a halo-padded block; NaN outside it (see
+    :func:`embed_sample_windows`)."""
+    dim = trained.encoder.out_channels
+    out = np.full((dim, *padded.shape[1:]), np.nan, dtype=np.float32)
+    core_valid = padded[-1, halo : padded.shape[1] - halo, halo : padded.shape[2] - halo] >= 0.5
+    rows, cols = np.nonzero(core_valid)
+    if not len(rows):
+        return out
+    # Seeded by the block's pixels, so the window does not depend on how blocks are
+    # scheduled, and differs from block to block.
+    pick = int(np.random.default_rng(zlib.crc32(padded.tobytes())).integers(len(rows)))
+    origin = []
+    for centre, size in ((rows[pick], core_valid.shape[0]), (cols[pick], core_valid.shape[1])):
+        extent = min(edge, size)
+        # Starting on a whole cell and encoder step, as the block itself does.
+        start = min(max(int(centre) - extent // 2, 0), size - extent) // multiple * multiple
+        origin.append((start, extent))
+    (y0, ey), (x0, ex) = origin
+    features = _forward(trained, padded[:, y0 : y0 + ey + 2 * halo, x0 : x0 + ex + 2 * halo], window=window)
+    out[:, halo + y0 : halo + y0 + ey, halo + x0 : halo + x0 + ex] = features[:, halo : halo + ey, halo : halo + ex]
+    return out
 
 
 def grid_coords(grid: Grid) -> dict[str, np.ndarray]:

@@ -159,10 +159,10 @@ def open_multifile(
     ref = profiles[ref_pos]["grid"]
     for path, profile in zip(spec.files, profiles, strict=True):
         crs = profile["grid"].crs
-        if crs != ref.crs and spec.reproject and None in (crs, ref.crs):
+        if crs != ref.crs and None in (crs, ref.crs):
             raise InputError(
-                f"cannot reproject between {_crs_name(crs)} and {_crs_name(ref.crs)}: "
-                "every band file needs a CRS to be warped onto the reference grid",
+                f"band files have {_crs_name(crs)} and {_crs_name(ref.crs)}: a band file without a CRS "
+                "cannot be placed on another's grid (give it one, e.g. gdal_edit.py -a_srs)",
                 where=str(path),
             )
         if crs != ref.crs and not spec.reproject:

@@ -777,10 +777,11 @@ class Pipeline:
         from sitfuse_byol.normalize.stats import HistogramBins, merged_moments, stats_from
 
         key = stats_stage_key(self.config, (self.fingerprints[s] for s in self.scenes))
+        # Before the shortcut reads anything: a scene failing there is left out too.
+        candidates = list(self.scenes)
         if self._stage_done("stats", key, self.paths.stats) or self._stats_stand_without_failed_scenes(client):
             return
         started = time.perf_counter()
-        candidates = list(self.scenes)
         parts: dict[str, list[Any]] = {}
         self._scene_tasks(
             client, name="stats", func=moments_task, keys={s: "moments" for s in self.scenes},

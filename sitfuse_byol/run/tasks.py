@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from sitfuse_byol.config import Config
 from sitfuse_byol.embed import (
     SceneEmbedding,
     cell_valid,
+    embed_sample_windows,
     embed_scene,
     open_embedding,
     save_embedding,
@@ -149,14 +151,25 @@ def _embedding_device(config: Config) -> torch.device:
     return torch.device("cuda", index)
 
 
-def _embed(config: Config, scene: Scene, *, block_size: int | None = None) -> SceneEmbedding:
-    return embed_scene(
+def _embed(config: Config, scene: Scene, *, sample_edge: int = 0) -> SceneEmbedding:
+    """The scene's embeddings; with ``sample_edge``, only a window of that many pixels
+    in each block (:func:`~sitfuse_byol.embed.embed_sample_windows`)."""
+    make = functools.partial(embed_sample_windows, edge=sample_edge) if sample_edge else embed_scene
+    return make(
         scene,
         load_encoder(Paths(config.output_dir).checkpoint, device=_embedding_device(config)),
         stride=config["embed"]["stride"],
         window=config["embed"]["window"],
-        block_size=block_size or config["embed"]["block_size"],
+        block_size=config["embed"]["block_size"],
     )
+
+
+def sample_window(cluster: Mapping[str, Any]) -> int:
+    """The edge, in embeddings, of the window embedded in each streamed sample block:
+    ``cluster.sample_window``, grown until ``sample_blocks`` windows hold twice
+    ``samples_per_scene`` (which would otherwise cap the sample)."""
+    wanted = math.ceil(math.sqrt(2 * cluster["samples_per_scene"] / cluster["sample_blocks"]))
+    return max(cluster["sample_window"], wanted)
 
 
 def embedding_key(config: Config, ref: SceneRef) -> str:
@@ -291,8 +304,8 @@ def sample_task(config: Config, ref: SceneRef, threads: int = 1) -> tuple[np.nda
             embedding = scene_embedding(config, scene, saved=saved)
         else:
             # Streamed embeddings are computed here and again for the labels, so the
-            # sample comes from a few small blocks, each embedded with its halo alone.
-            embedding = _embed(config, scene, block_size=cfg["sample_block_size"])
+            # sample comes from one window of each of a few blocks.
+            embedding = _embed(config, scene, sample_edge=config["embed"]["stride"] * sample_window(cfg))
         return sample_embeddings(
             embedding, n=cfg["samples_per_scene"], seed=cfg["seed"], max_blocks=0 if saved else cfg["sample_blocks"]
         )

@@ -74,16 +74,17 @@ def test_different_crs_is_refused_without_reproject(tmp_path):
     assert open_scene(spec).grid.crs.to_epsg() == 32618
 
 
-def test_a_band_file_without_a_crs_is_refused_for_reprojection(tmp_path):
+def test_a_band_file_without_a_crs_is_refused_beside_one_with_a_crs(tmp_path):
     write_tif(tmp_path / "a.tif", np.ones((20, 20), np.uint16), crs="EPSG:32618")
     # The same numbers as the reference grid, but no CRS to say they are the same place.
     write_tif(tmp_path / "b.tif", np.ones((10, 10), np.uint16), crs=None, transform=Affine(20, 0, 400000, 0, -20, 4000000))
-    spec = MultiFileSpec.from_mapping(
-        {"id": "s", "bands": ["a.tif", "b.tif"], "reproject": True}, base=tmp_path, where="test"
-    )
-    with pytest.raises(InputError, match=r"cannot reproject between no CRS and EPSG:32618") as err:
-        open_scene(spec)
-    assert err.value.where == str(tmp_path / "b.tif")
+    for reproject in (True, False):
+        spec = MultiFileSpec.from_mapping(
+            {"id": "s", "bands": ["a.tif", "b.tif"], "reproject": reproject}, base=tmp_path, where="test"
+        )
+        with pytest.raises(InputError, match=r"band files have no CRS and EPSG:32618: a band file without") as err:
+            open_scene(spec)
+        assert err.value.where == str(tmp_path / "b.tif")
 
 
 def test_bad_multifile_mappings(tmp_path):

@@ -218,6 +218,35 @@ def test_a_rerun_reads_only_the_scene_left_out_of_the_statistics_until_it_is_men
     assert json.loads(record.read_text())["stages"]["stats"]["left_out"] == {}
 
 
+def test_a_scene_still_unreadable_stays_left_out_when_another_reads_again(tmp_path, crop_scenes):
+    import os
+
+    bad_b = _with_a_corrupt_tile(crop_scenes["olinda_b"], tmp_path / "olinda_b.tif")
+    bad_c = _with_a_corrupt_tile(crop_scenes["olinda_c"], tmp_path / "olinda_c.tif")
+    # olinda_b's own bytes, to put back later with the same size and time: to the
+    # fingerprint, a read that failed in passing.
+    intact = tmp_path / "intact_b.tif"
+    with rasterio.open(crop_scenes["olinda_b"]) as src, rasterio.open(
+        intact, "w", **(src.profile | {"compress": "deflate"})
+    ) as dst:
+        dst.write(src.read())
+    assert intact.stat().st_size == bad_b.stat().st_size
+    config = str(write_config(tmp_path, [crop_scenes["olinda_a"], bad_b, bad_c]))
+    record = tmp_path / "out" / "run.json"
+    assert main(["stats", "-c", config, "--quiet"]) == 1
+    assert sorted(json.loads(record.read_text())["stages"]["stats"]["left_out"]) == ["olinda_b", "olinda_c"]
+    stat = bad_b.stat()
+    bad_b.write_bytes(intact.read_bytes())
+    os.utime(bad_b, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # olinda_b reads now, so the statistics are made anew, still without olinda_c.
+    assert main(["stats", "-c", config, "--quiet"]) == 1
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["scenes"] == ["olinda_a", "olinda_b"]
+    assert list(json.loads(record.read_text())["stages"]["stats"]["left_out"]) == ["olinda_c"]
+    made = (tmp_path / "out" / "stats.json").stat().st_mtime_ns
+    assert main(["stats", "-c", config, "--quiet"]) == 1
+    assert (tmp_path / "out" / "stats.json").stat().st_mtime_ns == made
+
+
 def test_scenes_with_bands_in_another_order_or_scale_fail(tmp_path, crop_scenes, capsys):
     def copy(name, order, descriptions, scale=1.0):
         path = tmp_path / f"{name}.tif"

@@ -96,7 +96,10 @@ def test_a_read_failure_travels_back_picklable_with_gdals_reason(tmp_path):
     assert str(pickle.loads(pickle.dumps(err.value))) == str(err.value)
 
 
-def test_a_streamed_sample_embeds_a_few_small_blocks_with_the_labelling_passs_values(tiny_checkpoint, landsat_path):
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_streamed_sample_embeds_one_window_of_a_few_blocks_with_the_labelling_passs_values(
+    tiny_checkpoint, landsat_path, stride
+):
     import numpy as np
     from scipy.spatial import cKDTree
 
@@ -110,20 +113,29 @@ def test_a_streamed_sample_embeds_a_few_small_blocks_with_the_labelling_passs_va
     out = tiny_checkpoint.parent.parent
     raw = {
         "data": {"scenes": [str(landsat_path)]},
-        "embed": {"save": False, "block_size": 128, "window": 3},
-        # n above every valid pixel: the sample is all of the chosen blocks' pixels.
-        "cluster": {"samples_per_scene": 10**6, "sample_blocks": 3, "sample_block_size": 32},
+        "embed": {"save": False, "block_size": 128, "window": 3, "stride": stride},
+        # 3 windows of 32 x 32 embeddings hold twice n, so they are not grown.
+        "cluster": {"samples_per_scene": 1500, "sample_blocks": 3, "sample_window": 32},
         "output": {"dir": str(out)},
     }
     config = load_config(raw=raw, base=out)
     ref = SceneRef(spec=parse_scene_entry(str(landsat_path), base=out, where="test"), entry=str(landsat_path))
     samples, neighbours = sample_task(config, ref, 2)
-    # Three 32 x 32 blocks (the inference blocks would give up to 3 x 128 x 128 pixels).
-    assert 2000 < len(samples) <= 3 * 32 * 32 and neighbours.shape == samples.shape
+    assert 1000 < len(samples) <= 3 * 32 * 32 and neighbours.shape == samples.shape
 
-    # Each sampled embedding is one the labelling pass (128 px blocks) computes, within
-    # float32 rounding: the small blocks carry the same halo.
-    full = embed_scene(open_scene(landsat_path), load_encoder(tiny_checkpoint), block_size=128, window=3)
-    rows = full.data.compute().reshape(full.dim, -1).T
-    distance, _ = cKDTree(rows[np.isfinite(rows).all(axis=1)]).query(samples)
+    # Each sampled embedding is one the labelling pass computes, within float32 rounding
+    # (the windows carry the blocks' halo), and they lie in 3 windows of 32 x 32.
+    full = embed_scene(
+        open_scene(landsat_path), load_encoder(tiny_checkpoint), block_size=128, window=3, stride=stride
+    ).data.compute()
+    rows = full.reshape(full.shape[0], -1).T
+    finite = np.flatnonzero(np.isfinite(rows).all(axis=1))
+    distance, nearest = cKDTree(rows[finite]).query(samples)
     assert distance.max() < 1e-4
+    y, x = np.unravel_index(finite[nearest], full.shape[1:])
+    cells = 128 // stride
+    blocks = {(int(a), int(b)) for a, b in zip(y // cells, x // cells, strict=True)}
+    assert len(blocks) == 3
+    for i, j in blocks:
+        inside = (y // cells == i) & (x // cells == j)
+        assert np.ptp(y[inside]) < 32 and np.ptp(x[inside]) < 32
