@@ -226,7 +226,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "method": Key("str", "kmeans", "kmeans (streaming MiniBatchKMeans) or iic (deep-clustering head).", choices=("kmeans", "iic")),
         "samples_per_scene": Key("int", 20000, "Embeddings sampled from each scene to fit the model.", minimum=1),
         "sample_blocks": Key("int", 32, "Streamed embeddings (embed.save false): draw a scene's sample from this many inference blocks, one at random holding valid pixels from each of as many bands of the scene, embedding a cluster.sample_window window of each; 0: every block, whole.", minimum=0),
-        "sample_window": Key("int", 64, "Streamed embeddings: edge, in embeddings (pixels at embed.stride 1), of the window embedded in each sample block, around a random valid pixel; grown until the windows hold twice samples_per_scene, and at most the block.", minimum=8),
+        "sample_window": Key("int", 64, "Streamed embeddings: edge, in embeddings (pixels at embed.stride 1), of the window embedded in each sample block, around a random valid pixel; grown until the windows hold twice samples_per_scene, and at most the block.", minimum=8, hashed_from=64),
         "hierarchical": Key("bool", False, "Also split every cluster into n_fine sub-clusters."),
         "n_fine": Key("int", 4, "Sub-clusters per cluster when hierarchical.", minimum=2),
         "seed": Key("int", 0, "Seed for sampling and initialisation.", minimum=0, maximum=SEED_MAX),

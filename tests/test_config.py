@@ -205,14 +205,19 @@ def test_a_section_that_is_not_a_mapping_is_refused(tmp_path, empty):
         load_config(path)
 
 
-def test_a_key_added_later_leaves_the_keys_of_earlier_runs_alone_at_its_default(tmp_path):
+@pytest.mark.parametrize(
+    ("section", "key", "other"), [("data", "unscale", "true"), ("cluster", "sample_window", "32")]
+)
+def test_a_key_added_later_leaves_the_keys_of_earlier_runs_alone_at_its_default(tmp_path, section, key, other):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"data": {"scenes": ["a.tif"]}}))
     default = load_config(path)
-    assert default["data"]["unscale"] is False
-    assert load_config(path, overrides=["data.unscale=false"]).digest("data") == default.digest("data")
-    assert load_config(path, overrides=["data.unscale=true"]).digest("data") != default.digest("data")
+    value = SCHEMA[section][key].default
+    assert default[section][key] == value
+    same = yaml.safe_dump(value).splitlines()[0]
+    assert load_config(path, overrides=[f"{section}.{key}={same}"]).digest(section) == default.digest(section)
+    assert load_config(path, overrides=[f"{section}.{key}={other}"]).digest(section) != default.digest(section)
     # As the key was hashed before it existed.
-    without = {k: v for k, v in default.values["data"].items() if k != "unscale"}
-    text = json.dumps({"data": without}, sort_keys=True, default=str)
-    assert default.digest("data") == hashlib.sha256(text.encode()).hexdigest()[:16]
+    without = {k: v for k, v in default.values[section].items() if k != key}
+    text = json.dumps({section: without}, sort_keys=True, default=str)
+    assert default.digest(section) == hashlib.sha256(text.encode()).hexdigest()[:16]
