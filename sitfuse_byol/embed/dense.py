@@ -274,9 +274,10 @@ def _window_forward(
     rows, cols = np.nonzero(core_valid)
     if not len(rows):
         return out
-    # Seeded by the block's pixels, so the window does not depend on how blocks are
-    # scheduled, and differs from block to block.
-    pick = int(np.random.default_rng(zlib.crc32(padded.tobytes())).integers(len(rows)))
+    # Seeded by the block's pixels (its first band and mask: a hyperspectral block is
+    # large), so the window does not depend on how blocks are scheduled, and differs
+    # from block to block.
+    pick = int(np.random.default_rng(zlib.crc32(padded[[0, -1]].tobytes())).integers(len(rows)))
     origin = []
     for centre, size in ((rows[pick], core_valid.shape[0]), (cols[pick], core_valid.shape[1])):
         extent = min(edge, size)
