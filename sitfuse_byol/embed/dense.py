@@ -238,15 +238,20 @@ def _embedding(
     dim = trained.encoder.out_channels
     if sample_edge:
         edge = _round_up(sample_edge, multiple)
-
-        def forward(b: np.ndarray) -> np.ndarray:
-            return _window_forward(trained, b, window=window, halo=halo, edge=edge, multiple=multiple)
+        if block - 2 * _round_up(halo, multiple) >= edge:
+            # The window and its halo fit inside the block: no neighbour is read.
+            features = da.map_blocks(
+                lambda b: _window_forward(trained, b, window=window, halo=halo, rim=0, edge=edge, multiple=multiple),
+                normalized, chunks=((dim,), *normalized.chunks[1:]), dtype=np.float32,
+                meta=np.empty((0, 0, 0), dtype=np.float32),
+            )
+        else:
+            features = apply_blocks(
+                lambda b: _window_forward(trained, b, window=window, halo=halo, rim=halo, edge=edge, multiple=multiple),
+                normalized, halo=halo, out_channels=dim,
+            )
     else:
-
-        def forward(b: np.ndarray) -> np.ndarray:
-            return _forward(trained, b, window=window)
-
-    features = apply_blocks(forward, normalized, halo=halo, out_channels=dim)
+        features = apply_blocks(lambda b: _forward(trained, b, window=window), normalized, halo=halo, out_channels=dim)
     valid = scene.valid.rechunk(features.chunks[1:])
     if stride > 1:
         # Blocks start at multiples of the stride, so no cell straddles two.
@@ -264,29 +269,37 @@ def _embedding(
 
 
 def _window_forward(
-    trained: TrainedEncoder, padded: np.ndarray, *, window: int, halo: int, edge: int, multiple: int
+    trained: TrainedEncoder, array: np.ndarray, *, window: int, halo: int, rim: int, edge: int, multiple: int
 ) -> np.ndarray:
-    """:func:`_forward` of one window of a halo-padded block; NaN outside it (see
-    :func:`embed_sample_windows`)."""
+    """:func:`_forward` of one window of a block; NaN outside it (see :func:`embed_sample_windows`).
+
+    ``array`` is the block with ``rim`` pixels of halo around it (0: the block alone).
+    The window keeps ``halo`` pixels of context inside ``array`` and starts on a whole
+    cell and encoder step of the block, as the block itself does, so its embeddings are
+    those of a whole-scene pass.
+    """
     dim = trained.encoder.out_channels
-    out = np.full((dim, *padded.shape[1:]), np.nan, dtype=np.float32)
-    core_valid = padded[-1, halo : padded.shape[1] - halo, halo : padded.shape[2] - halo] >= 0.5
-    rows, cols = np.nonzero(core_valid)
+    out = np.full((dim, *array.shape[1:]), np.nan, dtype=np.float32)
+    margin = rim + _round_up(max(halo - rim, 0), multiple)
+    inner_valid = array[-1, margin : array.shape[1] - margin, margin : array.shape[2] - margin] >= 0.5
+    rows, cols = np.nonzero(inner_valid)
     if not len(rows):
         return out
     # Seeded by the block's pixels (its first band and mask: a hyperspectral block is
     # large), so the window does not depend on how blocks are scheduled, and differs
     # from block to block.
-    pick = int(np.random.default_rng(zlib.crc32(padded[[0, -1]].tobytes())).integers(len(rows)))
+    pick = int(np.random.default_rng(zlib.crc32(array[[0, -1]].tobytes())).integers(len(rows)))
     origin = []
-    for centre, size in ((rows[pick], core_valid.shape[0]), (cols[pick], core_valid.shape[1])):
-        extent = min(edge, size)
-        # Starting on a whole cell and encoder step, as the block itself does.
+    for centre, size in ((rows[pick], inner_valid.shape[0]), (cols[pick], inner_valid.shape[1])):
+        # Whole encoder steps, so the strided features are upsampled as in the block.
+        extent = min(edge, size) // multiple * multiple
+        if not extent:
+            return out
         start = min(max(int(centre) - extent // 2, 0), size - extent) // multiple * multiple
-        origin.append((start, extent))
+        origin.append((margin + start, extent))
     (y0, ey), (x0, ex) = origin
-    features = _forward(trained, padded[:, y0 : y0 + ey + 2 * halo, x0 : x0 + ex + 2 * halo], window=window)
-    out[:, halo + y0 : halo + y0 + ey, halo + x0 : halo + x0 + ex] = features[:, halo : halo + ey, halo : halo + ex]
+    features = _forward(trained, array[:, y0 - halo : y0 + ey + halo, x0 - halo : x0 + ex + halo], window=window)
+    out[:, y0 : y0 + ey, x0 : x0 + ex] = features[:, halo : halo + ey, halo : halo + ex]
     return out
 
 

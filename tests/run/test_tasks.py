@@ -96,9 +96,11 @@ def test_a_read_failure_travels_back_picklable_with_gdals_reason(tmp_path):
     assert str(pickle.loads(pickle.dumps(err.value))) == str(err.value)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
+# 128 px blocks hold a window and its halo; a 64 px block at stride 2 (64 px windows)
+# does not, and borrows its halo from its neighbours.
+@pytest.mark.parametrize(("stride", "block"), [(1, 128), (2, 128), (2, 64)])
 def test_a_streamed_sample_embeds_one_window_of_a_few_blocks_with_the_labelling_passs_values(
-    tiny_checkpoint, landsat_path, stride
+    tiny_checkpoint, landsat_path, stride, block
 ):
     import numpy as np
     from scipy.spatial import cKDTree
@@ -113,7 +115,7 @@ def test_a_streamed_sample_embeds_one_window_of_a_few_blocks_with_the_labelling_
     out = tiny_checkpoint.parent.parent
     raw = {
         "data": {"scenes": [str(landsat_path)]},
-        "embed": {"save": False, "block_size": 128, "window": 3, "stride": stride},
+        "embed": {"save": False, "block_size": block, "window": 3, "stride": stride},
         # 3 windows of 32 x 32 embeddings hold twice n, so they are not grown.
         "cluster": {"samples_per_scene": 1500, "sample_blocks": 3, "sample_window": 32},
         "output": {"dir": str(out)},
@@ -133,7 +135,7 @@ def test_a_streamed_sample_embeds_one_window_of_a_few_blocks_with_the_labelling_
     distance, nearest = cKDTree(rows[finite]).query(samples)
     assert distance.max() < 1e-4
     y, x = np.unravel_index(finite[nearest], full.shape[1:])
-    cells = 128 // stride
+    cells = block // stride
     blocks = {(int(a), int(b)) for a, b in zip(y // cells, x // cells, strict=True)}
     assert len(blocks) == 3
     for i, j in blocks:
