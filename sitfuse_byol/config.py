@@ -115,8 +115,8 @@ class Key:
         check: Extra validation returning an error message or ``None``.
         placement: The key says where work runs, not what it computes, so change
             detection (:meth:`Config.digest`) leaves it out.
-        hashed_from: A key added later is hashed only when it differs from this value
-            (its default), so adding it left the keys of earlier runs as they were.
+        added_later: The key is hashed only when it differs from its default, so adding
+            it left the keys of earlier runs as they were.
     """
 
     kind: str
@@ -129,7 +129,7 @@ class Key:
     exclusive_minimum: bool = False
     check: Callable[[Any], str | None] | None = None
     placement: bool = False
-    hashed_from: Any = None
+    added_later: bool = False
 
 
 def _pair(value: Any) -> str | None:
@@ -182,7 +182,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "nodata": Key("float", None, "Nodata value; overrides the files' own.", nullable=True),
         "valid_range": Key("list", None, "Inclusive [min, max] of valid values.", nullable=True, check=_pair),
         "variable": Key("str", None, "Zarr/NetCDF variable to read; guessed when null.", nullable=True),
-        "unscale": Key("bool", False, "Apply each file's scale and offset (GDAL scale/offset, CF scale_factor/add_offset): values in physical units as float32, nodata and invalid pixels NaN, valid_range in those units. Needed to mix scenes packed differently; false keeps stored values, with nodata and valid_range in stored units.", hashed_from=False),
+        "unscale": Key("bool", False, "Apply each file's scale and offset (GDAL scale/offset, CF scale_factor/add_offset): values in physical units as float32, nodata and invalid pixels NaN, valid_range in those units. Needed to mix scenes packed differently; false keeps stored values, with nodata and valid_range in stored units.", added_later=True),
         "chunk_size": Key("int", 512, "Preferred Dask chunk edge in pixels (aligned to blocks and patches).", minimum=16),
     },
     "tiling": {
@@ -226,7 +226,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "method": Key("str", "kmeans", "kmeans (streaming MiniBatchKMeans) or iic (deep-clustering head).", choices=("kmeans", "iic")),
         "samples_per_scene": Key("int", 20000, "Embeddings sampled from each scene to fit the model.", minimum=1),
         "sample_blocks": Key("int", 32, "Streamed embeddings (embed.save false): draw a scene's sample from this many inference blocks, one at random holding valid pixels from each of as many bands of the scene, embedding a cluster.sample_window window of each; 0: every block, whole.", minimum=0),
-        "sample_window": Key("int", 64, "Streamed embeddings: edge, in embeddings (pixels at embed.stride 1), of the window embedded in each sample block, around a random valid pixel; grown until the windows hold twice samples_per_scene, and at most the block.", minimum=8, hashed_from=64),
+        "sample_window": Key("int", 64, "Streamed embeddings: edge, in embeddings (pixels at embed.stride 1), of the window embedded in each sample block, around a random valid pixel; grown until the windows hold twice samples_per_scene, and at most the block.", minimum=8, added_later=True),
         "hierarchical": Key("bool", False, "Also split every cluster into n_fine sub-clusters."),
         "n_fine": Key("int", 4, "Sub-clusters per cluster when hierarchical.", minimum=2),
         "seed": Key("int", 0, "Seed for sampling and initialisation.", minimum=0, maximum=SEED_MAX),
@@ -427,7 +427,7 @@ def _without_placement(section: str, values: Any) -> Any:
     return {
         k: v
         for k, v in values.items()
-        if not (k in keys and (keys[k].placement or (keys[k].hashed_from is not None and v == keys[k].hashed_from)))
+        if not (k in keys and (keys[k].placement or (keys[k].added_later and v == keys[k].default)))
     }
 
 

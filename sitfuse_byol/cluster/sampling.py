@@ -15,10 +15,7 @@ import zlib
 from pathlib import Path
 
 import dask
-import dask.array as da
 import numpy as np
-from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph
 
 from sitfuse_byol.embed import SceneEmbedding
 from sitfuse_byol.errors import EmptySceneError
@@ -165,27 +162,13 @@ def sample_embeddings(
         EmptySceneError: The scene has no valid pixel.
     """
     sample = SceneSample(embedding.scene_id, n=n, seed=seed)
-    data = embedding.data.rechunk({0: -1})
+    blocks = embedding.data.rechunk({0: -1}).to_delayed()
     if max_blocks > 0:
         indices = choose_blocks(embedding, max_blocks=max_blocks, seed=seed)
     else:
-        indices = [(i, j) for i in range(data.numblocks[1]) for j in range(data.numblocks[2])]
-    blocks = _blocks_of(data, indices)
-    dask.compute(*[dask.delayed(sample.add)(block, index) for block, index in zip(blocks, indices, strict=True)])
+        indices = [(i, j) for i in range(blocks.shape[1]) for j in range(blocks.shape[2])]
+    dask.compute(*[dask.delayed(sample.add)(blocks[0, i, j], (i, j)) for i, j in indices])
     return sample.result()
-
-
-def _blocks_of(data: da.Array, indices: list[tuple[int, int]]) -> list[Delayed]:
-    """The blocks ``(0, i, j)`` of a ``(D, y, x)`` array chunked whole along D, as delayed
-    values of one graph, optimized for just those blocks: ``to_delayed`` optimizes the
-    graph of every block (seconds for a scene of thousands when a few are drawn from),
-    and slicing each block on its own culls the whole graph once per block."""
-    keys = [(data.name, 0, i, j) for i, j in indices]
-    layer = f"chosen-{data.name}"
-    graph = HighLevelGraph.from_collections(
-        layer, data.__dask_optimize__(data.__dask_graph__(), keys), dependencies=()
-    )
-    return [Delayed(key, graph, layer=layer) for key in keys]
 
 
 def save_samples(path: Path, samples: np.ndarray, neighbours: np.ndarray, *, n: int, seed: int) -> Path:

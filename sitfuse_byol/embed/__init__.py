@@ -3,11 +3,10 @@
 from sitfuse_byol.embed.dense import (
     SceneEmbedding,
     cell_valid,
-    embed_sample_windows,
     embed_scene,
     open_embedding,
     save_embedding,
     saved_embedding_key,
 )
 
-__all__ = ["SceneEmbedding", "cell_valid", "embed_sample_windows", "embed_scene", "open_embedding", "save_embedding", "saved_embedding_key"]
+__all__ = ["SceneEmbedding", "cell_valid", "embed_scene", "open_embedding", "save_embedding", "saved_embedding_key"]

@@ -171,6 +171,7 @@ def embed_scene(
     stride: int = 1,
     window: int = 0,
     block_size: int = 512,
+    sample_edge: int = 0,
 ) -> SceneEmbedding:
     """Lazily embed a scene, one embedding per pixel or per ``stride`` x ``stride`` cell.
 
@@ -182,38 +183,17 @@ def embed_scene(
         window: Average embeddings over this odd window (0 or 1: no averaging).
         block_size: Block edge for inference, rounded to a multiple of ``stride``, and
             shrunk where a scene edge would leave a sliver of a block (:func:`_block_edge`).
+        sample_edge: Embed only one window of each block, this many pixels a side
+            (rounded up to whole cells and encoder steps, at most the block), NaN
+            elsewhere: a cluster sample drawn from a few blocks then costs a few
+            windows' forward passes, while the graph keeps the blocks' size. The window
+            is centred on a valid pixel drawn from the block, and embedded with the
+            halo the whole-scene pass gives it, so its values are that pass's (within
+            float32 rounding). 0: every pixel.
 
     Raises:
         ModelError: The scene's band count differs from the model's.
     """
-    return _embedding(scene, trained, stride=stride, window=window, block_size=block_size, sample_edge=0)
-
-
-def embed_sample_windows(
-    scene: Scene,
-    trained: TrainedEncoder,
-    *,
-    edge: int,
-    stride: int = 1,
-    window: int = 0,
-    block_size: int = 512,
-) -> SceneEmbedding:
-    """:func:`embed_scene`'s blocks, each embedded only in one window (NaN elsewhere).
-
-    The window, ``edge`` pixels a side (rounded up to whole cells and encoder steps, at
-    most the block), is centred on a valid pixel drawn from the block's own pixels, and
-    is embedded with the same halo of the same padded block as :func:`embed_scene`'s, so
-    its embeddings are the ones a whole-scene pass gives (within float32 rounding). A
-    cluster sample drawn from a few of these blocks costs a few windows' forward passes,
-    while the graph keeps the inference blocks' size (thousands of small blocks would
-    cost seconds of graph building on a large scene).
-    """
-    return _embedding(scene, trained, stride=stride, window=window, block_size=block_size, sample_edge=edge)
-
-
-def _embedding(
-    scene: Scene, trained: TrainedEncoder, *, stride: int, window: int, block_size: int, sample_edge: int
-) -> SceneEmbedding:
     trained.check_bands(scene.band_names, where=scene.source)
     if window and window % 2 == 0:
         raise InputError(f"embedding window must be odd, got {window}", where="embed.window")
@@ -271,7 +251,7 @@ def _embedding(
 def _window_forward(
     trained: TrainedEncoder, array: np.ndarray, *, window: int, halo: int, rim: int, edge: int, multiple: int
 ) -> np.ndarray:
-    """:func:`_forward` of one window of a block; NaN outside it (see :func:`embed_sample_windows`).
+    """:func:`_forward` of one window of a block; NaN outside it (see :func:`embed_scene`).
 
     ``array`` is the block with ``rim`` pixels of halo around it (0: the block alone).
     The window keeps ``halo`` pixels of context inside ``array`` and starts on a whole

@@ -32,7 +32,6 @@ from sitfuse_byol.config import Config
 from sitfuse_byol.embed import (
     SceneEmbedding,
     cell_valid,
-    embed_sample_windows,
     embed_scene,
     open_embedding,
     save_embedding,
@@ -153,14 +152,14 @@ def _embedding_device(config: Config) -> torch.device:
 
 def _embed(config: Config, scene: Scene, *, sample_edge: int = 0) -> SceneEmbedding:
     """The scene's embeddings; with ``sample_edge``, only a window of that many pixels
-    in each block (:func:`~sitfuse_byol.embed.embed_sample_windows`)."""
-    make = functools.partial(embed_sample_windows, edge=sample_edge) if sample_edge else embed_scene
-    return make(
+    in each block (see :func:`~sitfuse_byol.embed.embed_scene`)."""
+    return embed_scene(
         scene,
         load_encoder(Paths(config.output_dir).checkpoint, device=_embedding_device(config)),
         stride=config["embed"]["stride"],
         window=config["embed"]["window"],
         block_size=config["embed"]["block_size"],
+        sample_edge=sample_edge,
     )
 
 
