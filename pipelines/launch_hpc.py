@@ -35,6 +35,7 @@ import yaml
 from dask.utils import parse_bytes
 
 from sitfuse_byol.config import load_yaml
+from sitfuse_byol.run.cluster_client import NO_WORKER_PROFILER_ENV
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -124,6 +125,9 @@ def load_spec(path: Path) -> ClusterSpec:
     gpus = values.pop("gpus_per_job", 0)
     _check_values(kind=kind, jobs=jobs, gpus=gpus, options=values, where=where)
     options = _with_gpus(kind=kind, gpus=gpus, options=values) if gpus else values
+    # The workers a run starts itself go without Dask's profiler (it can hang Python 3.11);
+    # these get the same before anything else runs.
+    options["job_script_prologue"] = [f"export {NO_WORKER_PROFILER_ENV}", *options.get("job_script_prologue", [])]
     return ClusterSpec(kind=kind, jobs=jobs, gpus_per_job=gpus, options=options, source=where)
 
 

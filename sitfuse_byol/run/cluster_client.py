@@ -23,6 +23,14 @@ log = logging.getLogger("sitfuse_byol.run")
 #: (bench_pipeline, BENCHMARKS.md).
 CORES_PER_WORKER = 4
 
+#: Dask's worker profiler samples every thread's stack (``sys._current_frames``) every
+#: 10 ms. On Python 3.11 that can deadlock against the garbage collector and hang a run
+#: for good (CPython gh-106883; seen here in an in-process worker during export). It only
+#: feeds the dashboard's profile page, so the workers a run starts go without it; workers
+#: started by hand or by a queue get the same from this environment variable.
+NO_WORKER_PROFILER = {"distributed.worker.profile.enabled": False}
+NO_WORKER_PROFILER_ENV = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"
+
 
 @dataclass(frozen=True)
 class ClusterOptions:
@@ -113,22 +121,24 @@ def dask_client(options: ClusterOptions, *, quiet: bool = False, stream: TextIO 
             raise
     else:
         workers = options.workers or 1
-        cluster = LocalCluster(
-            n_workers=workers,
-            # One scene at a time per worker; the scene's blocks then use the worker's
-            # `threads_per_worker` threads (passed to each task), never threads x threads.
-            threads_per_worker=1,
-            # A lone worker gains nothing from its own process but a start-up of seconds
-            # (imports) and pickled results.
-            processes=workers > 1,
-            dashboard_address=":0",
-            resources={"GPU": options.gpus_per_worker} if options.gpus_per_worker else None,
-            # A failing task's "Compute Failed" dump (ERROR) is the scene's failure, which
-            # run.json and the summary already give in one line.
-            silence_logs=logging.CRITICAL,
-            # Worker processes leave a terminal's Ctrl-C to this process.
-            **({"preload": ["sitfuse_byol.run.worker_setup"]} if workers > 1 else {}),
-        )
+        # Worker processes get the setting from the nanny, which copies this config.
+        with dask.config.set(NO_WORKER_PROFILER):
+            cluster = LocalCluster(
+                n_workers=workers,
+                # One scene at a time per worker; the scene's blocks then use the worker's
+                # `threads_per_worker` threads (passed to each task), never threads x threads.
+                threads_per_worker=1,
+                # A lone worker gains nothing from its own process but a start-up of seconds
+                # (imports) and pickled results.
+                processes=workers > 1,
+                dashboard_address=":0",
+                resources={"GPU": options.gpus_per_worker} if options.gpus_per_worker else None,
+                # A failing task's "Compute Failed" dump (ERROR) is the scene's failure, which
+                # run.json and the summary already give in one line.
+                silence_logs=logging.CRITICAL,
+                # Worker processes leave a terminal's Ctrl-C to this process.
+                **({"preload": ["sitfuse_byol.run.worker_setup"]} if workers > 1 else {}),
+            )
         client = Client(cluster)
     try:
         if not quiet and client.dashboard_link:

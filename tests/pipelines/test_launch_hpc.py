@@ -120,6 +120,15 @@ def test_pbs_example_renders_pbs_directives_without_gpus(capsys):
         assert line in lines
 
 
+@pytest.mark.parametrize("example", [SLURM_YAML, PBS_YAML])
+def test_workers_of_a_job_start_without_the_dask_profiler(capsys, example):
+    # Its stack sampling can deadlock Python 3.11 workers (CPython gh-106883).
+    lines = render(capsys, example).splitlines()
+    export = lines.index("export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False")
+    assert export < lines.index(worker_line("\n".join(lines)))
+    assert lines.count(lines[export]) == 1
+
+
 def test_pbs_gpus_go_into_the_resource_spec(tmp_path, capsys):
     path = write_variant(tmp_path, PBS_YAML, gpus_per_job=4, processes=None)
     script = render(capsys, path)

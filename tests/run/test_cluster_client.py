@@ -21,3 +21,14 @@ def test_local_cluster_shape(monkeypatch, cores, scenes, asked, shape):
     sized = ClusterOptions(workers=asked).sized_for(scenes)
     assert (sized.workers, sized.threads_per_worker) == shape
     assert ClusterOptions(scheduler="tcp://127.0.0.1:8786").sized_for(scenes).workers is None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_of_a_local_cluster_run_without_the_profiler(workers):
+    # Its stack sampling can deadlock Python 3.11 (CPython gh-106883): a run hung for good.
+    from sitfuse_byol.run.cluster_client import dask_client
+
+    options = ClusterOptions(workers=workers, threads_per_worker=1)
+    with dask_client(options, quiet=True) as client:
+        profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+    assert list(profiling.values()) == [False] * workers

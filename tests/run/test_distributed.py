@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sitfuse_byol.run.cluster_client import NO_WORKER_PROFILER_ENV
 from tests.run.conftest import labels_of, write_config
 
 BIN = Path(sys.executable).parent
@@ -41,7 +42,8 @@ def dask_cluster(tmp_path):
 
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Workers started by hand, as the README says: without the profiler (CPython gh-106883).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **dict([NO_WORKER_PROFILER_ENV.split("=")])}
     logs = open(tmp_path / "dask.log", "w")  # noqa: SIM115  (closed in the teardown)
     scheduler = subprocess.Popen(
         [BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],

@@ -930,3 +930,27 @@ def test_export_with_other_cluster_settings_than_the_model_warns(base_run, tmp_p
             assert main(["export", "-c", str(config), "--quiet"]) == 0
         warnings = [r.getMessage() for r in caplog.records if "other cluster or embed settings" in r.getMessage()]
         assert len(warnings) == expected, cluster
+
+
+def test_export_labels_a_new_scene_with_the_trained_models_and_leaves_them_alone(base_run, tmp_path, crop_scenes):
+    folder, *_ = base_run
+    out = tmp_path / "out"
+    shutil.copytree(folder / "out", out)
+    kept = {p: p.read_bytes() for p in (out / "checkpoints" / "last.pt", out / "cluster" / "centroids.npy", out / "stats.json")}
+    # A new scene inside olinda_a: its interior must get olinda_a's labels there.
+    row, col, size = 20, 30, 100
+    new = tmp_path / "olinda_new.tif"
+    with rasterio.open(crop_scenes["olinda_a"]) as src:
+        window = rasterio.windows.Window(col, row, size, size)
+        profile = src.profile | {"width": size, "height": size, "transform": src.window_transform(window)}
+        with rasterio.open(new, "w", **profile) as dst:
+            dst.write(src.read(window=window))
+    labelled = {s: (out / "labels" / f"{s}.tif").stat().st_mtime_ns for s in crop_scenes}
+    config = write_config(tmp_path, [*crop_scenes.values(), new])
+    assert main(["export", "-c", str(config), "--quiet"]) == 0
+    assert {s: (out / "labels" / f"{s}.tif").stat().st_mtime_ns for s in crop_scenes} == labelled
+    assert all(path.read_bytes() == data for path, data in kept.items())
+    margin = 16  # beyond the encoder's halo, where the new scene's edges are not the old one's
+    labels = labels_of(out / "labels" / "olinda_new.tif")[margin:-margin, margin:-margin]
+    expected = labels_of(out / "labels" / "olinda_a.tif")[row + margin : row + size - margin, col + margin : col + size - margin]
+    np.testing.assert_array_equal(labels, expected)
