@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dask
 import numpy as np
 import pytest
 import rasterio
@@ -10,6 +11,7 @@ from rasterio.transform import from_origin
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.read import open_scene
 from sitfuse_byol.read.scene import reading
+from sitfuse_byol.run.cluster_client import NO_WORKER_PROFILER
 from tests.conftest import corrupt_tile
 
 
@@ -25,7 +27,8 @@ def test_a_read_error_sent_back_by_a_worker_process_is_an_input_error(tmp_path):
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(np.arange(64 * 64, dtype="uint16").reshape(1, 64, 64))
     scene = open_scene(corrupt_tile(path))
-    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    with dask.config.set(NO_WORKER_PROFILER):  # it can hang Python 3.11 (see the constant)
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
     with cluster, Client(cluster), pytest.raises(InputError) as err, reading(scene.source):
         scene.data.sum().compute()
     assert err.value.what.startswith("cannot read pixels: ")
