@@ -130,6 +130,17 @@ class Manifest:
         entry["outputs"], entry["key"] = {}, ""
         self._pending = True
 
+    def outdate(self, scene_id: str) -> None:
+        """Make a scene's record no longer match any key: the next run redoes the scene.
+
+        For a scene whose task was left running when a run stopped: it may still put new
+        outputs in place, which the record would otherwise pass off as made under its key.
+        """
+        entry = self.scenes.get(scene_id)
+        if entry and entry.get("key"):
+            entry["key"] = ""
+            self._pending = True
+
     def _relative(self, path: str) -> str:
         folder = self.path.parent.resolve()
         resolved = Path(path).resolve()

@@ -919,11 +919,14 @@ class Pipeline:
         keys: dict[str, str],
         on_result: Callable[[str, Any, float], None],
         gpu: bool = True,
+        on_abandoned: Callable[[str], None] | None = None,
     ) -> None:
         """Run ``func(config, ref, threads)`` for every scene not yet done under its key.
 
         ``gpu``: the task may use a GPU, so it needs the workers' GPU resource (when
         ``--gpus-per-worker`` asks for one); statistics passes run on any worker.
+        ``on_abandoned``: called for each scene whose task had not reported when an
+        interrupt (or any error) stopped the stage; the task may still be running.
         """
         from distributed import as_completed
 
@@ -943,27 +946,35 @@ class Pipeline:
                 pure=False,
             )
             futures[future] = ref
-        with stage_progress(name, total=len(futures), quiet=self.options.quiet) as advance:
-            for future in as_completed(futures):
-                _Interrupts.check()
-                ref = futures[future]
-                try:
-                    result, seconds = future.result()
-                except Exception as err:  # retries spent: a lost worker, a transient error
-                    # Named by its file, as bad input is (a worker's error knows no scene).
-                    where = self.scenes[ref.id].source if ref.id in self.scenes else str(ref.spec)
-                    text = str(err) if isinstance(err, SceneReadError) else _error_text(err)
-                    self._fail(ref.id, SitfuseError(text, where=where), stage=name)
-                else:
-                    if isinstance(result, TaskFailure):
-                        self._fail(ref.id, result.error, stage=name)
+        unreported = {ref.id for ref in todo}
+        try:
+            with stage_progress(name, total=len(futures), quiet=self.options.quiet) as advance:
+                for future in as_completed(futures):
+                    _Interrupts.check()
+                    ref = futures[future]
+                    try:
+                        result, seconds = future.result()
+                    except Exception as err:  # retries spent: a lost worker, a transient error
+                        # Named by its file, as bad input is (a worker's error knows no scene).
+                        where = self.scenes[ref.id].source if ref.id in self.scenes else str(ref.spec)
+                        text = str(err) if isinstance(err, SceneReadError) else _error_text(err)
+                        self._fail(ref.id, SitfuseError(text, where=where), stage=name)
                     else:
-                        self.scene_seconds.setdefault(ref.id, {})[name] = seconds
-                        on_result(ref.id, result, seconds)
-                        log.info("scene %s: %s done in %.1f s", ref.id, name, seconds)
-                finally:
-                    future.release()
-                advance(1)
+                        if isinstance(result, TaskFailure):
+                            self._fail(ref.id, result.error, stage=name)
+                        else:
+                            self.scene_seconds.setdefault(ref.id, {})[name] = seconds
+                            on_result(ref.id, result, seconds)
+                            log.info("scene %s: %s done in %.1f s", ref.id, name, seconds)
+                    finally:
+                        future.release()
+                    unreported.discard(ref.id)
+                    advance(1)
+        except BaseException:
+            if on_abandoned is not None:
+                for scene_id in unreported:
+                    on_abandoned(scene_id)
+            raise
 
     def stage_embed(self, client: Any) -> None:
         if not self.config["embed"]["save"]:
@@ -1080,7 +1091,11 @@ class Pipeline:
                 scene_id, status="done", key=keys[scene_id], timings=self.scene_seconds[scene_id], outputs=outputs
             )
 
-        self._scene_tasks(client, name="export", func=export_task, keys=keys, on_result=record)
+        # A task left running by an interrupt can still put its scene's new outputs in
+        # place after this run stops; its old record must not pass them off as current.
+        self._scene_tasks(
+            client, name="export", func=export_task, keys=keys, on_result=record, on_abandoned=self.manifest.outdate
+        )
 
     def stage_assign(self) -> str | None:
         if self.options.labels is None:

@@ -954,3 +954,36 @@ def test_export_labels_a_new_scene_with_the_trained_models_and_leaves_them_alone
     labels = labels_of(out / "labels" / "olinda_new.tif")[margin:-margin, margin:-margin]
     expected = labels_of(out / "labels" / "olinda_a.tif")[row + margin : row + size - margin, col + margin : col + size - margin]
     np.testing.assert_array_equal(labels, expected)
+
+
+def test_an_export_interrupted_after_its_task_published_is_redone_by_the_next_run(
+    base_run, tmp_path, crop_scenes, monkeypatch
+):
+    import os
+    import signal
+
+    from sitfuse_byol.run import pipeline, tasks
+
+    folder, *_ = base_run
+    out = tmp_path / "out"
+    shutil.copytree(folder / "out", out)
+    def config(tag: str):  # the same file each time: one output folder
+        names = [f"{tag}{k}" for k in range(6)]
+        return str(write_config(tmp_path, crop_scenes.values(), output={"class_names": names, "quicklook": False}))
+
+    assert main(["export", "-c", config("old"), "--quiet"]) == 0
+
+    def publish_then_interrupt(*args):
+        # The scene's outputs go into place, then Ctrl-C reaches the run before it records them.
+        result = tasks.export_task(*args)
+        os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(pipeline, "export_task", publish_then_interrupt)
+    assert main(["export", "-c", config("new"), "--quiet"]) == 130
+    monkeypatch.undo()
+    published = [s for s in crop_scenes if 'label="new0"' in (out / "labels" / f"{s}.qml").read_text()]
+    assert published  # the case in point: new outputs in place, the record still the old one's
+    assert main(["export", "-c", config("old"), "--quiet"]) == 0
+    for scene in crop_scenes:
+        assert 'label="old0"' in (out / "labels" / f"{scene}.qml").read_text(), scene
