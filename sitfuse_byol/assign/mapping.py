@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
 import re
@@ -372,9 +373,10 @@ def build_mapping(counts: CountTable, *, threshold: float = DEFAULT_THRESHOLD) -
 # --- mapping files --------------------------------------------------------------------
 
 
-def _yaml_scalar(text: str) -> str:
-    """``text`` as a YAML flow scalar, quoted only where YAML needs it (``"yes"``, ``"1"``)."""
-    return yaml.safe_dump([text], default_flow_style=True, allow_unicode=True, width=1 << 30)[1:-2]
+def _yaml_scalar(value: str | float) -> str:
+    """``value`` as a YAML flow scalar: a string quoted only where YAML needs it (``"yes"``,
+    ``"1"``), a float in a form YAML 1.1 reads as one (``5.0e-05``, not ``5e-05``)."""
+    return yaml.safe_dump([value], default_flow_style=True, allow_unicode=True, width=1 << 30)[1:-2]
 
 
 def _comment_text(text: str) -> str:
@@ -433,7 +435,7 @@ def mapping_yaml(mapping: ClusterMapping, *, source: str | None = None, path: Pa
     classes = ", ".join(_yaml_scalar(c) for c in mapping.output_classes)
     body = []
     if mapping.threshold is not None:
-        body.append(f"threshold: {mapping.threshold}")
+        body.append(f"threshold: {_yaml_scalar(mapping.threshold)}")
     body.append(f"n_labels: {mapping.n_labels}")
     if mapping.model_hash:
         body.append(f"model: {mapping.model_hash}")
@@ -464,7 +466,9 @@ def write_mapping(path: Path, mapping: ClusterMapping, *, source: str | None = N
     text = mapping_yaml(mapping, source=source, path=path)
     # The writer is ours, but a class name YAML misreads must fail here, not at --apply.
     parsed = yaml.safe_load(text)
-    if [parsed["clusters"][k] for k in range(mapping.n_labels)] != mapping.clusters:
+    if [parsed["clusters"][k] for k in range(mapping.n_labels)] != mapping.clusters or (
+        parsed.get("threshold") != mapping.threshold
+    ):
         raise ValueError("the mapping YAML does not read back to the same mapping")
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, text)
@@ -862,15 +866,36 @@ def format_class_table(counts: CountTable | None, mapping: ClusterMapping) -> st
 # --- the command ----------------------------------------------------------------------
 
 
-def _keep_previous(path: Path, *, replacement: str) -> Path | None:
-    """Move an existing mapping aside, so re-counting never destroys a user's edits.
+#: Beside ``mapping.yaml``: the SHA-256 of the last mapping a count wrote there, which
+#: tells a mapping untouched since (made again by counting again) from a hand-edited one.
+COUNTED_DIGEST = ".counted.sha256"
 
-    A mapping the replacement repeats word for word stays where it is: moving it would
-    overwrite the earlier, different mapping kept aside (an edit) with a copy of itself.
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _keep_previous(path: Path, *, replacement: str) -> Path | None:
+    """Move a hand-edited (or applied) mapping aside before ``replacement`` takes its place,
+    so that counting again never destroys a user's edits; returns where it went.
+
+    A mapping that a count wrote and nobody changed is replaced (counting again makes it
+    anew), as is one the replacement repeats word for word. An edit goes to
+    ``mapping.previous.yaml``, or, when that holds an earlier, different edit, to the
+    first free ``mapping.previous.N.yaml``: edits are never overwritten.
     """
-    if not path.exists() or path.read_text(encoding="utf-8", errors="replace") == replacement:
+    if not path.exists():
         return None
-    previous = path.with_name(f"{path.stem}.previous{path.suffix}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    counted = path.with_name(COUNTED_DIGEST)
+    if text == replacement or (counted.exists() and counted.read_text().strip() == _digest(text)):
+        return None
+    for n in range(1, 10_000):
+        previous = path.with_name(f"{path.stem}.previous{'' if n == 1 else f'.{n}'}{path.suffix}")
+        if not previous.exists():
+            break
+        if previous.read_text(encoding="utf-8", errors="replace") == text:
+            return previous  # kept already
     os.replace(path, previous)
     return previous
 
@@ -890,8 +915,8 @@ def run_assign(
 
     Without ``apply``: read the polygons, count cluster pixels inside them over
     all label rasters, build the mapping, write it to
-    ``out_dir/assign/mapping.yaml`` (an existing one is kept as
-    ``mapping.previous.yaml``) and write class rasters to
+    ``out_dir/assign/mapping.yaml`` (an existing one that was edited or applied
+    is kept as ``mapping.previous[.N].yaml``) and write class rasters to
     ``out_dir/classes/``. With ``apply``: read that mapping file instead and
     only write the class rasters; ``polygons_path``, ``field`` and
     ``threshold`` are then not used.
@@ -962,6 +987,7 @@ def run_assign(
         if previous is not None:
             notes.append(f"kept the earlier mapping as {previous}")
         write_mapping(mapping_path, mapping, source=source)
+        atomic_write_text(mapping_path.with_name(COUNTED_DIGEST), _digest(mapping_path.read_text(encoding="utf-8")))
     notes += mapping.notes
     class_paths = apply_mapping(label_paths, mapping, out_dir=out_dir / "classes")
     return AssignResult(

@@ -283,6 +283,7 @@ def test_mapping_yaml_round_trips_and_an_edit_is_re_applied(
     assert loaded.threshold == 0.51
 
     # The user decides cluster 2 is forest and cluster 0 is not worth keeping.
+    text_before_edit = first.mapping_path.read_text()
     edited = tmp_path / "edited.yaml"
     text = re.sub(r"^  2: uncertain", "  2: forest", text, flags=re.M)
     edited.write_text(re.sub(r"^  0: water.*\n", "", text, flags=re.M))
@@ -299,7 +300,8 @@ def test_mapping_yaml_round_trips_and_an_edit_is_re_applied(
     # The applied file becomes the run's mapping, the one the class rasters come from.
     assert again.mapping_path == out / "assign" / "mapping.yaml"
     assert again.mapping_path.read_text() == edited.read_text()
-    assert (out / "assign" / "mapping.previous.yaml").read_text() == written
+    # What it replaced was a count nobody edited: counting again makes it anew.
+    assert written == text_before_edit and not (out / "assign" / "mapping.previous.yaml").exists()
     assert again.mapping.clusters == [UNCERTAIN, "forest", "forest", "forest", UNCERTAIN, "water"]
     assert any("clusters 0 are not in edited.yaml" in n for n in again.notes)
     labels, _ = read_band(label_paths[0])
@@ -325,6 +327,21 @@ def test_mapping_yaml_round_trips_and_an_edit_is_re_applied(
     )
     assert not any("kept the earlier mapping" in note for note in again.notes)
     assert (out / "assign" / "mapping.previous.yaml").read_text() == edited.read_text()
+    # Another threshold replaces the untouched 0.6 count; the edit stays kept aside.
+    again = run_assign(
+        label_paths=label_paths, polygons_path=polygons, field="class", threshold=0.7, out_dir=out
+    )
+    assert not any("kept the earlier mapping" in note for note in again.notes)
+    assert (out / "assign" / "mapping.previous.yaml").read_text() == edited.read_text()
+    # A second edit does not overwrite the first.
+    second = re.sub(r"^  1: \S+", "  1: water", first.mapping_path.read_text(), flags=re.M)
+    first.mapping_path.write_text(second)
+    again = run_assign(
+        label_paths=label_paths, polygons_path=polygons, field="class", threshold=0.6, out_dir=out
+    )
+    assert f"kept the earlier mapping as {out / 'assign' / 'mapping.previous.2.yaml'}" in again.notes
+    assert (out / "assign" / "mapping.previous.yaml").read_text() == edited.read_text()
+    assert (out / "assign" / "mapping.previous.2.yaml").read_text() == second
 
 
 def test_written_yaml_quotes_class_names_yaml_would_misread(tmp_path: Path) -> None:
@@ -699,3 +716,15 @@ def test_a_bad_class_colour_is_a_one_line_error(
     with pytest.raises(ConfigError) as err:
         load_mapping(path, n_labels=K)
     assert err.value.what.startswith(message) and err.value.where == f"{path}: colors"
+
+
+@pytest.mark.parametrize("threshold", [5e-05, 1e-9, 0.51, 1.0])
+def test_a_mapping_written_with_any_threshold_applies_again(
+    tmp_path: Path, label_paths: list[Path], threshold: float
+) -> None:
+    # Python writes 5e-05, which YAML 1.1 reads as a string.
+    polygons = write_class_polygons(tmp_path / "classes.gpkg")
+    result = run_assign(
+        label_paths=label_paths, polygons_path=polygons, field="class", threshold=threshold, out_dir=tmp_path / "out"
+    )
+    assert load_mapping(result.mapping_path, n_labels=K).threshold == threshold

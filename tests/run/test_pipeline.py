@@ -967,6 +967,7 @@ def test_an_export_interrupted_after_its_task_published_is_redone_by_the_next_ru
     folder, *_ = base_run
     out = tmp_path / "out"
     shutil.copytree(folder / "out", out)
+
     def config(tag: str):  # the same file each time: one output folder
         names = [f"{tag}{k}" for k in range(6)]
         return str(write_config(tmp_path, crop_scenes.values(), output={"class_names": names, "quicklook": False}))
