@@ -10,6 +10,7 @@ by config; it does not depend on scene size or on the number of scenes.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +23,8 @@ from sitfuse_byol.errors import InputError
 from sitfuse_byol.normalize import BandStats
 from sitfuse_byol.read import Scene, reading
 from sitfuse_byol.tile.index import BLOCK_X, BLOCK_Y, SCENE, PatchIndex
+
+log = logging.getLogger("sitfuse_byol.tile")
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ class PatchSampler:
         self.patches_per_chunk = patches_per_chunk
         self.prefetch_chunks = prefetch_chunks
         self.rank = rank
+        self._warned_small = False
         self.index = PatchIndex.from_scenes(self.scenes, patch_size=patch_size).shard(
             rank=rank, world_size=world_size
         )
@@ -213,7 +217,7 @@ class PatchSampler:
         for n_pass, patches, masks in self._chunk_stream(epoch, passes):
             if n_pass != current_pass:
                 if current_pass >= 0:
-                    yield from self._drain(pool, batch_rng, seen)
+                    yield from self._end_pass(pool, batch_rng, seen)
                 current_pass, seen = n_pass, 0
                 batch_rng = np.random.default_rng(self._pass_seed(epoch, n_pass))
             seen += len(patches)
@@ -222,19 +226,31 @@ class PatchSampler:
                 start += pool.add(patches[start:], masks[start:])
                 while pool.size == pool.capacity:
                     yield self._batch(pool, batch_rng)
-        yield from self._drain(pool, batch_rng, seen)
+        yield from self._end_pass(pool, batch_rng, seen)
+        # The last incomplete batch of a finite stream is dropped.
 
-    def _drain(self, pool: _Pool, rng: np.random.Generator, seen: int) -> Iterator[PatchBatch]:
-        """The rest of a pass; its last incomplete batch is dropped."""
+    def _end_pass(self, pool: _Pool, rng: np.random.Generator, seen: int) -> Iterator[PatchBatch]:
+        """The full batches left at the end of a pass of ``seen`` patches.
+
+        The rest stays in the pool for the next pass: with fewer patches in a pass than
+        in a batch, dropping them would leave an endless stream that never yields.
+        """
         if seen == 0:
             raise InputError(
                 f"no patch has at least {self.min_valid_fraction:.0%} valid pixels "
                 "(tiling.min_valid_fraction)",
                 where=", ".join(s.id for s in self.scenes),
             )
+        if seen < self.batch_size and not self._warned_small:
+            self._warned_small = True
+            log.warning(
+                "warning: a pass over the scenes gives %d patches with at least %.0f%% valid pixels, fewer than "
+                "a batch of %d: each batch repeats patches of several passes (shifted); lower train.batch_size "
+                "or tiling.patch_size, or add scenes (%s)",
+                seen, 100 * self.min_valid_fraction, self.batch_size, ", ".join(s.id for s in self.scenes),
+            )
         while pool.size >= self.batch_size:
             yield self._batch(pool, rng)
-        pool.size = 0
 
     def epoch(self, epoch: int = 0) -> Iterator[PatchBatch]:
         """One pass over the shard's chunks, in a random order set by ``(seed, epoch)``.

@@ -109,3 +109,18 @@ def test_index_is_offsets_only(coded_scene):
     index = PatchIndex.from_scenes([coded_scene], patch_size=16)
     assert index.chunks.dtype == np.int64 and index.chunks.shape[1] == 7
     assert len(index) == (96 // 16) * (128 // 16)
+
+
+@pytest.mark.timeout(60)  # the stream used to drop each pass's patches and never yield
+def test_a_pass_with_fewer_patches_than_a_batch_still_gives_batches_and_says_so(coded_scene, caplog):
+    sampler = sampler_for([coded_scene], min_valid_fraction=1.0, batch_size=64)
+    per_pass = sum(len(b.patches) for b in sampler_for([coded_scene], min_valid_fraction=1.0, batch_size=1).epoch(0))
+    assert 0 < per_pass < 64
+    with caplog.at_level("WARNING"):
+        batches = list(itertools.islice(sampler.batches(epoch=0), 3))
+    assert [tuple(b.patches.shape) for b in batches] == [(64, 3, 16, 16)] * 3
+    assert all(bool(b.valid.all()) for b in batches)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"gives {per_pass} patches" in warnings[0] and "fewer than a batch of 64" in warnings[0]
+    # A single pass (epoch) has no full batch to give.
+    assert list(sampler.epoch(0)) == []
