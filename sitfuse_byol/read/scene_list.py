@@ -138,7 +138,8 @@ def _check_scene_id(ref: SceneRef) -> None:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        # Windows editors start UTF-8 files with a byte-order mark; it is not part of a path.
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise InputError("not UTF-8 text", where=str(path)) from err
     except IsADirectoryError as err:

@@ -24,6 +24,12 @@ def test_text_list_with_comments(three_tifs):
     assert refs[1].entry.endswith("scenes.txt:4")
 
 
+def test_text_list_saved_with_a_byte_order_mark(three_tifs):
+    (three_tifs / "scenes.txt").write_bytes("a.tif\r\nb.tif\r\n".encode("utf-8-sig"))
+    refs = resolve_scene_list("scenes.txt", base=three_tifs)
+    assert [r.id for r in refs] == ["a", "b"]
+
+
 def test_glob_and_yaml_list(three_tifs):
     assert [r.id for r in resolve_scene_list("*.tif", base=three_tifs)] == ["a", "b", "c"]
     (three_tifs / "list.yaml").write_text("- b.tif\n- {id: multi, bands: [a.tif, c.tif]}\n")
