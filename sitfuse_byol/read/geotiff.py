@@ -8,11 +8,14 @@ from pathlib import Path
 from typing import cast
 
 import dask.array as da
+import numpy as np
 import rasterio
 import rioxarray
 import xarray as xr
+from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
 
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.grid import Grid
@@ -107,6 +110,48 @@ def open_lazy(source: Path | WarpedVRT, *, chunks: Mapping[str, int]) -> da.Arra
     return array.data
 
 
+class _DatasetMask:
+    """GDAL's per-dataset mask of a file (an internal or ``.msk`` mask band, or an alpha
+    band), read window by window as Dask asks: an array-like for ``da.from_array``."""
+
+    def __init__(self, path: Path, shape: tuple[int, int]) -> None:
+        self.path = str(path)
+        self.shape = shape
+        self.dtype = np.dtype(bool)
+        self.ndim = 2
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = key
+        window = Window.from_slices(rows, cols, height=self.shape[0], width=self.shape[1])
+        with rasterio.open(self.path) as src:
+            return src.dataset_mask(window=window) > 0
+
+
+def has_dataset_mask(src: rasterio.DatasetReader) -> bool:
+    """Whether GDAL masks the file's pixels with a mask band or an alpha band, not
+    (only) with a nodata value."""
+    return any(
+        MaskFlags.per_dataset in flags or MaskFlags.alpha in flags for flags in src.mask_flag_enums
+    )
+
+
+def apply_dataset_mask(array: da.Array, path: Path) -> da.Array:
+    """The pixels GDAL's mask hides made NaN, which no pixel value test lets through:
+    JPEG-compressed imagery, ``gdalwarp`` output and clipped mosaics often mark their
+    invalid pixels that way alone, with no nodata value. Integer data become floating
+    point to hold the NaN (float32, or float64 for 32-bit integers), with the same values."""
+    mask = da.from_array(
+        _DatasetMask(path, (int(array.shape[1]), int(array.shape[2]))),
+        chunks=(array.chunks[1], array.chunks[2]),
+        lock=False,
+        asarray=True,
+        fancy=False,
+    )
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float64 if array.dtype.itemsize >= 4 else np.float32)
+    return da.where(mask[None], array, np.nan)
+
+
 def band_names_of(src: rasterio.DatasetReader) -> list[str]:
     """Band descriptions where the file has them, ``B1``, ``B2``... otherwise."""
     return [desc or f"B{i}" for i, desc in enumerate(src.descriptions, start=1)]
@@ -144,7 +189,10 @@ def open_geotiff(
         chunks = aligned_chunks(
             shape=grid.shape, block=src.block_shapes[0], patch=patch_size, target=chunk_target
         )
+        masked = has_dataset_mask(src)
     array = open_lazy(path, chunks={"band": -1, "y": chunks[0], "x": chunks[1]})
+    if masked:
+        array = apply_dataset_mask(array, path)
     return build_scene(
         id=scene_id or path.stem,
         data=array,
