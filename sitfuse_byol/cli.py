@@ -253,8 +253,13 @@ def cmd_assign(args: argparse.Namespace) -> int:
         )
     if not config.output_dir.is_dir():
         raise InputError("no label rasters yet; run `sitfuse run` first", where=str(config.output_dir))
+    from sitfuse_byol.run.interrupts import remove_stale_temporaries, terminate_as_interrupt
+
     # Held before run.json is read: a run ending meanwhile may replace the label rasters.
-    with output_folder_lock(config.output_dir, command="sitfuse assign"):
+    with terminate_as_interrupt(), output_folder_lock(config.output_dir, command="sitfuse assign"):
+        # What an assign killed too hard to clean up left (a run cleans up after itself).
+        for folder in ("assign", "classes"):
+            remove_stale_temporaries(config.output_dir / folder)
         result = _assign(args, config)
     print(result.report())
     return EXIT_OK

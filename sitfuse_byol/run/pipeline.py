@@ -16,14 +16,12 @@ import json
 import logging
 import logging.handlers
 import shutil
-import signal
 import sys
 import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +37,7 @@ from sitfuse_byol.progress import stage_progress, train_progress
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config, resolve_scene_list
 from sitfuse_byol.read.bands import in_another_order
 from sitfuse_byol.run.cluster_client import ClusterOptions, dask_client, worker_info
+from sitfuse_byol.run.interrupts import Interrupts, remove_stale_temporaries, terminate_as_interrupt
 from sitfuse_byol.run.lock import LOCK_NAME, output_folder_lock
 from sitfuse_byol.run.manifest import Manifest, scene_fingerprint
 from sitfuse_byol.run.tasks import (
@@ -185,60 +184,6 @@ class RunSummary:
         outputs = [f"outputs in {self.out_dir}:"]
         outputs += [f"  {name:<{width}}  {path}" for name, path in kinds if path.exists()]
         return "\n".join(lines + [""] + outputs)
-
-
-class _Interrupts:
-    """SIGINT and SIGTERM as Ctrl-C, remembered: the KeyboardInterrupt a signal raises can
-    land in a finalizer (``__del__``), where Python prints and drops it, so the run checks
-    the flag again where it waits (between stages, scene tasks and training steps)."""
-
-    requested = False
-    deferred = False
-
-    @classmethod
-    def check(cls) -> None:
-        if cls.requested:
-            raise KeyboardInterrupt
-
-    @classmethod
-    @contextmanager
-    def defer(cls) -> Iterator[None]:
-        """Hold an interrupt back until the block is over: one that lands inside Dask's
-        cluster start-up leaves a half-made cluster, whose clean-up at exit fails with a
-        traceback."""
-        cls.deferred = True
-        try:
-            yield
-        finally:
-            cls.deferred = False
-        cls.check()
-
-
-@contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C, so temporary files are cleaned up on the way out."""
-
-    def handler(signum: int, frame: object) -> None:
-        _Interrupts.requested = True
-        if not _Interrupts.deferred:
-            raise KeyboardInterrupt
-
-    _Interrupts.requested = _Interrupts.deferred = False
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, before in previous.items():
-            signal.signal(sig, before)
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Leftovers of a run killed too hard to clean up after itself (SIGKILL, power loss)."""
-    if not out.is_dir():
-        return
-    for path in list(out.rglob(".*.tmp-*")) + list(out.rglob(".*.staging-*")):
-        remove_path(path)
-    remove_path(out / ".work")
 
 
 def _packing_key(packing: tuple[tuple[float, float], ...]) -> tuple[float, ...]:
@@ -656,7 +601,7 @@ class Pipeline:
         what killed runs left there, keep the log and the resolved config there, and record
         what failed so far."""
         self._prepare_output_dirs(stages)
-        _remove_stale_temporaries(self.out)
+        remove_stale_temporaries(self.out)
         self.checked = True
         atomic_write_text(self.out / "config.resolved.yaml", self.config.to_yaml())
         if self.log is not None:
@@ -897,7 +842,7 @@ class Pipeline:
             with train_progress(self.config["train"], quiet=self.options.quiet) as on_step:
 
                 def after_step(values: dict) -> None:
-                    _Interrupts.check()
+                    Interrupts.check()
                     on_step(values)
 
                 train(
@@ -950,7 +895,7 @@ class Pipeline:
         try:
             with stage_progress(name, total=len(futures), quiet=self.options.quiet) as advance:
                 for future in as_completed(futures):
-                    _Interrupts.check()
+                    Interrupts.check()
                     ref = futures[future]
                     try:
                         result, seconds = future.result()
@@ -1134,13 +1079,13 @@ class Pipeline:
         ]
         for name in ("stats", "train", "embed", "cluster", "export"):
             if name in stages:
-                _Interrupts.check()
+                Interrupts.check()
                 getattr(self, f"stage_{name}")(client)
-        _Interrupts.check()
+        Interrupts.check()
         del warm_up
 
     def _run(self, stages: tuple[str, ...], hold: contextlib.ExitStack) -> RunSummary:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             self.open_scenes()
             self._require_scenes()
             self._require_models(stages)
@@ -1158,7 +1103,7 @@ class Pipeline:
             self._hold_output_folder(hold)
             try:
                 with contextlib.ExitStack() as cluster:
-                    with _Interrupts.defer():
+                    with Interrupts.defer():
                         client = cluster.enter_context(
                             dask_client(self.options.cluster, quiet=not dashboard, stream=stream)
                         )
@@ -1172,7 +1117,7 @@ class Pipeline:
                 # what a killed worker or an interrupt left half-written goes now, not at
                 # the next run (a run refused before writing leaves OUTDIR alone).
                 if self.checked:
-                    _remove_stale_temporaries(self.out)
+                    remove_stale_temporaries(self.out)
             if "export" in stages:
                 self._remove_stale_outputs()
             assigned = self.stage_assign() if "assign" in stages else None

@@ -735,7 +735,7 @@ def test_an_interrupt_dropped_by_a_finalizer_still_stops_the_run():
     import os
     import signal
 
-    from sitfuse_byol.run.pipeline import _Interrupts, _terminate_as_interrupt
+    from sitfuse_byol.run.interrupts import Interrupts, terminate_as_interrupt
 
     class Finalizer:
         def __del__(self):
@@ -743,9 +743,9 @@ def test_an_interrupt_dropped_by_a_finalizer_still_stops_the_run():
             os.kill(os.getpid(), signal.SIGINT)
 
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt), _terminate_as_interrupt():
+    with pytest.raises(KeyboardInterrupt), terminate_as_interrupt():
         Finalizer()
-        _Interrupts.check()
+        Interrupts.check()
     # The handler this process had is back.
     assert signal.getsignal(signal.SIGINT) is before
 
@@ -988,3 +988,32 @@ def test_an_export_interrupted_after_its_task_published_is_redone_by_the_next_ru
     assert main(["export", "-c", config("old"), "--quiet"]) == 0
     for scene in crop_scenes:
         assert 'label="old0"' in (out / "labels" / f"{scene}.qml").read_text(), scene
+
+
+def test_assign_takes_sigterm_as_an_interrupt_and_clears_what_a_killed_one_left(base_run, tmp_path, crop_scenes):
+    folder, *_ = base_run
+    out = tmp_path / "out"
+    shutil.copytree(folder / "out", out)
+    config = write_config(tmp_path, crop_scenes.values())
+    polygons = _write_class_polygons(tmp_path / "classes.gpkg", crop_scenes["olinda_a"])
+    # SIGTERM (a job scheduler's stop) while the class rasters are being written.
+    script = (
+        "import os, signal, sys\n"
+        "from sitfuse_byol.assign import mapping\n"
+        "from sitfuse_byol.cli import main\n"
+        "real = mapping.apply_mapping\n"
+        "def stopped(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(*args, **kwargs)\n"
+        "mapping.apply_mapping = stopped\n"
+        f"sys.exit(main(['assign', '-c', {str(config)!r}, '--labels', {str(polygons)!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (130, "interrupted")
+    # Left by an assign killed too hard to clean up (SIGKILL): the next one removes them.
+    stale = [out / "classes" / ".olinda_a.tif.staging-x1", out / "assign" / ".mapping.yaml.tmp-x2"]
+    stale[0].mkdir(parents=True)
+    stale[1].write_text("half")
+    assert main(["assign", "-c", str(config), "--labels", str(polygons)]) == 0
+    assert not any(p.exists() for p in stale)
+    assert (out / "classes" / "olinda_a.tif").exists()
