@@ -68,12 +68,14 @@ class CountTable:
         class_names: The classes, sorted; the columns of ``counts``.
         polygons_path: The polygon file the counts come from.
         scenes: Ids of the scenes that had polygon pixels.
+        unplaced: Ids of the scenes left out of the count for want of a CRS.
     """
 
     counts: np.ndarray
     class_names: list[str]
     polygons_path: Path
     scenes: list[str]
+    unplaced: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def n_labels(self) -> int:
@@ -257,7 +259,8 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
         The counts, summed over scenes.
 
     Raises:
-        InputError: If a label raster cannot be read, lacks a CRS or the ``K``
+        InputError: If a label raster cannot be read, every one lacks a CRS
+            (one without among others is left out, in ``unplaced``), one lacks the ``K``
             tag, holds labels outside ``0..K-1`` and nodata, the rasters
             disagree on ``K``, or no polygon overlaps any scene.
     """
@@ -271,13 +274,13 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
     # Why no pixel counted, for the message: outside every scene, between pixel centres,
     # or only over nodata.
     in_extent = burnt_any = False
+    unplaced: list[Path] = []
     for path in map(Path, label_paths):
         with _open_labels(path) as (src, info):
             if info.grid.crs is None:
-                raise InputError(
-                    "label raster has no CRS, so the polygons cannot be placed on it",
-                    where=str(path),
-                )
+                # An ungeoreferenced scene among others does not stop the count.
+                unplaced.append(path)
+                continue
             key = info.grid.crs.to_wkt()
             if key not in reprojected:
                 reprojected[key] = reproject_polygons(polygons, info.grid.crs)
@@ -297,6 +300,8 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
                 counts += np.bincount(flat, minlength=n_labels * n_classes).reshape(counts.shape)
             if found:
                 scenes.append(path.stem)
+    if len(unplaced) == len(label_paths):
+        raise InputError("label raster has no CRS, so the polygons cannot be placed on it", where=str(unplaced[0]))
     if not scenes:
         if burnt_any:
             what = "the polygons cover only nodata pixels of the scenes"
@@ -310,6 +315,7 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
         class_names=list(polygons.class_names),
         polygons_path=polygons.path,
         scenes=scenes,
+        unplaced=[p.stem for p in unplaced],
     )
 
 
@@ -965,6 +971,11 @@ def run_assign(
             polygons = read_class_polygons(Path(polygons_path), field=field, layer=layer)
         notes += polygons.notes
         counts = count_cluster_classes(label_paths, polygons)
+        if counts.unplaced:
+            notes.append(
+                f"scene {', '.join(counts.unplaced)}: no CRS, so no polygon can be placed on it and its pixels "
+                "are not counted; its class raster follows the mapping all the same"
+            )
         # Colours the user gave the classes in the mapping this one replaces stay.
         earlier_colors = _colors_in(out_dir / "assign" / "mapping.yaml")
         # Counted zero everywhere: drawn off these scenes (or only over nodata), which the

@@ -728,3 +728,28 @@ def test_a_mapping_written_with_any_threshold_applies_again(
         label_paths=label_paths, polygons_path=polygons, field="class", threshold=threshold, out_dir=tmp_path / "out"
     )
     assert load_mapping(result.mapping_path, n_labels=K).threshold == threshold
+
+
+def test_a_scene_without_crs_is_left_out_of_the_count_but_still_gets_classes(
+    tmp_path: Path, label_paths: list[Path]
+) -> None:
+    unplaced = tmp_path / "labels" / "c.tif"
+    write_label_raster(
+        scene_labels("a"), grid=Grid(H, W, Affine.identity(), None), path=unplaced, n_labels=K, overview_levels=[]
+    )
+    polygons = write_class_polygons(tmp_path / "classes.gpkg")
+    result = run_assign(
+        label_paths=[*label_paths, unplaced], polygons_path=polygons, field="class", threshold=0.51,
+        out_dir=tmp_path / "out",
+    )
+    np.testing.assert_array_equal(result.counts.counts, EXPECTED_COUNTS)
+    assert result.counts.unplaced == ["c"]
+    assert any(note.startswith("scene c: no CRS") for note in result.notes)
+    lut = np.array([{"forest": 0, "water": 1, UNCERTAIN: 2}[c] for c in EXPECTED_MAPPING])
+    labels = scene_labels("a")
+    np.testing.assert_array_equal(
+        read_band(tmp_path / "out" / "classes" / "c.tif")[0], np.where(labels == 255, 255, lut[np.minimum(labels, K - 1)])
+    )
+    # Alone, it leaves nothing to count on.
+    with pytest.raises(InputError, match="has no CRS"):
+        run_assign(label_paths=[unplaced], polygons_path=polygons, field="class", threshold=0.51, out_dir=tmp_path / "x")
