@@ -422,6 +422,26 @@ class Pipeline:
                     ),
                     stage="read",
                 )
+        self._warn_of_other_band_names(first)
+
+    def _warn_of_other_band_names(self, first: Scene) -> None:
+        """Say once which scenes hold one of the first scene's band names at another
+        position (a product one band off, say): still stacked by position, green would pass
+        for blue. Names that differ throughout (other producers' conventions) prove nothing."""
+        position = {name: i for i, name in enumerate(first.band_names)}
+        others = [
+            s for s in self.scenes.values()
+            if any(position.get(name, i) != i for i, name in enumerate(s.band_names))
+        ]
+        if others:
+            shown = "; ".join(f"{s.id} ({', '.join(s.band_names)})" for s in others[:3])
+            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+            log.warning(
+                "warning: band names at other positions than in %s (%s): %s%s; scenes are stacked band by "
+                "band by position, so check that they hold the same bands in the same order (data.bands "
+                "selects bands by name)",
+                first.id, ", ".join(first.band_names), shown, more,
+            )
 
     def _require_models(self, stages: tuple[str, ...]) -> None:
         """A stage run on its own needs what earlier stages leave behind."""

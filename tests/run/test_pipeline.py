@@ -247,7 +247,7 @@ def test_a_scene_still_unreadable_stays_left_out_when_another_reads_again(tmp_pa
     assert (tmp_path / "out" / "stats.json").stat().st_mtime_ns == made
 
 
-def test_scenes_with_bands_in_another_order_or_scale_fail(tmp_path, crop_scenes, capsys):
+def test_scenes_with_bands_in_another_order_or_scale_fail(tmp_path, crop_scenes, capsys, caplog):
     def copy(name, order, descriptions, scale=1.0):
         path = tmp_path / f"{name}.tif"
         with rasterio.open(crop_scenes["olinda_b"]) as src, rasterio.open(path, "w", **src.profile) as dst:
@@ -271,6 +271,16 @@ def test_scenes_with_bands_in_another_order_or_scale_fail(tmp_path, crop_scenes,
     ) in err
     # Other names (other producers' conventions, dated file stems) are no evidence of another order.
     assert "renamed" not in err
+    # Names shifted by one are: a warning (a different product may hold other bands).
+    shifted = copy("shifted", [1, 2, 3, 4, 5, 6], lambda names: (*names[1:], "B8"))
+    config = write_config(tmp_path, [crop_scenes["olinda_a"], shifted, renamed], out="shifted")
+    with caplog.at_level("WARNING"):
+        assert main(["stats", "-c", str(config), "--quiet"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "warning: band names at other positions than in olinda_a (B1, B2, B3, B4, B5, B7): shifted (B2, B3, B4, "
+        "B5, B7, B8); scenes are stacked band by band by position, so check that they hold the same bands in the "
+        "same order (data.bands selects bands by name)"
+    ]
     assert (
         "scene scaled left out: read: the scene's values are stored with (scale, offset) (2.75e-05, -0.2) "
         "but olinda_a's with (1, 0); values are read as stored, so the two would not compare: "
