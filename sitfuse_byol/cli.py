@@ -77,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from sitfuse_byol.read import open_scene
+    from sitfuse_byol.read.geotiff import georeferencing_warning
     from sitfuse_byol.read.inspect import INSPECT_JSON_KEYS, describe_scene, format_description
     from sitfuse_byol.read.scene_list import parse_scene_entry
 
@@ -85,11 +86,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     scene = open_scene(
         spec, bands=bands, nodata=args.nodata, valid_range=args.valid_range, variable=args.variable, unscale=args.unscale
     )
-    if scene.grid.crs is None:
-        print(
-            f"warning: scene has no CRS; its outputs will not be georeferenced ({scene.source})",
-            file=sys.stderr,
-        )
+    warning = georeferencing_warning(scene)
+    if warning:
+        print(warning, file=sys.stderr)
     info = describe_scene(scene)
     if args.json:
         print(json.dumps({k: info[k] for k in INSPECT_JSON_KEYS}))

@@ -107,6 +107,22 @@ def test_scene_without_crs_warns_but_works(capsys, tmp_path):
     assert err.startswith("warning: scene has no CRS")
 
 
+def test_a_scene_placed_by_ground_control_points_is_told_to_warp_first(capsys, tmp_path):
+    from rasterio.control import GroundControlPoint
+
+    path = tmp_path / "gcps.tif"
+    gcps = [GroundControlPoint(row, col, 290_000 + 10 * col, 9_110_000 - 10 * row) for row, col in ((0, 0), (0, 8), (8, 0), (8, 8))]
+    with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8") as dst:
+        dst.write(np.ones((1, 8, 8), np.uint8))
+        dst.gcps = (gcps, rasterio.crs.CRS.from_epsg(31985))
+    code, _, err = run_cli(capsys, "inspect", str(path), "--json")
+    assert code == 0
+    assert err == (
+        "warning: scene is placed by 4 ground control points, without a CRS and geotransform; its outputs will "
+        f"not be georeferenced: warp it first, e.g. gdalwarp -t_srs EPSG:<code> in.tif out.tif ({path})\n"
+    )
+
+
 def test_missing_file(capsys, tmp_path):
     code, _, err = run_cli(capsys, "inspect", str(tmp_path / "missing.tif"))
     assert_one_line_error(code, err, "file not found", "missing.tif")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -150,6 +151,28 @@ def apply_dataset_mask(array: da.Array, path: Path) -> da.Array:
     if not np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float64 if array.dtype.itemsize >= 4 else np.float32)
     return da.where(mask[None], array, np.nan)
+
+
+def georeferencing_warning(scene: Scene) -> str | None:
+    """The one-line warning for a scene whose outputs cannot be georeferenced, or None.
+
+    A file placed by ground control points alone (unrectified imagery) gets its own
+    advice: the outputs are on its pixel grid, which only warping puts on a map.
+    """
+    if scene.grid.crs is not None:
+        return None
+    gcps: list = []
+    with contextlib.suppress(RasterioError, OSError), warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(scene.source) as src:
+            gcps = src.gcps[0]
+    if gcps:
+        return (
+            f"warning: scene is placed by {len(gcps)} ground control points, without a CRS and geotransform; "
+            "its outputs will not be georeferenced: warp it first, e.g. gdalwarp -t_srs EPSG:<code> "
+            f"in.tif out.tif ({scene.source})"
+        )
+    return f"warning: scene has no CRS; its outputs will not be georeferenced ({scene.source})"
 
 
 def band_names_of(src: rasterio.DatasetReader) -> list[str]:

@@ -36,6 +36,7 @@ from sitfuse_byol.export.atomic import atomic_write_text, remove_path
 from sitfuse_byol.progress import stage_progress, train_progress
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config, resolve_scene_list
 from sitfuse_byol.read.bands import in_another_order
+from sitfuse_byol.read.geotiff import georeferencing_warning
 from sitfuse_byol.run.cluster_client import ClusterOptions, dask_client, worker_info
 from sitfuse_byol.run.interrupts import Interrupts, remove_stale_temporaries, terminate_as_interrupt
 from sitfuse_byol.run.lock import LOCK_NAME, output_folder_lock
@@ -365,8 +366,9 @@ class Pipeline:
                 self._fail(ref.id, err, stage="read")
                 continue
             self.scenes[ref.id] = scene
-            if scene.grid.crs is None:
-                log.warning("warning: scene has no CRS; its outputs will not be georeferenced (%s)", scene.source)
+            warning = georeferencing_warning(scene)
+            if warning:
+                log.warning("%s", warning)
         counts = Counter(s.n_bands for s in self.scenes.values())
         if len(counts) > 1:
             # The odd ones out fail, not everything after an odd first scene; a tie goes
