@@ -119,6 +119,10 @@ def _rgb_positions(scene: Scene, rgb_bands: Sequence[int | str] | None) -> list[
 
     if rgb_bands is not None:
         return select_bands(scene.band_names, rgb_bands, where="output.rgb_bands")
+    if {f"B{i}" for i in (1, 2, 3, 4, 5, 7)} <= set(scene.band_names) and "B6" not in scene.band_names:
+        # The reflective bands of Landsat TM/ETM+ (thermal B6 left out), where red is B3, not
+        # OLI's B4 (which has a B6, shortwave infrared, in every reflective stack).
+        return [scene.band_names.index(name) for name in ("B3", "B2", "B1")]
     for guess in RGB_GUESSES:
         if all(name in scene.band_names for name in guess):
             return [scene.band_names.index(name) for name in guess]

@@ -280,3 +280,20 @@ def test_the_quicklook_of_a_cube_with_wavelength_bands_shows_red_green_blue() ->
     assert _nearest_to_visible(["1", "2", "3"]) is None
     assert _nearest_to_visible(["blue", "green", "red"]) is None
     assert _nearest_to_visible(["1600", "2200"]) is None  # no visible band at all
+
+
+@pytest.mark.parametrize(
+    ("names", "rgb"),
+    [
+        (["B1", "B2", "B3", "B4", "B5", "B7"], ["B3", "B2", "B1"]),  # Landsat 5/7 TM/ETM+, as in data_samples
+        (["B1", "B2", "B3", "B4", "B5", "B6", "B7"], ["B4", "B3", "B2"]),  # Landsat 8/9 OLI
+        (["B01", "B02", "B03", "B04", "B08"], ["B04", "B03", "B02"]),  # Sentinel-2
+    ],
+)
+def test_the_quicklook_guesses_true_colour_bands_by_sensor(tmp_path, names, rgb) -> None:
+    from sitfuse_byol.export.scene_outputs import _rgb_positions
+    from sitfuse_byol.read import open_scene
+    from tests.conftest import write_tif
+
+    path = write_tif(tmp_path / "scene.tif", np.ones((len(names), 8, 8), np.uint16), descriptions=names)
+    assert [names[i] for i in _rgb_positions(open_scene(path), None)] == rgb
