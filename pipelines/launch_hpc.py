@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import dask
 import yaml
 from dask.utils import parse_bytes
 
@@ -126,8 +127,12 @@ def load_spec(path: Path) -> ClusterSpec:
     _check_values(kind=kind, jobs=jobs, gpus=gpus, options=values, where=where)
     options = _with_gpus(kind=kind, gpus=gpus, options=values) if gpus else values
     # The workers a run starts itself go without Dask's profiler (it can hang Python 3.11);
-    # these get the same before anything else runs.
-    options["job_script_prologue"] = [f"export {NO_WORKER_PROFILER_ENV}", *options.get("job_script_prologue", [])]
+    # these get the same before anything else runs. Left out of the file, the prologue is
+    # the site's (dask-jobqueue's config), which setting it here would otherwise replace.
+    prologue = options.get("job_script_prologue")
+    if prologue is None:
+        prologue = dask.config.get(f"jobqueue.{kind}.job-script-prologue", default=None) or []
+    options["job_script_prologue"] = [f"export {NO_WORKER_PROFILER_ENV}", *prologue]
     return ClusterSpec(kind=kind, jobs=jobs, gpus_per_job=gpus, options=options, source=where)
 
 

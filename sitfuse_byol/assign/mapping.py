@@ -322,7 +322,7 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
 # --- mapping --------------------------------------------------------------------------
 
 
-def check_threshold(threshold: float) -> float:
+def check_threshold(threshold: object) -> float:
     """The class share a cluster needs, as a float in (0, 1].
 
     Raises:
@@ -593,6 +593,10 @@ def load_mapping(path: Path, *, n_labels: int, model_hash: str | None = None) ->
     path = Path(path)
     data = _parse_yaml(path)
     threshold = data.get("threshold")
+    if isinstance(threshold, str):
+        # Earlier versions wrote e.g. 5e-05, which YAML 1.1 reads as a string.
+        with contextlib.suppress(ValueError):
+            threshold = float(threshold)
     if threshold is not None:
         try:
             threshold = check_threshold(threshold)

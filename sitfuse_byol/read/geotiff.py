@@ -112,8 +112,8 @@ def open_lazy(source: Path | WarpedVRT, *, chunks: Mapping[str, int]) -> da.Arra
 
 
 class _DatasetMask:
-    """GDAL's per-dataset mask of a file (an internal or ``.msk`` mask band, or an alpha
-    band), read window by window as Dask asks: an array-like for ``da.from_array``."""
+    """GDAL's per-dataset mask band of a file (internal or ``.msk``), read window by
+    window as Dask asks: an array-like for ``da.from_array``."""
 
     def __init__(self, path: Path, shape: tuple[int, int]) -> None:
         self.path = str(path)
@@ -129,15 +129,19 @@ class _DatasetMask:
 
 
 def has_dataset_mask(src: rasterio.DatasetReader) -> bool:
-    """Whether GDAL masks the file's pixels with a mask band or an alpha band, not
-    (only) with a nodata value."""
+    """Whether GDAL masks the file's pixels with a mask band, not (only) a nodata value.
+
+    An alpha band is not taken as one: GDAL calls the 4th band of any 8-bit 4-band file
+    alpha unless told otherwise, and in a red, green, blue, near-infrared stack that
+    would hide every pixel whose near-infrared is 0 (dark water).
+    """
     return any(
-        MaskFlags.per_dataset in flags or MaskFlags.alpha in flags for flags in src.mask_flag_enums
+        MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags for flags in src.mask_flag_enums
     )
 
 
 def apply_dataset_mask(array: da.Array, path: Path) -> da.Array:
-    """The pixels GDAL's mask hides made NaN, which no pixel value test lets through:
+    """The pixels GDAL's mask band hides made NaN, which no pixel value test lets through:
     JPEG-compressed imagery, ``gdalwarp`` output and clipped mosaics often mark their
     invalid pixels that way alone, with no nodata value. Integer data become floating
     point to hold the NaN (float32, or float64 for 32-bit integers), with the same values."""

@@ -399,8 +399,8 @@ class Pipeline:
         # The packing most scenes share (a tie: the first scene's), as for band counts;
         # counted, not compared pairwise: a list may hold thousands of scenes.
         common = Counter(keys.values()).most_common(1)[0][0]
+        # Also the reference for band order: the first scene that is not left out.
         reference = next(scene for scene in scenes if keys[scene.id] == common)
-        first = scenes[0]
         for scene in scenes:
             if keys[scene.id] != common:
                 self._fail(
@@ -413,27 +413,35 @@ class Pipeline:
                     ),
                     stage="read",
                 )
-            elif in_another_order(scene.band_names, first.band_names):
+            elif in_another_order(scene.band_names, reference.band_names):
                 self._fail(
                     scene.id,
                     InputError(
-                        f"the scene's bands ({', '.join(scene.band_names)}) are {first.id}'s "
-                        f"({', '.join(first.band_names)}) in another order; list them in data.bands "
+                        f"the scene's bands ({', '.join(scene.band_names)}) are {reference.id}'s "
+                        f"({', '.join(reference.band_names)}) in another order; list them in data.bands "
                         "to read every scene in one order",
                         where=scene.source,
                     ),
                     stage="read",
                 )
-        self._warn_of_other_band_names(first)
+        self._warn_of_other_band_names()
 
-    def _warn_of_other_band_names(self, first: Scene) -> None:
-        """Say once which scenes hold one of the first scene's band names at another
+    def _warn_of_other_band_names(self) -> None:
+        """Say once which scenes hold one of the first (kept) scene's band names at another
         position (a product one band off, say): still stacked by position, green would pass
-        for blue. Names that differ throughout (other producers' conventions) prove nothing."""
+        for blue. Names that differ throughout (other producers' conventions) prove nothing,
+        and repeated names (every band "reflectance") name no position."""
+
+        def distinct(scene: Scene) -> bool:
+            return len(set(scene.band_names)) == len(scene.band_names)
+
+        first = next(iter(self.scenes.values()), None)
+        if first is None or not distinct(first):
+            return
         position = {name: i for i, name in enumerate(first.band_names)}
         others = [
             s for s in self.scenes.values()
-            if any(position.get(name, i) != i for i, name in enumerate(s.band_names))
+            if distinct(s) and any(position.get(name, i) != i for i, name in enumerate(s.band_names))
         ]
         if others:
             shown = "; ".join(f"{s.id} ({', '.join(s.band_names)})" for s in others[:3])

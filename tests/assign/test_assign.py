@@ -728,6 +728,11 @@ def test_a_mapping_written_with_any_threshold_applies_again(
         label_paths=label_paths, polygons_path=polygons, field="class", threshold=threshold, out_dir=tmp_path / "out"
     )
     assert load_mapping(result.mapping_path, n_labels=K).threshold == threshold
+    # As earlier versions wrote it (5e-05: a string to YAML 1.1), it applies too.
+    old = result.mapping_path.read_text().replace(f"threshold: {yaml.safe_dump(threshold)[:-5]}", f"threshold: {threshold}")
+    result.mapping_path.write_text(old)
+    assert f"threshold: {threshold}\n" in old
+    assert load_mapping(result.mapping_path, n_labels=K).threshold == threshold
 
 
 def test_a_scene_without_crs_is_left_out_of_the_count_but_still_gets_classes(

@@ -129,6 +129,17 @@ def test_workers_of_a_job_start_without_the_dask_profiler(capsys, example):
     assert lines.count(lines[export]) == 1
 
 
+def test_a_file_without_a_prologue_keeps_the_sites_from_the_jobqueue_config(tmp_path, capsys):
+    import dask
+
+    site = ["module load site-python", "source /site/venv/bin/activate"]
+    variant = write_variant(tmp_path, SLURM_YAML, job_script_prologue=None)
+    with dask.config.set({"jobqueue.slurm.job-script-prologue": site}):
+        lines = render(capsys, variant).splitlines()
+    start = lines.index("export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False")
+    assert lines[start + 1 : start + 3] == site
+
+
 def test_pbs_gpus_go_into_the_resource_spec(tmp_path, capsys):
     path = write_variant(tmp_path, PBS_YAML, gpus_per_job=4, processes=None)
     script = render(capsys, path)

@@ -124,9 +124,8 @@ def test_a_file_of_subdatasets_names_them_and_how_to_read_one(tmp_path):
     assert "\n" not in err.value.what
 
 
-@pytest.mark.parametrize(("dtype", "nodata", "as_alpha"), [("uint8", None, False), ("int16", -1, False), ("uint8", None, True)])
-def test_pixels_hidden_by_gdals_mask_band_or_alpha_are_invalid(tmp_path, dtype, nodata, as_alpha):
-    from rasterio.enums import ColorInterp
+@pytest.mark.parametrize(("dtype", "nodata"), [("uint8", None), ("int16", -1)])
+def test_pixels_hidden_by_gdals_mask_band_are_invalid(tmp_path, dtype, nodata):
     from rasterio.transform import from_origin
 
     rng = np.random.default_rng(0)
@@ -137,22 +136,30 @@ def test_pixels_hidden_by_gdals_mask_band_or_alpha_are_invalid(tmp_path, dtype, 
     mask[:, :16] = 0  # e.g. the collar of a warped, JPEG-compressed mosaic
     path = tmp_path / "masked.tif"
     profile = {
-        "driver": "GTiff", "width": 64, "height": 48, "count": 4 if as_alpha else 3, "dtype": dtype,
+        "driver": "GTiff", "width": 64, "height": 48, "count": 3, "dtype": dtype,
         "nodata": nodata, "crs": "EPSG:32618", "transform": from_origin(0, 480, 10, 10),
         "tiled": True, "blockxsize": 16, "blockysize": 16,
     }
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
-        dst.write(data, [1, 2, 3])
-        if as_alpha:
-            dst.write(mask.astype(dtype), 4)
-            dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
-        else:
-            dst.write_mask(mask)
-    scene = open_scene(path, bands=[1, 2, 3], chunk_target=32, patch_size=16)
+        dst.write(data)
+        dst.write_mask(mask)
+    scene = open_scene(path, bands=[3, 1], chunk_target=32, patch_size=16)
     expected = mask > 0
     if nodata is not None:
         expected[:4, 40:] = False
     np.testing.assert_array_equal(scene.valid.compute(), expected)
     pixels = scene.data.compute()
     np.testing.assert_array_equal(scene.valid_of(pixels), expected)
-    np.testing.assert_array_equal(pixels[:, expected], data[:, expected])  # values kept as they are
+    np.testing.assert_array_equal(pixels[:, expected], data[[2, 0]][:, expected])  # values kept as they are
+
+
+def test_the_fourth_band_of_an_8_bit_image_is_data_not_gdals_alpha(tmp_path):
+    # GDAL calls it alpha by default; in red, green, blue, near-infrared, 0 is dark water.
+    data = np.full((4, 32, 32), 60, np.uint8)
+    data[3, 16:] = 0
+    path = write_tif(tmp_path / "rgbn.tif", data, descriptions=["red", "green", "blue", "nir"])
+    with rasterio.open(path) as src:
+        assert src.colorinterp[3].name == "alpha"
+    scene = open_scene(path)
+    assert scene.dtype == np.uint8
+    assert bool(scene.valid.all().compute())

@@ -281,6 +281,15 @@ def test_scenes_with_bands_in_another_order_or_scale_fail(tmp_path, crop_scenes,
         "B5, B7, B8); scenes are stacked band by band by position, so check that they hold the same bands in the "
         "same order (data.bands selects bands by name)"
     ]
+    # A scene left out is nobody's reference; repeated names name no position.
+    scaled_shifted = copy("scaled_shifted", [1, 2, 3, 4, 5, 6], lambda names: (*names[1:], "B8"), scale=2.75e-5)
+    same = copy("same", [1, 2, 3, 4, 5, 6], lambda names: ("reflectance",) * 6)
+    for scenes, code in (([scaled_shifted, crop_scenes["olinda_a"], crop_scenes["olinda_b"]], 1), ([same], 0)):
+        config = write_config(tmp_path, scenes, out="quiet")
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert main(["stats", "-c", str(config), "--quiet"]) == code
+        assert not [r for r in caplog.records if "band names" in r.getMessage()], scenes
     assert (
         "scene scaled left out: read: the scene's values are stored with (scale, offset) (2.75e-05, -0.2) "
         "but olinda_a's with (1, 0); values are read as stored, so the two would not compare: "
