@@ -227,13 +227,13 @@ class PatchSampler:
                 while pool.size == pool.capacity:
                     yield self._batch(pool, batch_rng)
         yield from self._end_pass(pool, batch_rng, seen)
-        # The last incomplete batch of a finite stream is dropped.
 
     def _end_pass(self, pool: _Pool, rng: np.random.Generator, seen: int) -> Iterator[PatchBatch]:
         """The full batches left at the end of a pass of ``seen`` patches.
 
-        The rest stays in the pool for the next pass: with fewer patches in a pass than
-        in a batch, dropping them would leave an endless stream that never yields.
+        The rest is dropped, unless the pass gave fewer patches than a batch: then they
+        stay in the pool for the next pass, since dropping them would leave an endless
+        stream that never yields.
         """
         if seen == 0:
             raise InputError(
@@ -251,6 +251,8 @@ class PatchSampler:
             )
         while pool.size >= self.batch_size:
             yield self._batch(pool, rng)
+        if seen >= self.batch_size:
+            pool.size = 0
 
     def epoch(self, epoch: int = 0) -> Iterator[PatchBatch]:
         """One pass over the shard's chunks, in a random order set by ``(seed, epoch)``.
