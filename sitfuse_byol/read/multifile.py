@@ -36,7 +36,14 @@ from rasterio.warp import transform_bounds
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.grid import Grid
 from sitfuse_byol.read.chunking import DEFAULT_CHUNK_TARGET, aligned_chunks
-from sitfuse_byol.read.geotiff import check_has_bands, check_not_truncated, open_dataset, open_lazy
+from sitfuse_byol.read.geotiff import (
+    apply_dataset_mask,
+    check_has_bands,
+    check_not_truncated,
+    has_dataset_mask,
+    open_dataset,
+    open_lazy,
+)
 from sitfuse_byol.read.scene import Scene, build_scene, fill_as, shared_nodata
 
 log = logging.getLogger("sitfuse_byol.read")
@@ -146,6 +153,7 @@ def open_multifile(
                     "block": src.block_shapes[0],
                     "dtype": src.dtypes[0],
                     "packing": (src.scales[0], src.offsets[0]),
+                    "masked": has_dataset_mask(src),
                 }
             )
     dtypes = {p["dtype"] for p in profiles}
@@ -176,12 +184,14 @@ def open_multifile(
         for path, profile in zip(spec.files, profiles, strict=True)
     ]
     # A configured nodata overrides every file's; otherwise each band's own fill, and the
-    # pixels a band does not cover, get one scene-wide value that the valid mask knows.
+    # pixels a band does not cover, get one scene-wide value that the valid mask knows. So
+    # do the pixels a warped band's mask hides: GDAL's warper writes the nodata there.
+    warped_masked = any(p["masked"] and not p["grid"].same_as(ref) for p in profiles)
     scene_nodata = nodata if nodata is not None else shared_nodata(
         [p["nodata"] for p in profiles],
         first=ref_pos,
         dtype=np.dtype(profiles[ref_pos]["dtype"]),
-        uncovered=min(coverage) < 1,
+        uncovered=min(coverage) < 1 or warped_masked,
     )
     for path, fraction in zip(spec.files, coverage, strict=True):
         if fraction < 1:
@@ -284,7 +294,10 @@ def _band_array(
     dask_chunks = {"band": 1, "y": chunks[0], "x": chunks[1]}
     grid: Grid = profile["grid"]
     if grid.same_as(ref):
-        return fill_as(open_lazy(path, chunks=dask_chunks), own=src_nodata, nodata=nodata)
+        array = open_lazy(path, chunks=dask_chunks)
+        if profile["masked"]:
+            array = apply_dataset_mask(array, path)
+        return fill_as(array, own=src_nodata, nodata=nodata)
     method = spec.coarsen if grid.res[0] < ref.res[0] else spec.refine
     # rioxarray keeps the VRT's parameters and reopens it per read, so these handles
     # can close here instead of staying open for the life of the scene.

@@ -214,3 +214,28 @@ def test_a_finer_band_half_a_pixel_short_of_the_grid_covers_it(tmp_path, caplog)
     assert scene.grid.res == (30, 30)
     assert not caplog.records
     assert scene.nodata is None and scene.valid.compute().all()
+
+
+def _masked_band(path: Path, values: np.ndarray, hidden_cols: slice, transform: Affine) -> Path:
+    mask = np.full(values.shape, 255, np.uint8)
+    mask[:, hidden_cols] = 0
+    profile = {
+        "driver": "GTiff", "width": values.shape[1], "height": values.shape[0], "count": 1, "dtype": values.dtype,
+        "crs": "EPSG:32618", "transform": transform, "tiled": True, "blockxsize": 16, "blockysize": 16,
+    }
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
+        dst.write(values[None])
+        dst.write_mask(mask)
+    return path
+
+
+def test_band_files_masked_by_gdal_mask_bands_on_the_grid_and_warped(tmp_path):
+    ten = Affine(10, 0, 400000, 0, -10, 4000000)
+    _masked_band(tmp_path / "ref.tif", np.full((48, 48), 7, np.uint16), slice(0, 8), ten)
+    _masked_band(tmp_path / "coarse.tif", np.full((24, 24), 3, np.uint16), slice(20, 24), ten * Affine.scale(2))
+    scene = open_scene(two_band_spec(tmp_path, "ref.tif", "coarse.tif"), chunk_target=32, patch_size=16)
+    expected = np.zeros((48, 48), bool)
+    expected[:, 8:40] = True  # hidden: the reference's first 8 columns, the coarse band's last 4 (8 at 10 m)
+    np.testing.assert_array_equal(scene.valid.compute(), expected)
+    pixels = scene.data.compute()
+    assert (pixels[0][expected] == 7).all() and (pixels[1][expected] == 3).all()
