@@ -175,6 +175,8 @@ def test_train_under_torchrun_without_ddp_or_ddp_without_torchrun_is_refused(tmp
 
 CRASH_SCRIPT = textwrap.dedent(
     """
+    import os
+
     import torch
     from sitfuse_byol.errors import SitfuseError
     from sitfuse_byol.train.loop import _from_rank_zero, init_distributed
@@ -184,12 +186,17 @@ CRASH_SCRIPT = textwrap.dedent(
     def statistics():
         raise OSError(28, "No space left on device")
 
+    def say(line):
+        # One write of a whole line: the two ranks share the pipe, and print's text and
+        # newline can reach it apart, interleaving the lines.
+        os.write(1, (line + "\\n").encode())
+
     try:
         _from_rank_zero(ctx, statistics)
     except SitfuseError as err:
-        print(f"rank {ctx.rank}: SitfuseError: {err}", flush=True)
+        say(f"rank {ctx.rank}: SitfuseError: {err}")
     except OSError as err:
-        print(f"rank {ctx.rank}: OSError: {err}", flush=True)
+        say(f"rank {ctx.rank}: OSError: {err}")
     """
 )
 
