@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import difflib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -900,7 +901,7 @@ def _keep_previous(path: Path, *, replacement: str) -> Path | None:
     counted = path.with_name(COUNTED_DIGEST)
     if text == replacement or (counted.exists() and counted.read_text().strip() == _digest(text)):
         return None
-    for n in range(1, 10_000):
+    for n in itertools.count(1):
         previous = path.with_name(f"{path.stem}.previous{'' if n == 1 else f'.{n}'}{path.suffix}")
         if not previous.exists():
             break
@@ -998,11 +999,12 @@ def run_assign(
         )
         mapping_path = out_dir / "assign" / "mapping.yaml"
         source = f"{polygons.path} (field {field!r}), threshold {threshold}"
-        previous = _keep_previous(mapping_path, replacement=mapping_yaml(mapping, source=source, path=mapping_path))
+        text = mapping_yaml(mapping, source=source, path=mapping_path)
+        previous = _keep_previous(mapping_path, replacement=text)
         if previous is not None:
             notes.append(f"kept the earlier mapping as {previous}")
-        write_mapping(mapping_path, mapping, source=source)
-        atomic_write_text(mapping_path.with_name(COUNTED_DIGEST), _digest(mapping_path.read_text(encoding="utf-8")))
+        write_mapping(mapping_path, mapping, source=source)  # writes ``text``
+        atomic_write_text(mapping_path.with_name(COUNTED_DIGEST), _digest(text))
     notes += mapping.notes
     class_paths = apply_mapping(label_paths, mapping, out_dir=out_dir / "classes")
     return AssignResult(
