@@ -70,6 +70,7 @@ class CountTable:
         polygons_path: The polygon file the counts come from.
         scenes: Ids of the scenes that had polygon pixels.
         unplaced: Ids of the scenes left out of the count for want of a CRS.
+        outside: Positions of the polygons (features) that overlap no georeferenced scene.
     """
 
     counts: np.ndarray
@@ -77,6 +78,7 @@ class CountTable:
     polygons_path: Path
     scenes: list[str]
     unplaced: list[str] = dataclasses.field(default_factory=list)
+    outside: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def n_labels(self) -> int:
@@ -274,7 +276,8 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
     scenes = []
     # Why no pixel counted, for the message: outside every scene, between pixel centres,
     # or only over nodata.
-    in_extent = burnt_any = False
+    burnt_any = False
+    touched = np.zeros(len(polygons.geometries), dtype=bool)  # overlaps some scene
     unplaced: list[Path] = []
     for path in map(Path, label_paths):
         with _open_labels(path) as (src, info):
@@ -286,7 +289,7 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
             if key not in reprojected:
                 reprojected[key] = reproject_polygons(polygons, info.grid.crs)
             found = False
-            in_extent = in_extent or bool(shapely.intersects(shapely.box(*info.grid.bounds), reprojected[key]).any())
+            touched |= shapely.intersects(shapely.box(*info.grid.bounds), reprojected[key])
             for window, burnt in burn_windows(reprojected[key], class_indices, grid=info.grid):
                 burnt_any = True
                 labels = src.read(1, window=window)
@@ -306,7 +309,7 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
     if not scenes:
         if burnt_any:
             what = "the polygons cover only nodata pixels of the scenes"
-        elif in_extent:
+        elif touched.any():
             what = "no polygon holds a pixel centre of a scene; draw them larger than a pixel"
         else:
             what = "no polygon overlaps any scene; check the polygons' CRS and extent"
@@ -317,6 +320,7 @@ def count_cluster_classes(label_paths: Sequence[Path], polygons: ClassPolygons) 
         polygons_path=polygons.path,
         scenes=scenes,
         unplaced=[p.stem for p in unplaced],
+        outside=np.flatnonzero(~touched).tolist(),
     )
 
 
@@ -976,6 +980,12 @@ def run_assign(
             polygons = read_class_polygons(Path(polygons_path), field=field, layer=layer)
         notes += polygons.notes
         counts = count_cluster_classes(label_paths, polygons)
+        if counts.outside:
+            classes = sorted({polygons.classes[i] for i in counts.outside})
+            notes.append(
+                f"{len(counts.outside)} of {len(polygons.geometries)} polygons (class {', '.join(classes)}) overlap "
+                "no scene and are not counted; check their CRS and extent"
+            )
         if counts.unplaced:
             notes.append(
                 f"scene {', '.join(counts.unplaced)}: no CRS, so no polygon can be placed on it and its pixels "

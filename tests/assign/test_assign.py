@@ -197,6 +197,7 @@ def test_counts_over_two_scenes_match_numpy_and_give_the_expected_mapping(
     np.testing.assert_array_equal(counts.counts, EXPECTED_COUNTS)
     assert counts.counts.dtype == np.int64
     assert counts.scenes == ["a", "b"]
+    assert counts.outside == [len(FEATURES)]  # the far-away one
     mapping = build_mapping(counts, threshold=0.51)
     assert mapping.clusters == EXPECTED_MAPPING
     assert mapping.output_classes == ["forest", "water", UNCERTAIN]
@@ -758,3 +759,13 @@ def test_a_scene_without_crs_is_left_out_of_the_count_but_still_gets_classes(
     # Alone, it leaves nothing to count on.
     with pytest.raises(InputError, match="has no CRS"):
         run_assign(label_paths=[unplaced], polygons_path=polygons, field="class", threshold=0.51, out_dir=tmp_path / "x")
+
+
+def test_polygons_that_overlap_no_scene_are_named_beside_those_that_count(tmp_path: Path, label_paths: list[Path]) -> None:
+    far_away = [("a", (-2000, -1990), (-2000, -1990), "water"), ("b", (900, 910), (900, 910), "marsh")]
+    polygons = write_class_polygons(tmp_path / "classes.gpkg", [*FEATURES, *far_away])
+    result = run_assign(
+        label_paths=label_paths, polygons_path=polygons, field="class", threshold=0.51, out_dir=tmp_path / "out"
+    )
+    assert f"2 of {len(FEATURES) + 2} polygons (class marsh, water) overlap no scene and are not counted; " \
+        "check their CRS and extent" in result.notes
