@@ -166,10 +166,12 @@ def georeferencing_warning(scene: Scene) -> str | None:
     if scene.grid.crs is not None:
         return None
     gcps: list = []
-    with contextlib.suppress(RasterioError, OSError), warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(scene.source) as src:
-            gcps = src.gcps[0]
+    # Only a file can hold GCPs: not a multi-file scene's id, nor a Zarr store's folder.
+    if Path(scene.source).is_file():
+        with contextlib.suppress(RasterioError, OSError), warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(scene.source) as src:
+                gcps = src.gcps[0]
     if gcps:
         return (
             f"warning: scene is placed by {len(gcps)} ground control points, without a CRS and geotransform; "

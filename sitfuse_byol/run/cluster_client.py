@@ -28,8 +28,10 @@ CORES_PER_WORKER = 4
 #: for good (CPython gh-106883; seen here in an in-process worker during export). It only
 #: feeds the dashboard's profile page, so the workers a run starts go without it; workers
 #: started by hand or by a queue get the same from this environment variable.
-NO_WORKER_PROFILER = {"distributed.worker.profile.enabled": False}
-NO_WORKER_PROFILER_ENV = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"
+_PROFILER_KEY = "distributed.worker.profile.enabled"
+NO_WORKER_PROFILER = {_PROFILER_KEY: False}
+#: The same setting as Dask reads it from the environment (``DASK_``, ``__`` for each dot).
+NO_WORKER_PROFILER_ENV = f"DASK_{_PROFILER_KEY.upper().replace('.', '__')}=False"
 
 
 @dataclass(frozen=True)

@@ -32,3 +32,16 @@ def test_workers_of_a_local_cluster_run_without_the_profiler(workers):
     with dask_client(options, quiet=True) as client:
         profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
     assert list(profiling.values()) == [False] * workers
+
+
+def test_the_profiler_variable_for_hand_started_workers_is_the_same_setting():
+    import dask
+
+    from sitfuse_byol.run.cluster_client import NO_WORKER_PROFILER, NO_WORKER_PROFILER_ENV
+
+    name, value = NO_WORKER_PROFILER_ENV.split("=")
+    (key, setting), = NO_WORKER_PROFILER.items()
+    collected = dask.config.collect_env({name: value})
+    for part in key.split("."):
+        collected = collected[part]
+    assert collected is setting is False
