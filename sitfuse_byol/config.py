@@ -419,6 +419,16 @@ class Config:
         text = json.dumps(chosen, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def settings_digest(self) -> str:
+        """A short hash of what a scene's outputs depend on, for provenance tags.
+
+        Which scenes are in the list, where outputs go and how work is spread over Dask
+        are left out: label rasters made with the same settings carry the same hash, in
+        whichever folder or batch they were made.
+        """
+        sections = [s for s in self.values if s != "dask"]
+        return self.digest(*sections, leave_out=("data.scenes", "output.dir"))
+
 
 def _without_placement(section: str, values: Any) -> Any:
     keys = SCHEMA.get(section, {})

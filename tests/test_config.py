@@ -162,6 +162,15 @@ def test_digest_can_leave_out_single_keys(tmp_path):
     assert one.digest("data", leave_out=["data.scenes"]) != nodata.digest("data", leave_out=["data.scenes"])
 
 
+def test_settings_digest_is_the_same_for_another_batch_or_folder(tmp_path):
+    path = write(tmp_path, {"data": {"scenes": ["a.tif"]}})
+    one = load_config(path)
+    elsewhere = load_config(path, overrides=["data.scenes=[a.tif, b.tif]", "output.dir=/tmp/other", "dask.workers=3"])
+    assert one.settings_digest() == elsewhere.settings_digest()
+    for change in ("cluster.n_clusters=9", "data.nodata=0", "train.lr=0.01", "output.polygons=true", "tiling.patch_size=8"):
+        assert load_config(path, overrides=[change]).settings_digest() != one.settings_digest(), change
+
+
 def test_the_resolved_config_means_the_same_from_another_folder(tmp_path):
     project = tmp_path / "project"
     (project / "configs").mkdir(parents=True)

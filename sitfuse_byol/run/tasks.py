@@ -337,7 +337,7 @@ def export_task(config: Config, ref: SceneRef, threads: int = 1) -> dict[str, st
         tags = {
             "model_hash": model.model_hash,
             "encoder_hash": trained.checkpoint_hash,
-            "config_hash": config.digest(),
+            "config_hash": config.settings_digest(),
             "scene": scene.id,
         }
         return write_scene_outputs(
