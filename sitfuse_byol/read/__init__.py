@@ -76,7 +76,7 @@ def open_scene(
     try:
         if isinstance(spec, MultiFileSpec):
             opened = open_multifile(spec, **common)
-        elif (path := Path(spec)).suffix == ".zarr" or path.suffix in NETCDF_SUFFIXES or path.is_dir():
+        elif (path := Path(spec)).suffix.lower() in (".zarr", *NETCDF_SUFFIXES) or path.is_dir():
             opened = open_xarray(path, variable=variable, **common)
         else:
             opened = open_geotiff(path, **common)

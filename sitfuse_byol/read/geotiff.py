@@ -13,6 +13,7 @@ import numpy as np
 import rasterio
 import rioxarray
 import xarray as xr
+from affine import Affine
 from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
@@ -164,6 +165,13 @@ def georeferencing_warning(scene: Scene) -> str | None:
     advice: the outputs are on its pixel grid, which only warping puts on a map.
     """
     if scene.grid.crs is not None:
+        if scene.grid.transform == Affine.identity():
+            # A CRS alone places nothing: rioxarray and GDAL fall back to pixel
+            # coordinates, which in that CRS would put every output near its origin.
+            return (
+                "warning: scene has a CRS but no geotransform or x/y coordinates; its outputs will sit at "
+                f"pixel coordinates (1-unit pixels at the CRS origin) ({scene.source})"
+            )
         return None
     gcps: list = []
     # Only a file can hold GCPs: not a multi-file scene's id, nor a Zarr store's folder.

@@ -45,7 +45,7 @@ def parse_scene_entry(entry: object, *, base: Path, where: str) -> SceneSpec:
     if isinstance(entry, str | Path) and str(entry).strip():
         path = Path(entry).expanduser()
         path = path if path.is_absolute() else base / path
-        if path.suffix in YAML_SUFFIXES:
+        if path.suffix.lower() in YAML_SUFFIXES:
             return _load_scene_yaml(path, where=where)
         return path
     raise InputError(f"scene entry {entry!r} is neither a path nor a multi-file scene", where=where)
@@ -97,9 +97,9 @@ def resolve_scene_list(scenes: object, *, base: Path) -> list[SceneRef]:
         matched = _glob_refs(text, base=base, where=text)
         if matched is not None:
             refs = matched
-        elif path.suffix in LIST_SUFFIXES:
+        elif path.suffix.lower() in LIST_SUFFIXES:
             refs = _read_text_list(path)
-        elif path.suffix in YAML_SUFFIXES and path.exists():
+        elif path.suffix.lower() in YAML_SUFFIXES and path.exists():
             content = _read_yaml(path, where=text)
             if isinstance(content, list):
                 refs = _entries(content, base=path.parent, label=str(path))

@@ -6,9 +6,11 @@ import warnings
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
+from affine import Affine
 from rasterio.crs import CRS
 
 from sitfuse_byol.errors import InputError
@@ -30,7 +32,7 @@ def _open_dataset(path: Path) -> xr.Dataset:
         "mask_and_scale": False,
         "decode_coords": "all",
     }
-    is_zarr = path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists()
+    is_zarr = path.suffix.lower() == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists()
     if path.is_dir() and not is_zarr:
         raise InputError(
             f"a folder that is not a Zarr store; for the rasters in it give a glob such as {path}/*.tif",
@@ -80,14 +82,89 @@ def _has_spatial_dims(array: xr.DataArray) -> bool:
     return any(y in array.dims and x in array.dims for y, x in SPATIAL_DIMS)
 
 
+def _is_time(array: xr.DataArray, dim: Hashable) -> bool:
+    return str(dim).lower() in ("time", "t") or (
+        dim in array.coords and np.issubdtype(array.coords[dim].dtype, np.datetime64)
+    )
+
+
+def _squeezed(array: xr.DataArray) -> xr.DataArray:
+    """The variable without its length-1 time dimension, or without any length-1
+    dimension besides the spatial ones when it has more than one: one date of a
+    time series, ``(time=1, y, x)`` bands or a ``(time=1, band, y, x)`` cube."""
+    spatial = next(((y, x) for y, x in SPATIAL_DIMS if y in array.dims and x in array.dims), ())
+    extra = [d for d in array.dims if d not in spatial]
+    drop = [d for d in extra if array.sizes[d] == 1 and (len(extra) > 1 or _is_time(array, d))]
+    return array.squeeze(drop) if drop else array
+
+
+def _is_auxiliary(array: xr.DataArray) -> bool:
+    """Latitude and longitude stored as data variables (2-D swath or curvilinear
+    coordinates not named in a ``coordinates`` attribute): positions, not bands."""
+    names = {"lat", "lon", "latitude", "longitude"}
+    standard = str(array.attrs.get("standard_name", "")).lower()
+    units = str(array.attrs.get("units", "")).lower().replace(" ", "_")
+    return (
+        str(array.name).lower() in names
+        or standard in ("latitude", "longitude")
+        or units in ("degrees_north", "degree_north", "degrees_east", "degree_east")
+    )
+
+
+def _invalid_to_nodata(array: xr.DataArray, nodata: float | None, *, own: bool) -> xr.DataArray:
+    """The variable with every value CF calls missing rewritten to the scene's ``nodata``.
+
+    CF lets a variable mark missing data in more than one way at once: ``_FillValue``
+    and ``missing_value`` (a value or a list), and ``valid_min``/``valid_max``/
+    ``valid_range`` in stored units. ``own``: the file's fill values count (they do
+    not when a configured nodata overrides them); the valid range always does.
+    """
+    if nodata is None:
+        if not np.issubdtype(array.dtype, np.floating):
+            return array
+        nodata = float("nan")
+    data = array.data
+    if own:
+        for key in ("_FillValue", "missing_value", "nodata"):
+            raw = array.attrs.get(key, array.encoding.get(key))
+            for value in _numbers(raw):
+                data = fill_as(data, own=value, nodata=nodata)
+    low, high = _cf_valid_range(array)
+    if low is not None or high is not None:
+        below = data < low if low is not None else False
+        above = data > high if high is not None else False
+        data = da.where(below | above, np.array(nodata, dtype=data.dtype), data)
+    return array.copy(data=data)
+
+
+def _cf_valid_range(array: xr.DataArray) -> tuple[float | None, float | None]:
+    """A variable's CF valid range in stored units: ``valid_range``, else ``valid_min``
+    and ``valid_max`` (either may be absent)."""
+    if len(pair := _numbers(array.attrs.get("valid_range"))) == 2:
+        return pair[0], pair[1]
+    low, high = (_numbers(array.attrs.get(key)) for key in ("valid_min", "valid_max"))
+    return (low[0] if low else None), (high[0] if high else None)
+
+
+def _numbers(value: object) -> list[float]:
+    """An attribute's numbers (none for a missing or non-numeric one)."""
+    if value is None:
+        return []
+    try:
+        return [float(v) for v in np.ravel(np.asarray(value, dtype=np.float64))]
+    except (TypeError, ValueError):
+        return []
+
+
 def _select_array(
     ds: xr.Dataset, variable: str | None, *, nodata: float | None, where: str
-) -> tuple[xr.DataArray, float | None]:
+) -> tuple[xr.DataArray, float | None, list[xr.DataArray]]:
     """One ``(band, y, x)`` array and its nodata: the named variable, the only 3-D one, or
-    2-D ones stacked.
+    2-D ones stacked; plus the variable each band comes from (for its packing).
 
     Stacked variables each keep their own fill value in the file; unless ``nodata`` is
     configured (it overrides them all), each is rewritten to one value for the scene.
+    Values outside a variable's CF valid range become nodata too.
     """
     if variable is not None:
         if variable not in ds.data_vars:
@@ -95,11 +172,20 @@ def _select_array(
                 f"no variable {variable!r}; variables are {', '.join(map(str, ds.data_vars))}",
                 where=where,
             )
-        candidates = [ds[variable]]
+        candidates = [_squeezed(ds[variable])]
+        if candidates[0].ndim not in (2, 3):
+            raise InputError(
+                f"variable {variable!r} has dimensions ({', '.join(map(str, candidates[0].dims))}); a scene is "
+                "one (band, y, x) cube or 2-D bands: select or average the others first",
+                where=where,
+            )
     else:
-        candidates = [v for v in ds.data_vars.values() if v.ndim in (2, 3)]
-    if not candidates:
-        raise InputError("no 2-D or 3-D data variable", where=where)
+        squeezed = [_squeezed(v) for v in ds.data_vars.values() if not _is_auxiliary(v)]
+        candidates = [v for v in squeezed if v.ndim in (2, 3)]
+        if not candidates:
+            more = [v for v in squeezed if v.ndim > 3]
+            detail = f" ({more[0].name} has dimensions {', '.join(map(str, more[0].dims))})" if more else ""
+            raise InputError(f"no 2-D or 3-D data variable{detail}{_missing_zarr_metadata(where)}", where=where)
     three_d = [v for v in candidates if v.ndim == 3]
     if three_d:
         if len(three_d) > 1:
@@ -108,7 +194,9 @@ def _select_array(
         array = three_d[0]
         y, x = _spatial_dims(array, where=where)
         band_dim = next(d for d in array.dims if d not in (y, x))
-        return array.transpose(band_dim, y, x), _fill_value(array)
+        fill = _fill_value(array)
+        array = _invalid_to_nodata(array, nodata if nodata is not None else fill, own=nodata is None)
+        return array.transpose(band_dim, y, x), fill, [array] * array.sizes[band_dim]
     # Several 2-D variables on one grid are taken as bands, named after the variables.
     # Those without spatial dimensions (e.g. CF bounds such as time_bnds) cannot be bands.
     spatial = [v for v in candidates if _has_spatial_dims(v)] or candidates
@@ -124,16 +212,25 @@ def _select_array(
     own = [_fill_value(v) for v in spatial]
     dtype = np.result_type(*(v.dtype for v in spatial))
     shared = nodata if nodata is not None else shared_nodata(own, first=0, dtype=dtype, uncovered=False)
-    if nodata is None:
-        # In the type the stack has anyway, which can hold the shared value.
-        spatial = [
-            v.copy(data=fill_as(v.data.astype(dtype), own=fill, nodata=shared))
-            for v, fill in zip(spatial, own, strict=True)
-        ]
+    # In the type the stack has anyway, which can hold the shared value.
+    bands = [_invalid_to_nodata(v.astype(dtype), shared, own=nodata is None) for v in spatial]
     stacked = xr.concat(
-        [v.transpose(y, x) for v in spatial], dim="band", coords="minimal", compat="override"
+        [v.transpose(y, x) for v in bands], dim="band", coords="minimal", compat="override"
     )
-    return stacked.assign_coords(band=[str(v.name) for v in spatial]), shared
+    return stacked.assign_coords(band=[str(v.name) for v in spatial]), shared, spatial
+
+
+def _missing_zarr_metadata(where: str) -> str:
+    """Names the arrays of a Zarr store that lost their metadata (which xarray skips)."""
+    store = Path(where)
+    if not store.is_dir():
+        return ""
+    lost = sorted(
+        child.name
+        for child in store.iterdir()
+        if child.is_dir() and not any((child / name).exists() for name in ("zarr.json", ".zarray", ".zgroup"))
+    )
+    return f"; {', '.join(lost)}: no array metadata (zarr.json or .zarray), the store is damaged" if lost else ""
 
 
 def _check_even_spacing(array: xr.DataArray, dim: Hashable, *, where: str) -> None:
@@ -187,7 +284,34 @@ def grid_of(array: xr.DataArray, *, where: str) -> Grid:
         # CF latitude/longitude coordinates without a grid mapping: WGS 84, as GDAL's
         # netCDF driver takes them, rather than outputs without any CRS.
         crs = CRS.from_epsg(4326)
+    if (scale := _to_crs_units(array, y=y, x=x, crs=crs, where=where)) != 1:
+        transform = Affine.scale(scale) * transform
     return Grid(height=array.sizes[y], width=array.sizes[x], transform=transform, crs=crs)
+
+
+KILOMETRES = ("km", "kilometre", "kilometres", "kilometer", "kilometers")
+METRES = ("m", "metre", "metres", "meter", "meters")
+
+
+def _to_crs_units(array: xr.DataArray, *, y: Hashable, x: Hashable, crs: CRS | None, where: str) -> float:
+    """The factor from the x/y coordinates' units to the CRS's: 1000 for kilometres on
+    a CRS in metres (Daymet and other CF grids store km), else 1.
+
+    Raises:
+        InputError: The coordinates are in kilometres on a CRS in other units, or the
+            two axes are in different units.
+    """
+    units = [str(array.coords[d].attrs.get("units", "")).strip().lower() if d in array.coords else "" for d in (y, x)]
+    in_km = [u in KILOMETRES for u in units]
+    if not any(in_km) or crs is None or not crs.is_projected:
+        return 1.0
+    if not all(in_km):
+        raise InputError(f"the {y} and {x} coordinates are in different units ({units[0]!r}, {units[1]!r})", where=where)
+    if str(crs.linear_units).lower() not in METRES:
+        raise InputError(
+            f"the {y}/{x} coordinates are in km but the CRS is in {crs.linear_units}; convert them first", where=where
+        )
+    return 1000.0
 
 
 def _geographic(array: xr.DataArray, *, y: Hashable, x: Hashable) -> bool:
@@ -196,6 +320,19 @@ def _geographic(array: xr.DataArray, *, y: Hashable, x: Hashable) -> bool:
         return False
     lat, lon = np.asarray(array[y].values, dtype=float), np.asarray(array[x].values, dtype=float)
     return bool(np.abs(lat).max() <= 90 and lon.min() >= -180 and lon.max() <= 360)
+
+
+def _north_up(array: xr.DataArray) -> xr.DataArray:
+    """A ``(band, y, x)`` array stored south row first (y ascending, as many NetCDF
+    products are) turned north up, lazily, as GDAL's netCDF driver does: outputs are then
+    north-up rasters, and quicklooks are not upside down."""
+    y = array.dims[1]
+    if y not in array.coords or array.sizes[y] < 2:
+        return array
+    values = np.asarray(array.coords[y].values)
+    if not np.issubdtype(values.dtype, np.number) or values[1] <= values[0]:
+        return array
+    return array.isel({y: slice(None, None, -1)})
 
 
 def open_xarray(
@@ -218,7 +355,8 @@ def open_xarray(
     """
     where = str(path)
     ds = _open_dataset(path)
-    array, file_nodata = _select_array(ds, variable, nodata=nodata, where=where)
+    array, file_nodata, sources = _select_array(ds, variable, nodata=nodata, where=where)
+    array = _north_up(array)
     grid = grid_of(array, where=where)
     if array.dims[0] in array.coords:
         names = [str(v) for v in array.coords[array.dims[0]].values]
@@ -240,5 +378,5 @@ def open_xarray(
         valid_range=valid_range,
         bands=bands,
         source=where,
-        packing=[_packing(ds[n] if n in ds.data_vars and ds[n].ndim == 2 else array) for n in names],
+        packing=[_packing(source) for source in sources],
     )

@@ -189,3 +189,126 @@ def test_the_declared_scale_and_offset_are_kept_and_values_stay_as_stored(tmp_pa
     assert scene.dtype == np.int16
     np.testing.assert_array_equal(scene.data.compute(), data)
     assert open_scene(tmp_path / "packed.nc", bands=[2]).packing == ((1e-4, -0.1),)
+
+
+def _utm_cube(data: np.ndarray, *, y_ascending: bool = False) -> xr.DataArray:
+    """A ``(band, y, x)`` cube of 30 m pixels in EPSG:32618, row 0 north unless ``y_ascending``."""
+    _, height, width = data.shape
+    y = 4_200_000 - 30.0 * (np.arange(height) + 0.5)
+    x = 500_000 + 30.0 * (np.arange(width) + 0.5)
+    cube = xr.DataArray(data, dims=("band", "y", "x"), coords={"y": y, "x": x}, name="refl").rio.write_crs("EPSG:32618")
+    return cube.isel(y=slice(None, None, -1)) if y_ascending else cube
+
+
+def test_kilometre_coordinates_are_put_in_the_crs_metres(tmp_path):
+    from pyproj import CRS as ProjCRS
+
+    lcc = ProjCRS.from_proj4("+proj=lcc +lat_1=25 +lat_2=60 +lat_0=42.5 +lon_0=-100 +ellps=WGS84 +units=m")
+    x_km = 1000 + (np.arange(40) + 0.5)
+    y_km = 500 - (np.arange(30) + 0.5)
+    ds = xr.Dataset(
+        {"tmax": (("band", "y", "x"), np.ones((2, 30, 40), np.float32), {"grid_mapping": "lcc"})},
+        coords={"x": ("x", x_km, {"units": "km"}), "y": ("y", y_km, {"units": "km"})},
+    )
+    ds["lcc"] = xr.DataArray(0, attrs=lcc.to_cf())
+    ds.to_netcdf(tmp_path / "daymet.nc", engine="h5netcdf")
+    transform = open_scene(tmp_path / "daymet.nc").grid.transform
+    assert (transform.a, transform.e, transform.c, transform.f) == pytest.approx((1000, -1000, 1_000_000, 500_000))
+    ds["x"].attrs["units"] = "m"
+    err = _refusal(ds, tmp_path / "mixed_units.nc")
+    assert err.what == "the y and x coordinates are in different units ('km', 'm')"
+
+
+def test_every_cf_missing_value_and_the_valid_range_are_invalid(tmp_path):
+    data = np.full((2, 6, 5), 1000, np.int16)
+    data[:, 0] = -32768  # _FillValue
+    data[:, 1] = -9999  # missing_value
+    data[1, 2, 0] = 20000  # above valid_range
+    cube = _utm_cube(data)
+    cube.attrs.update(missing_value=np.int16(-9999), valid_range=np.array([0, 10000], np.int16))
+    cube.encoding["_FillValue"] = np.int16(-32768)
+    cube.to_dataset().to_netcdf(tmp_path / "refl.nc", engine="h5netcdf")
+    scene = open_scene(tmp_path / "refl.nc")
+    expected = np.ones((6, 5), bool)
+    expected[:2] = False
+    expected[2, 0] = False
+    assert scene.nodata == -32768
+    np.testing.assert_array_equal(scene.valid.compute(), expected)
+    np.testing.assert_array_equal(scene.valid_of(scene.data.compute()), expected)
+    # Stacked 2-D variables each follow their own attributes.
+    ds = xr.Dataset({"red": cube[0].drop_vars("band", errors="ignore"), "nir": cube[1].drop_vars("band", errors="ignore")})
+    for name in ("red", "nir"):
+        ds[name].attrs.update(cube.attrs)
+        ds[name].encoding["_FillValue"] = np.int16(-32768)
+    ds.to_netcdf(tmp_path / "bands.nc", engine="h5netcdf")
+    np.testing.assert_array_equal(open_scene(tmp_path / "bands.nc").valid.compute(), expected)
+
+
+def test_a_cube_stored_south_row_first_is_read_north_up(tmp_path):
+    data = np.arange(2 * 6 * 5, dtype=np.float32).reshape(2, 6, 5)
+    _utm_cube(data).to_dataset().to_netcdf(tmp_path / "north.nc", engine="h5netcdf")
+    _utm_cube(data, y_ascending=True).to_dataset().to_netcdf(tmp_path / "south.nc", engine="h5netcdf")
+    north, south = open_scene(tmp_path / "north.nc"), open_scene(tmp_path / "south.nc")
+    assert south.grid == north.grid and south.grid.transform.e == -30
+    np.testing.assert_array_equal(south.data.compute(), data)
+
+
+def test_a_single_date_is_squeezed_out_of_cubes_and_bands(tmp_path):
+    data = np.arange(3 * 6 * 5, dtype=np.float32).reshape(3, 6, 5)
+    cube = _utm_cube(data).expand_dims(time=np.array(["2020-06-01"], dtype="datetime64[ns]"))
+    cube.to_dataset().to_netcdf(tmp_path / "cube.nc", engine="h5netcdf")
+    scene = open_scene(tmp_path / "cube.nc")
+    assert scene.data.shape == (3, 6, 5) and scene.grid.crs.to_epsg() == 32618
+    np.testing.assert_array_equal(scene.data.compute(), data)
+    bands = xr.Dataset({f"B{i + 1}": cube.isel(band=i) for i in range(3)})
+    bands.to_netcdf(tmp_path / "bands.nc", engine="h5netcdf")
+    scene = open_scene(tmp_path / "bands.nc")
+    assert scene.band_names == ("B1", "B2", "B3")
+    np.testing.assert_array_equal(scene.data.compute(), data)
+    # Two dates are not one scene: the message names the variable's dimensions.
+    two = xr.concat([cube, cube], dim="time").to_dataset()
+    err = _refusal(two, tmp_path / "series.nc")
+    assert err.what.startswith("no 2-D or 3-D data variable (refl has dimensions time, band, y, x)")
+    two.to_netcdf(tmp_path / "series2.nc", engine="h5netcdf")
+    with pytest.raises(InputError, match=r"variable 'refl' has dimensions \(time, band, y, x\)"):
+        open_scene(tmp_path / "series2.nc", variable="refl")
+
+
+def test_latitude_and_longitude_data_variables_are_not_bands(tmp_path):
+    data = np.ones((2, 6, 5), np.float32)
+    cube = _utm_cube(data)
+    ds = xr.Dataset({"red": cube[0], "nir": cube[1]})
+    ds["lat"] = (("y", "x"), np.full((6, 5), 37.9), {"units": "degrees_north"})
+    ds["longitude_2d"] = (("y", "x"), np.full((6, 5), -75.1), {"standard_name": "longitude"})
+    ds.to_netcdf(tmp_path / "swath.nc", engine="h5netcdf")
+    assert open_scene(tmp_path / "swath.nc").band_names == ("red", "nir")
+
+
+def test_upper_case_suffixes_are_read_as_netcdf(tmp_path):
+    _utm_cube(np.ones((2, 6, 5), np.float32)).to_dataset().to_netcdf(tmp_path / "SCENE.NC", engine="h5netcdf")
+    scene = open_scene(tmp_path / "SCENE.NC")
+    assert scene.grid.crs.to_epsg() == 32618 and scene.grid.transform.c == 500_000
+
+
+def test_a_zarr_array_without_metadata_is_named(tmp_path):
+    import shutil
+
+    store = tmp_path / "cube.zarr"
+    _utm_cube(np.ones((2, 6, 5), np.float32)).to_dataset().to_zarr(store, zarr_format=3, consolidated=False)
+    shutil.rmtree(store / "refl" / "c", ignore_errors=True)
+    (store / "refl" / "zarr.json").unlink()
+    with pytest.raises(InputError) as err:
+        open_scene(store)
+    assert "refl: no array metadata (zarr.json or .zarray), the store is damaged" in err.value.what
+
+
+def test_a_crs_without_a_transform_is_warned_of(tmp_path):
+    from sitfuse_byol.read.geotiff import georeferencing_warning
+
+    cube = _utm_cube(np.ones((2, 6, 5), np.float32)).drop_vars(["x", "y"])
+    cube.to_dataset().to_netcdf(tmp_path / "placed.nc", engine="h5netcdf")
+    scene = open_scene(tmp_path / "placed.nc")
+    assert scene.grid.crs.to_epsg() == 32618
+    assert georeferencing_warning(scene).startswith("warning: scene has a CRS but no geotransform or x/y coordinates")
+    _utm_cube(np.ones((2, 6, 5), np.float32)).to_dataset().to_netcdf(tmp_path / "ok.nc", engine="h5netcdf")
+    assert georeferencing_warning(open_scene(tmp_path / "ok.nc")) is None
