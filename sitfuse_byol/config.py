@@ -145,7 +145,8 @@ def _bands(value: Any) -> str | None:
         return "must be a non-empty list of band indices (from 1) or names"
     for v in value:
         if isinstance(v, bool) or not isinstance(v, int | str):
-            return f"must hold band indices (from 1) or names (got {v!r})"
+            hint = f"; quote a name that looks like a number ('{v}')" if isinstance(v, float) else ""
+            return f"must hold band indices (from 1) or names, not {v!r}{hint}"
     return None
 
 

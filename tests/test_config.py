@@ -230,3 +230,14 @@ def test_a_key_added_later_leaves_the_keys_of_earlier_runs_alone_at_its_default(
     without = {k: v for k, v in default.values[section].items() if k != key}
     text = json.dumps({section: without}, sort_keys=True, default=str)
     assert default.digest(section) == hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_a_wavelength_band_name_read_as_a_number_gets_a_hint(tmp_path):
+    path = write(tmp_path, {"data": {"scenes": ["a.tif"]}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides=["data.bands=[400.0, 431.7]"])
+    assert err.value.what == (
+        "config: data.bands: must hold band indices (from 1) or names, not 400.0; quote a name that looks like a "
+        "number ('400.0') (got [400.0, 431.7])"
+    )
+    assert load_config(path, overrides=["data.bands=['400.0', '431.7']"])["data"]["bands"] == ["400.0", "431.7"]
