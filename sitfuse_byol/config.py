@@ -236,7 +236,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "dir": Key("str", "outputs", "Output folder (relative to the config file)."),
         "polygons": Key("bool", False, "Also write sieved polygons as GeoPackage."),
         "min_polygon_px": Key("int", 16, "Sieve size in pixels for polygons.", minimum=1),
-        "zarr": Key("bool", False, "Also write labels as Zarr."),
+        "zarr": Key("bool", False, "Also write labels as Zarr (labels/<scene>.zarr; a hierarchical model adds labels_coarse)."),
         "quicklook": Key("bool", True, "Write a PNG quicklook beside each label raster."),
         "rgb_bands": Key("list", None, "Three bands for quicklooks; guessed when null.", nullable=True, check=_rgb_bands),
         "class_names": Key("list", None, "Names for cluster labels; 'cluster N' when null.", nullable=True, check=_class_names),

@@ -262,7 +262,10 @@ def write_scene_outputs(
             )
             outputs["polygons"] = str(polygon_path)
         if options.zarr:
-            outputs["labels_zarr"] = str(_write_label_zarr(scene, labels, nodata=nodata, out_dir=staged))
+            layers = {"labels": (labels, nodata)}
+            if model.n_fine:
+                layers["labels_coarse"] = (coarse, coarse_nodata)
+            outputs["labels_zarr"] = str(_write_label_zarr(scene, layers, out_dir=staged))
         _publish(staged, out_dir)
         _remove_outdated_outputs(scene.id, out_dir=out_dir, written=set(outputs), model_hash=model.model_hash)
     finally:
@@ -363,21 +366,25 @@ def _write_quicklook(
     return path
 
 
-def _write_label_zarr(scene: Scene, labels: da.Array, *, nodata: int, out_dir: Path) -> Path:
+def _write_label_zarr(scene: Scene, layers: dict[str, tuple[da.Array, int]], *, out_dir: Path) -> Path:
+    """One Zarr store of the label layers (``name: (labels, nodata)``): the labels, and a
+    hierarchical model's coarse labels beside them."""
     import rioxarray  # noqa: F401
     import xarray as xr
 
     from sitfuse_byol.embed.dense import grid_coords
     from sitfuse_byol.export.atomic import atomic_path
 
-    array = xr.DataArray(labels, dims=("y", "x"), coords=grid_coords(scene.grid), name="labels")
-    if scene.grid.crs is not None:
-        array = array.rio.write_crs(scene.grid.crs)
-    array = array.rio.write_transform(scene.grid.transform).rio.write_nodata(nodata)
+    variables = {}
+    for name, (labels, nodata) in layers.items():
+        array = xr.DataArray(labels, dims=("y", "x"), coords=grid_coords(scene.grid), name=name)
+        if scene.grid.crs is not None:
+            array = array.rio.write_crs(scene.grid.crs)
+        variables[name] = array.rio.write_transform(scene.grid.transform).rio.write_nodata(nodata)
     path = out_dir / "labels" / f"{scene.id}.zarr"
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        array.to_dataset().to_zarr(tmp, zarr_format=3, consolidated=False, mode="w")
+        xr.Dataset(variables).to_zarr(tmp, zarr_format=3, consolidated=False, mode="w")
     return path
 
 

@@ -126,6 +126,11 @@ def test_outputs_follow_the_model_and_the_scene_mask(
     stored = store["labels"]
     assert stored.dtype == labels.dtype
     np.testing.assert_array_equal(stored.values, labels)
+    if n_fine:
+        assert store["labels_coarse"].attrs["_FillValue"] == coarse_nodata
+        np.testing.assert_array_equal(store["labels_coarse"].values, coarse)
+    else:
+        assert "labels_coarse" not in store
     assert imread(outputs["quicklook"]).shape[1] > 2 * scene.grid.width
     assert sorted(p.name for p in tmp_path.iterdir()) == [".work", "confidence", "labels"]
     assert not any((tmp_path / ".work").iterdir())
