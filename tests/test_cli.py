@@ -38,6 +38,7 @@ def test_inspect_json_on_landsat(capsys, landsat_path):
     info = json.loads(out)
     assert list(info) == [
         "id", "bands", "dtype", "shape", "crs", "transform", "res", "bounds", "nodata", "valid_fraction",
+        "bands_without_data",
     ]
     with rasterio.open(landsat_path) as src:
         assert info["transform"] == list(src.transform)[:6]
@@ -95,6 +96,22 @@ def test_all_nodata_scene_reports_zero_valid_fraction(capsys, tmp_path):
     path = write_tif(tmp_path / "empty.tif", np.zeros((2, 30, 30), np.uint16), nodata=0)
     code, out, _ = run_cli(capsys, "inspect", str(path), "--json")
     assert code == 0 and json.loads(out)["valid_fraction"] == 0.0
+    # Every band empty: no band is to blame.
+    assert json.loads(out)["bands_without_data"] == ["B1", "B2"]
+    code, out, _ = run_cli(capsys, "inspect", str(path))
+    assert code == 0 and "leave" not in out
+
+
+def test_a_band_without_data_is_named(capsys, tmp_path):
+    data = np.ones((3, 30, 30), np.float32)
+    data[1] = np.nan  # a water-vapour band of a hyperspectral cube
+    path = write_tif(tmp_path / "cube.tif", data)
+    code, out, _ = run_cli(capsys, "inspect", str(path))
+    assert code == 0
+    assert "valid       0.00%  (no valid pixel in B2: leave it out with data.bands)" in out
+    code, out, _ = run_cli(capsys, "inspect", str(path), "--json", "--bands", "1,3")
+    info = json.loads(out)
+    assert info["valid_fraction"] == 1.0 and info["bands_without_data"] == []
 
 
 def test_scene_without_crs_warns_but_works(capsys, tmp_path):

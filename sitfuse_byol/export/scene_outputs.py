@@ -262,10 +262,10 @@ def write_scene_outputs(
             )
             outputs["polygons"] = str(polygon_path)
         if options.zarr:
-            layers = {"labels": (labels, nodata)}
+            zarr_layers = {"labels": (labels, nodata)}
             if model.n_fine:
-                layers["labels_coarse"] = (coarse, coarse_nodata)
-            outputs["labels_zarr"] = str(_write_label_zarr(scene, layers, out_dir=staged))
+                zarr_layers["labels_coarse"] = (coarse, coarse_nodata)
+            outputs["labels_zarr"] = str(_write_label_zarr(scene, zarr_layers, out_dir=staged))
         _publish(staged, out_dir)
         _remove_outdated_outputs(scene.id, out_dir=out_dir, written=set(outputs), model_hash=model.model_hash)
     finally:

@@ -25,6 +25,7 @@ import numpy as np
 
 from sitfuse_byol.errors import InputError
 from sitfuse_byol.read import Scene, reading, valid_block
+from sitfuse_byol.read.scene import bands_without_data
 
 MAX_BINS = 65536
 PERCENTILES = (2.0, 98.0)
@@ -238,18 +239,25 @@ def scene_histogram(scene: Scene, bins: HistogramBins) -> np.ndarray:
     return histogram
 
 
-def merged_moments(parts: Iterable[np.ndarray], *, where: str) -> np.ndarray:
-    """Pass-1 parts of all scenes merged in the order given.
+def merged_moments(parts: Iterable[np.ndarray], *, scenes: Sequence[Scene]) -> np.ndarray:
+    """Pass-1 parts of ``scenes`` merged in the order given.
 
     Raises:
-        InputError: No scene has a valid pixel.
+        InputError: No scene has a valid pixel; the message names the bands that have
+            none in any scene, when that is why.
     """
     moments = _merge_moments(parts)
     if not moments[:, 0].any():
-        raise InputError(
-            "no valid pixel in any scene: every pixel is nodata, not finite or outside data.valid_range",
-            where=where,
+        empty = set.intersection(*(set(bands_without_data(scene)) for scene in scenes))
+        # Some bands empty everywhere, not all: those bands are why (every band empty is no data).
+        named = [name for name in scenes[0].band_names if name in empty]
+        why = (
+            f"band{'s' if len(named) > 1 else ''} {', '.join(named)} {'have' if len(named) > 1 else 'has'} no valid "
+            "pixel in any scene; leave them out with data.bands"
+            if 0 < len(named) < scenes[0].n_bands
+            else "every pixel is nodata, not finite or outside data.valid_range"
         )
+        raise InputError(f"no valid pixel in any scene: {why}", where=", ".join(s.id for s in scenes))
     return moments
 
 
@@ -309,10 +317,7 @@ def compute_stats(scenes: Sequence[Scene]) -> BandStats:
                 f"scene has {scene.n_bands} bands but {first.id} has {first.n_bands}",
                 where=scene.source,
             )
-    moments = merged_moments(
-        (part for scene in scenes for part in scene_moment_parts(scene)),
-        where=", ".join(s.id for s in scenes),
-    )
+    moments = merged_moments((part for scene in scenes for part in scene_moment_parts(scene)), scenes=scenes)
     # Integer bins only if every scene is integer: one float scene's values fall between them.
     bins = HistogramBins.from_moments(moments, integer_data=all(np.issubdtype(s.dtype, np.integer) for s in scenes))
     histogram = sum((scene_histogram(scene, bins) for scene in scenes), np.zeros((first.n_bands, MAX_BINS), np.int64))

@@ -6,13 +6,15 @@ from typing import Any
 
 import numpy as np
 
-from sitfuse_byol.read.scene import Scene, reading
+from sitfuse_byol.read.scene import Scene, bands_without_data, reading
 
 
 def describe_scene(scene: Scene) -> dict[str, Any]:
     """The facts ``sitfuse inspect`` prints; computes the valid fraction with Dask."""
     with reading(scene.source):
         valid_fraction = float(scene.valid.mean().compute()) if scene.valid.size else 0.0
+    # One band without data leaves no pixel valid; say which, or the user hunts for it.
+    empty = bands_without_data(scene) if valid_fraction == 0 and scene.valid.size else []
     nodata = scene.nodata
     grid = scene.grid.to_dict()
     return {
@@ -29,6 +31,7 @@ def describe_scene(scene: Scene) -> dict[str, Any]:
         # JSON has no NaN: "nan", as gdalinfo -json writes it.
         "nodata": "nan" if nodata is not None and np.isnan(nodata) else nodata,
         "valid_fraction": valid_fraction,
+        "bands_without_data": empty,
     }
 
 
@@ -43,7 +46,14 @@ INSPECT_JSON_KEYS = (
     "bounds",
     "nodata",
     "valid_fraction",
+    "bands_without_data",
 )
+
+
+def _empty_bands_text(empty: list[str], bands: list[str]) -> str:
+    if not empty or len(empty) == len(bands):
+        return ""
+    return f"  (no valid pixel in {', '.join(empty)}: leave {'them' if len(empty) > 1 else 'it'} out with data.bands)"
 
 
 def _nodata_text(nodata: float | str | None) -> str:
@@ -69,7 +79,7 @@ def format_description(info: dict[str, Any]) -> str:
         ("resolution", f"{info['res'][0]:g} x {info['res'][1]:g}"),
         ("bounds", ", ".join(f"{v:.10g}" for v in info["bounds"])),
         ("nodata", _nodata_text(info["nodata"])),
-        ("valid", f"{info['valid_fraction']:.2%}"),
+        ("valid", f"{info['valid_fraction']:.2%}" + _empty_bands_text(info["bands_without_data"], info["bands"])),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

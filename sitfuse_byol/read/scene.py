@@ -79,13 +79,35 @@ def valid_block(
     """The valid mask of an in-memory ``(band, y, x)`` block (see :class:`Scene`)."""
     ok = np.ones(block.shape[1:], dtype=bool)
     for band in block:
-        if np.issubdtype(band.dtype, np.floating):
-            ok &= np.isfinite(band)
-        if nodata is not None and not np.isnan(nodata):
-            ok &= band != nodata
-        if valid_range is not None:
-            ok &= (band >= valid_range[0]) & (band <= valid_range[1])
+        ok &= band_valid(band, nodata=nodata, valid_range=valid_range)
     return ok
+
+
+def band_valid(band: np.ndarray, *, nodata: float | None, valid_range: Sequence[float] | None) -> np.ndarray:
+    """The pixels of one band that hold data by themselves (the other bands aside)."""
+    ok = np.isfinite(band) if np.issubdtype(band.dtype, np.floating) else np.ones(band.shape, dtype=bool)
+    if nodata is not None and not np.isnan(nodata):
+        ok &= band != nodata
+    if valid_range is not None:
+        ok &= (band >= valid_range[0]) & (band <= valid_range[1])
+    return ok
+
+
+def bands_without_data(scene: Scene) -> list[str]:
+    """The names of the scene's bands with no valid pixel at all (a water-vapour band of a
+    hyperspectral cube, a band outside ``valid_range``): each makes every pixel invalid.
+    Reads the scene; meant for explaining an empty one."""
+
+    def any_valid(block: np.ndarray) -> np.ndarray:
+        return np.array([band_valid(b, nodata=scene.nodata, valid_range=scene.valid_range).any() for b in block])[
+            :, None, None
+        ]
+
+    ones = tuple((1,) * len(axis) for axis in scene.data.chunks[1:])
+    per_block = da.map_blocks(any_valid, scene.data, chunks=(scene.data.chunks[0], *ones), dtype=bool)
+    with reading(scene.source):
+        found = per_block.any(axis=(1, 2)).compute()
+    return [name for name, ok in zip(scene.band_names, found, strict=True) if not ok]
 
 
 def unscaled(scene: Scene, *, valid_range: Sequence[float] | None) -> Scene:

@@ -770,7 +770,7 @@ class Pipeline:
             self._require_scenes()
             ids = [ref.id for ref in self.refs if ref.id in self.scenes]
             first = self.scenes[ids[0]]
-            moments = merged_moments((p for s in ids for p in parts[s]), where=", ".join(ids))
+            moments = merged_moments((p for s in ids for p in parts[s]), scenes=[self.scenes[s] for s in ids])
             bins = HistogramBins.from_moments(
                 moments, integer_data=all(np.issubdtype(self.scenes[s].dtype, np.integer) for s in ids)
             )

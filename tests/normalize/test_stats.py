@@ -106,6 +106,14 @@ def test_mismatched_bands_and_all_nodata(landsat_path, tmp_path):
     hint = "every pixel is nodata, not finite or outside data.valid_range"
     with pytest.raises(InputError, match=f"^no valid pixel in any scene: {hint} \\(empty\\)$"):
         compute_stats([open_scene(empty)])
+    data = np.ones((3, 20, 20), np.float32)
+    data[1:] = np.nan
+    cube = write_tif(tmp_path / "cube.tif", data)
+    with pytest.raises(InputError) as err:
+        compute_stats([open_scene(cube), open_scene(cube)])
+    assert err.value.what == (
+        "no valid pixel in any scene: bands B2, B3 have no valid pixel in any scene; leave them out with data.bands"
+    )
 
 
 def test_memory_does_not_grow_with_the_number_of_scenes(landsat_path):
