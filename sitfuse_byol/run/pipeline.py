@@ -490,11 +490,30 @@ class Pipeline:
             encoder_hash=trained.checkpoint_hash,
             where=str(self.paths.cluster_model),
         )
-        if model.metadata.get("config_hash") not in (None, self.config.digest("cluster", "embed")):
-            log.warning(
-                "warning: the clustering model was fitted with other cluster or embed settings than this config's; "
-                "it labels the scenes as fitted (`sitfuse cluster` fits it again) (%s)", self.paths.cluster_model,
+        fitted_on = model.metadata.get("embedding_settings")
+        if fitted_on is not None and fitted_on != self._embedding_settings():
+            # Centroids fitted on other embeddings would label these ones wrongly.
+            differ = ", ".join(
+                f"embed.{k} {fitted_on.get(k)} (this config: {v})"
+                for k, v in self._embedding_settings().items()
+                if fitted_on.get(k) != v
             )
+            raise ModelError(
+                f"the clustering model was fitted on embeddings made with {differ}; set them back, "
+                "or fit it again with `sitfuse cluster`",
+                where=str(self.paths.cluster_model),
+            )
+        if model.metadata.get("config_hash") not in (None, self.config.digest("cluster", "embed")):
+            settings = "cluster settings" if fitted_on is not None else "cluster or embed settings"
+            log.warning(
+                "warning: the clustering model was fitted with other %s than this config's; it labels the "
+                "scenes with its %d clusters (`sitfuse cluster` fits it again) (%s)",
+                settings, model.n_labels, self.paths.cluster_model,
+            )
+
+    def _embedding_settings(self) -> dict[str, int]:
+        """The embed settings that change embedding values (block size and saving do not)."""
+        return {key: self.config["embed"][key] for key in ("stride", "window")}
 
     def _check_class_names(self, stages: tuple[str, ...]) -> None:
         """``output.class_names`` must name every label; found out before any work, not per scene."""
@@ -1027,6 +1046,7 @@ class Pipeline:
                 "encoder_hash": encoder_hash,
                 "band_names": list(trained.band_names),
                 "config_hash": self.config.digest("cluster", "embed"),
+                "embedding_settings": self._embedding_settings(),
                 "scenes": list(self.scenes),
             }
         )

@@ -940,7 +940,9 @@ def test_a_run_over_some_scenes_warns_of_the_others_labels_from_another_clusteri
     ]
 
 
-def test_export_with_other_cluster_settings_than_the_model_warns(base_run, tmp_path, crop_scenes, caplog):
+def test_export_with_other_cluster_settings_warns_and_with_other_embed_settings_is_refused(
+    base_run, tmp_path, crop_scenes, caplog, capsys
+):
     folder, *_ = base_run
     out = tmp_path / "out"
     shutil.copytree(folder / "out", out)
@@ -949,8 +951,23 @@ def test_export_with_other_cluster_settings_than_the_model_warns(base_run, tmp_p
         config = write_config(tmp_path, crop_scenes.values(), cluster=cluster)
         with caplog.at_level("WARNING"):
             assert main(["export", "-c", str(config), "--quiet"]) == 0
-        warnings = [r.getMessage() for r in caplog.records if "other cluster or embed settings" in r.getMessage()]
+        warnings = [r.getMessage() for r in caplog.records if "other cluster settings" in r.getMessage()]
         assert len(warnings) == expected, cluster
+    # Embeddings made otherwise than those it was fitted on would be labelled wrongly: refused.
+    labels = {p.name: p.read_bytes() for p in (out / "labels").glob("*.tif")}
+    for embed in ({"window": 3, "block_size": 96}, {"stride": 2, "block_size": 96}):
+        config = write_config(tmp_path, crop_scenes.values(), embed=embed)
+        capsys.readouterr()
+        assert main(["export", "-c", str(config), "--quiet", "--force"]) == 2
+        key = next(iter(set(embed) - {"block_size"}))
+        assert capsys.readouterr().err.strip() == (
+            f"error: the clustering model was fitted on embeddings made with embed.{key} {1 if key == 'stride' else 0} "
+            f"(this config: {embed[key]}); set them back, or fit it again with `sitfuse cluster` ({out / 'cluster'})"
+        )
+    assert {p.name: p.read_bytes() for p in (out / "labels").glob("*.tif")} == labels
+    # The block size changes no embedding value.
+    config = write_config(tmp_path, crop_scenes.values(), embed={"block_size": 64})
+    assert main(["export", "-c", str(config), "--quiet"]) == 0
 
 
 def test_export_labels_a_new_scene_with_the_trained_models_and_leaves_them_alone(base_run, tmp_path, crop_scenes):
