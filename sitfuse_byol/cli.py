@@ -114,8 +114,11 @@ def _band_table(config: Config) -> str:
     return "\n".join(lines)
 
 
-def _training_report(config: Config) -> str:
-    """The last epoch's loss and embedding health, and the checkpoint, for `sitfuse train`."""
+def _training_report(config: Config, *, trained: bool = True) -> str:
+    """The last epoch's loss and embedding health, and the checkpoint, for `sitfuse train`.
+
+    ``trained``: this command trained; otherwise the checkpoint already held this training.
+    """
     from sitfuse_byol.run.tasks import Paths
     from sitfuse_byol.train.metrics import read_metrics
 
@@ -123,8 +126,9 @@ def _training_report(config: Config) -> str:
     rows = read_metrics(config.output_dir / "train" / "metrics.csv")
     if rows:
         last = rows[-1]
+        done = "trained" if trained else "unchanged, not trained again (--force trains again):"
         lines.append(
-            f"trained {len(rows)} epoch(s): loss {last['loss']:.4f}, "
+            f"{done} {len(rows)} epoch(s): loss {last['loss']:.4f}, "
             f"std·√d {last['std_sqrt_d']:.3f}, effective rank {last['effective_rank']:.1f}"
         )
     lines.append(f"checkpoint: {Paths(config.output_dir).checkpoint}")
@@ -180,21 +184,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cluster_options(config: Config):
-    from sitfuse_byol.run.cluster_client import ClusterOptions
-
-    dask_cfg = config["dask"]
-    return ClusterOptions(
-        scheduler=dask_cfg["scheduler"],
-        workers=dask_cfg["workers"],
-        threads_per_worker=dask_cfg["threads_per_worker"],
-        gpus_per_worker=dask_cfg["gpus_per_worker"],
-        retries=dask_cfg["retries"],
-    )
-
-
 def _run_stages(args: argparse.Namespace) -> int:
     """Run the pipeline stages of a run-family command (``args.stages``, see the parser)."""
+    from sitfuse_byol.run.cluster_client import ClusterOptions
     from sitfuse_byol.run.pipeline import RunOptions, run_pipeline
 
     # After the user's --set, so that they win over it.
@@ -214,7 +206,7 @@ def _run_stages(args: argparse.Namespace) -> int:
         # --json silences progress but not the dashboard address (then on stderr).
         dashboard=not args.quiet,
         device=args.device,
-        cluster=_cluster_options(config),
+        cluster=ClusterOptions.from_config(config["dask"], workers_flag=args.workers is not None),
         # Only `run` takes the assign options; the other commands never assign.
         labels=Path(args.labels) if getattr(args, "labels", None) else None,
         label_field=getattr(args, "field", "class"),
@@ -231,7 +223,7 @@ def _run_stages(args: argparse.Namespace) -> int:
     elif args.stages == ("stats",):
         print(_band_table(config))
     elif args.stages == ("stats", "train"):
-        print(_training_report(config))
+        print(_training_report(config, trained="train" in summary.stages_run))
     else:
         print(summary.table())
     if summary.failed and args.stages in (("stats",), ("stats", "train")):
@@ -419,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a Ctrl-C while Dask waits makes its cancel callback fail in tornado's loop (a
         # NameError traceback) after the run has stopped anyway.
         console.addFilter(lambda record: record.name not in ("asyncio", "tornado.application"))
+    console.addFilter(lambda record: not getattr(record, "log_file_only", False))
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s", handlers=[console])
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -261,11 +261,22 @@ _DESCRIBE = {
 }
 
 
+def yaml_text(value: Any) -> str:
+    """A config value as the user would write it in YAML (null, true, [1, 2]); strings
+    quoted, so that ``'ten'`` shows it was read as text."""
+    if isinstance(value, str):
+        return repr(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip()
+    return text.removesuffix("...").strip()
+
+
 def _check_value(dotted: str, key: Key, value: Any) -> Any:
     """Validate one value; returns it (ints widened to float for float keys)."""
 
     def fail(message: str) -> ConfigError:
-        return ConfigError(f"config: {dotted}: {message} (got {value!r})")
+        # A message that shows the wrong part (one augmentation) or says null needs no more.
+        shown = "" if value is None or "(got " in message else f" (got {yaml_text(value)})"
+        return ConfigError(f"config: {dotted}: {message}{shown}")
 
     if value is None:
         if key.nullable:

@@ -43,3 +43,8 @@ class ModelError(SitfuseError):
 #: The start of rasterio's warning for a raster without georeferencing; the pipeline says
 #: so once per scene instead (``warnings.filterwarnings(message=...)`` needs no rasterio import).
 NOT_GEOREFERENCED_WARNING = "Dataset has no geotransform"
+
+
+#: ``extra=`` for a log record meant for the run's log file, not the console: a scene's
+#: failure (the summary lists it) or the error the command prints as its one line anyway.
+FOR_LOG_FILE = {"log_file_only": True}

@@ -308,7 +308,7 @@ def test_repeated_or_empty_class_names_are_config_errors(tmp_path, capsys, lands
     config.write_text(yaml.safe_dump({"data": {"scenes": [str(landsat_path)]}, "output": {"class_names": ["A", "A", "B"]}}))
     assert main(["config", "show", "-c", str(config)]) == 2
     assert capsys.readouterr().err.strip() == (
-        "error: config: output.class_names: names must differ; 'A' appears more than once (got ['A', 'A', 'B'])"
+        "error: config: output.class_names: names must differ; 'A' appears more than once (got [A, A, B])"
     )
     config.write_text(yaml.safe_dump({"data": {"scenes": [str(landsat_path)]}, "output": {"class_names": ["A", ""]}}))
     assert main(["config", "show", "-c", str(config)]) == 2

@@ -44,6 +44,24 @@ class ClusterOptions:
     gpus_per_worker: int = 0
     retries: int = 2
 
+    @classmethod
+    def from_config(cls, dask_config: dict[str, Any], *, workers_flag: bool = False) -> ClusterOptions:
+        """The options of a config's ``dask`` section. ``workers_flag``: ``--workers`` was
+        given, which a scheduler's own workers make moot (said in a warning); a
+        ``dask.workers`` kept in the config for laptop runs is left out silently."""
+        scheduler = dask_config["scheduler"]
+        if scheduler and workers_flag:
+            log.warning(
+                "warning: --workers sizes a LocalCluster; the scheduler's own workers run the scenes (%s)", scheduler
+            )
+        return cls(
+            scheduler=scheduler,
+            workers=None if scheduler else dask_config["workers"],
+            threads_per_worker=dask_config["threads_per_worker"],
+            gpus_per_worker=dask_config["gpus_per_worker"],
+            retries=dask_config["retries"],
+        )
+
     @property
     def resources(self) -> dict[str, int] | None:
         """Annotation for GPU tasks; a task needing a resource no worker has waits forever."""

@@ -31,7 +31,7 @@ from dask.utils import format_bytes
 
 from sitfuse_byol.cluster.sampling import load_samples, sample_matches
 from sitfuse_byol.config import Config
-from sitfuse_byol.errors import EmptySceneError, InputError, SitfuseError
+from sitfuse_byol.errors import FOR_LOG_FILE, EmptySceneError, InputError, SitfuseError
 from sitfuse_byol.export.atomic import atomic_write_text, remove_path
 from sitfuse_byol.progress import stage_progress, train_progress
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config, resolve_scene_list
@@ -59,6 +59,7 @@ from sitfuse_byol.run.tasks import (
 
 if TYPE_CHECKING:  # the assign stage's polygons need the gis extra, imported when used
     from sitfuse_byol.assign import ClassPolygons
+    from sitfuse_byol.normalize.stats import BandStats
 
 log = logging.getLogger("sitfuse_byol.run")
 
@@ -135,6 +136,10 @@ def record_training(config: Config, *, seconds: float) -> None:
     manifest.save()
 
 
+#: The pipeline's stages in the order they run (assign follows when asked for).
+STAGES = ("stats", "train", "embed", "cluster", "export")
+
+
 @dataclass
 class RunSummary:
     """A run's outcome: the scenes' run.json entries, and which scenes failed in this run
@@ -146,13 +151,35 @@ class RunSummary:
     failed: list[str] = field(default_factory=list)
     # Each scene's task seconds in this run; a scene without any was left as it was.
     seconds: dict[str, float] = field(default_factory=dict)
+    # The stages that did work in this run (the others found their results current).
+    stages_run: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
 
+    def this_run(self, scene_id: str) -> str:
+        """What this run did to the scene: ``done``, ``failed``, or ``unchanged`` (its
+        outputs kept from an earlier run; --force redoes it)."""
+        if scene_id in self.failed:
+            return "failed"
+        if scene_id in self.seconds:
+            return self.scenes[scene_id]["status"]
+        return "unchanged" if self.scenes[scene_id]["status"] == "done" else self.scenes[scene_id]["status"]
+
     def to_json(self) -> str:
-        return json.dumps({"out_dir": str(self.out_dir), "scenes": self.scenes, "stages": self.stages})
+        """The summary for scripts: run.json's entries, each with what this run did to the
+        scene and its seconds in this run (null when left as it was)."""
+        scenes = {
+            s: entry | {"this_run": self.this_run(s), "seconds_this_run": self.seconds.get(s)}
+            for s, entry in self.scenes.items()
+        }
+        return json.dumps(
+            {
+                "out_dir": str(self.out_dir), "scenes": scenes, "stages": self.stages,
+                "stages_run": self.stages_run, "failed": self.failed,
+            }
+        )
 
     def table(self) -> str:
         """Per scene: its status, its seconds in this run and its labels (or error); then
@@ -161,20 +188,18 @@ class RunSummary:
         for scene_id, entry in self.scenes.items():
             outputs = entry.get("outputs", {})
             detail = entry.get("error") or outputs.get("labels") or outputs.get("embeddings", "")
-            if scene_id in self.seconds:
-                rows.append((scene_id, entry["status"], f"{self.seconds[scene_id]:.1f}", detail))
-            else:
-                # Inputs and settings as before: its outputs were kept (--force redoes it).
-                status = "unchanged" if entry["status"] == "done" else entry["status"]
-                rows.append((scene_id, status, "-", detail))
+            seconds = f"{self.seconds[scene_id]:.1f}" if scene_id in self.seconds else "-"
+            rows.append((scene_id, self.this_run(scene_id), seconds, detail))
         widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
         lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
         labels = self.out_dir / "labels"
-        polygons = " + .gpkg" if labels.is_dir() and any(labels.glob("*.gpkg")) else ""
+        extras = "".join(
+            f" + {suffix}" for suffix in (".png", ".gpkg") if labels.is_dir() and any(labels.glob(f"*{suffix}"))
+        )
         kinds = [
-            (f"labels (COG + .qml + .aux.xml + .png{polygons})", labels),
+            (f"labels (COG + .qml + .aux.xml{extras})", labels),
             ("class rasters (sitfuse assign)", self.out_dir / "classes"),
-            ("confidence (distance to the centroid)", self.out_dir / "confidence"),
+            ("confidence (lower: more confident)", self.out_dir / "confidence"),
             ("embeddings (Zarr)", self.out_dir / "embeddings"),
             ("clustering model", self.out_dir / "cluster"),
             ("encoder checkpoint", self.out_dir / "checkpoints" / "last.pt"),
@@ -272,6 +297,7 @@ class Pipeline:
         self.errors: dict[str, BaseException] = {}
         # Each scene's task seconds in this run, by stage, for its run.json entry.
         self.scene_seconds: dict[str, dict[str, float]] = {}
+        self.stages_run: list[str] = []
         # Until the run-wide checks pass, nothing is written: a refused command (exit 2)
         # leaves the output folder as it was, its run.json included.
         self.checked = False
@@ -288,7 +314,8 @@ class Pipeline:
     def _fail(self, scene_id: str, err: BaseException, *, stage: str) -> None:
         message = _error_text(err)
         self.errors[scene_id] = err
-        log.info("scene %s failed in %s: %s", scene_id, stage, message)
+        if self.checked:
+            log.warning("scene %s failed in %s: %s", scene_id, stage, message, extra=FOR_LOG_FILE)
         log.debug("".join(traceback.format_exception(err)))
         earlier = self.manifest.scenes.get(scene_id) or {}
         if export_key_model(earlier.get("key", "")) and scene_id not in self.earlier_exports:
@@ -319,7 +346,12 @@ class Pipeline:
     def _mark_stage(self, name: str, key: str, started: float, **extra: Any) -> None:
         self.manifest.stages[name] = {"key": key, "seconds": round(time.perf_counter() - started, 3), **extra}
         self.manifest.save()
+        self._ran(name)
         log.info("stage %s done in %.1f s", name, self.manifest.stages[name]["seconds"])
+
+    def _ran(self, stage: str) -> None:
+        if stage in STAGES and stage not in self.stages_run:
+            self.stages_run.append(stage)
 
     def _checkpoint_is_the_trained_one(self) -> bool:
         """``last.pt`` is the file the last finished training wrote (run.json keeps its hash)."""
@@ -583,6 +615,7 @@ class Pipeline:
             resolve_device(self.config["embed"]["device"], where="embed.device")
         if "train" not in stages:
             return
+        self._check_resumable()
         cfg = self.config["train"]
         trained = not (self.options.force or self.options.resume) and self._checkpoint_is_the_trained_one()
         # A GPU worker trains with --gpus-per-worker; a finished training (re-exporting on a
@@ -594,6 +627,33 @@ class Pipeline:
             cfg["encoder"], in_channels=bands, norm=resolve_norm(cfg["norm"], cfg["batch_size"]),
             **cfg["encoder_args"],
         )
+
+    def _check_resumable(self) -> None:
+        """``--resume`` refused for what is known before any work: train settings it cannot
+        take, and statistics that are (or would be made) other than the checkpoint's. A
+        refusal after the statistics pass would have rewritten them for a model that
+        cannot use them."""
+        from sitfuse_byol.errors import ModelError
+        from sitfuse_byol.normalize.stats import BandStats
+        from sitfuse_byol.train.checkpoint import load_checkpoint
+        from sitfuse_byol.train.loop import STATS_DIFFER, resume_conflict, same_normalization
+
+        if not self.options.resume or not self.paths.checkpoint.exists():
+            return
+        state = load_checkpoint(self.paths.checkpoint)
+        where = str(self.paths.checkpoint)
+        if conflict := resume_conflict(state, self.config):
+            raise ModelError(f"cannot resume: {conflict}", where=where)
+        stats_key = self.manifest.stages.get("stats", {}).get("key", "")
+        if stats_key and stats_key.split("|")[1:2] != [self.config.digest("data")]:
+            raise ModelError(
+                "cannot resume: the scene list or data settings changed since the checkpoint's statistics were "
+                "made, so the rest of the training would see differently normalised pixels; train afresh "
+                "without --resume",
+                where=where,
+            )
+        if self.paths.stats.exists() and not same_normalization(state["stats"], BandStats.load(self.paths.stats)):
+            raise ModelError(STATS_DIFFER, where=where)
 
     def _check_cluster_count(self, stages: tuple[str, ...]) -> None:
         """More clusters than samples can ever be drawn is known before training."""
@@ -661,6 +721,8 @@ class Pipeline:
             self.config.digest()[:12], self.out,
         )
         for scene_id, failure in self.deferred_failures.items():
+            # Logged now, inside the run's record, not among the lines before it started.
+            log.warning("scene %s failed in %s", scene_id, failure[1], extra=FOR_LOG_FILE)
             self._record_failure(scene_id, *failure)
         self.deferred_failures.clear()
 
@@ -811,6 +873,7 @@ class Pipeline:
         stats = stats_from(
             band_names=first.band_names, scene_ids=ids, moments=moments, histogram=histogram[0], bins=bins
         )
+        self._check_resumed_statistics(stats)
         stats.save(self.paths.stats)
         # Keyed by the scenes it holds, and naming those left out (corrupt pixels): the next
         # command reads them again, so each fails there too instead of reaching training.
@@ -818,6 +881,18 @@ class Pipeline:
             "stats", stats_stage_key(self.config, (self.fingerprints[s] for s in ids)), started,
             left_out={s: self.fingerprints[s] for s in candidates if s not in ids},
         )
+
+    def _check_resumed_statistics(self, stats: BandStats) -> None:
+        """Statistics made anew (the same scenes, their files touched) must be the
+        checkpoint's for ``--resume``: refused before they replace the saved ones."""
+        from sitfuse_byol.errors import ModelError
+        from sitfuse_byol.train.checkpoint import load_checkpoint
+        from sitfuse_byol.train.loop import STATS_DIFFER, same_normalization
+
+        if "train" not in self.options.stages or not self.options.resume or not self.paths.checkpoint.exists():
+            return
+        if not same_normalization(load_checkpoint(self.paths.checkpoint)["stats"], stats):
+            raise ModelError(STATS_DIFFER, where=str(self.paths.checkpoint))
 
     def _stats_stand_without_failed_scenes(self, client: Any) -> bool:
         """Whether the saved statistics hold every scene of this run but those whose pixels
@@ -930,6 +1005,7 @@ class Pipeline:
         todo = [ref for ref in self.refs if ref.id in self.scenes and ref.id in keys]
         if not todo:
             return
+        self._ran(name)
         futures = {}
         for ref in todo:
             future = client.submit(
@@ -1116,6 +1192,10 @@ class Pipeline:
         with _RunLog() as self.log, contextlib.ExitStack() as hold:
             try:
                 return self._run(stages, hold)
+            except SitfuseError as err:
+                # The console gets the error as the command's one line; the log keeps it too.
+                log.error("run stopped: %s", err, extra=FOR_LOG_FILE)
+                raise
             finally:
                 # Scene records not yet written (see Manifest), interrupted or not.
                 if self.checked:
@@ -1127,7 +1207,7 @@ class Pipeline:
             client.submit(_preload, workers=[address], pure=False, allow_other_workers=False)
             for address in worker_info(client)
         ]
-        for name in ("stats", "train", "embed", "cluster", "export"):
+        for name in STAGES:
             if name in stages:
                 Interrupts.check()
                 getattr(self, f"stage_{name}")(client)
@@ -1188,7 +1268,7 @@ class Pipeline:
         log.info("run finished: %d scene(s) failed of %d", len(failed), len(ids))
         return RunSummary(
             scenes=scenes, stages=self.manifest.stages, out_dir=self.out, failed=failed,
-            seconds={s: sum(t.values()) for s, t in self.scene_seconds.items() if t},
+            seconds={s: sum(t.values()) for s, t in self.scene_seconds.items() if t}, stages_run=self.stages_run,
         )
 
 

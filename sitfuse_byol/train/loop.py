@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sitfuse_byol.config import SCHEMA, Config
+from sitfuse_byol.config import SCHEMA, Config, yaml_text
 from sitfuse_byol.cores import usable_cores
 from sitfuse_byol.errors import ConfigError, ModelError, SitfuseError
 from sitfuse_byol.export.atomic import atomic_path
@@ -529,7 +529,7 @@ def resume_conflict(state: dict, config: Config) -> str | None:
         section, key = changed[0].split(".")
         was, now = state["config"][section].get(key), config[section].get(key)
         return (
-            f"{changed[0]} was {was!r} when the checkpoint was trained, now {now!r}; only "
+            f"{changed[0]} was {yaml_text(was)} when the checkpoint was trained, now {yaml_text(now)}; only "
             f"{', '.join(f'train.{k}' for k in sorted(RESUME_MAY_CHANGE))} may change on resume "
             "(train afresh without --resume)"
         )
@@ -551,12 +551,8 @@ def _check_resumable(state: dict, *, stats: BandStats, encoder_spec: dict, total
             f"the data has {', '.join(stats.band_names)}",
             where="checkpoints/last.pt",
         )
-    if not _same_normalization(state["stats"], stats):
-        raise ModelError(
-            "the band statistics differ from the checkpoint's (data settings or scenes changed), so "
-            "the rest of the training would see differently normalised pixels; train afresh without --resume",
-            where="checkpoints/last.pt",
-        )
+    if not same_normalization(state["stats"], stats):
+        raise ModelError(STATS_DIFFER, where="checkpoints/last.pt")
     if state["encoder"] != encoder_spec:
         raise ModelError(
             "the checkpoint holds another encoder or norm than the config asks for; "
@@ -568,7 +564,13 @@ def _check_resumable(state: dict, *, stats: BandStats, encoder_spec: dict, total
         log.warning("warning: epochs or steps changed since the checkpoint; schedules will jump")
 
 
-def _same_normalization(saved: dict, stats: BandStats) -> bool:
+STATS_DIFFER = (
+    "the band statistics differ from the checkpoint's (data settings or scenes changed), so "
+    "the rest of the training would see differently normalised pixels; train afresh without --resume"
+)
+
+
+def same_normalization(saved: dict, stats: BandStats) -> bool:
     """Whether a checkpoint's statistics normalise as ``stats`` do (recomputing the same
     pixels may differ in the last bits)."""
     return all(

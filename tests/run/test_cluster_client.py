@@ -45,3 +45,16 @@ def test_the_profiler_variable_for_hand_started_workers_is_the_same_setting():
     for part in key.split("."):
         collected = collected[part]
     assert collected is setting is False
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_workers_asked_of_an_existing_scheduler_are_warned_of(caplog, flag):
+    section = {"scheduler": "tcp://10.0.0.1:8786", "workers": 2, "threads_per_worker": None, "gpus_per_worker": 0,
+               "retries": 2}
+    with caplog.at_level("WARNING", logger="sitfuse_byol"):
+        options = ClusterOptions.from_config(section, workers_flag=flag)
+    assert options.workers is None and options.scheduler == "tcp://10.0.0.1:8786"
+    warned = [r.getMessage() for r in caplog.records]
+    expected = "warning: --workers sizes a LocalCluster; the scheduler's own workers run the scenes (tcp://10.0.0.1:8786)"
+    assert warned == ([expected] if flag else [])
+    assert ClusterOptions.from_config(section | {"scheduler": None}).workers == 2

@@ -113,10 +113,20 @@ def test_rerun_skips_done_scenes_and_force_redoes_them(base_run, tmp_path, capsy
     # The summary says so: nothing ran for the scene in this run.
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("olinda_a "))
     assert row.split()[1:3] == ["unchanged", "-"] and row.endswith(str(label))
-    assert main(["run", "-c", str(config), "--quiet", "--force"]) == 0
+    # As does the JSON summary, and `sitfuse train`.
+    assert main(["run", "-c", str(config), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["scenes"]["olinda_a"]["this_run"] == "unchanged"
+    assert summary["scenes"]["olinda_a"]["seconds_this_run"] is None
+    assert summary["stages_run"] == [] and summary["failed"] == []
+    assert main(["train", "-c", str(config), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("unchanged, not trained again (--force trains again): 1 epoch(s)")
+    assert main(["run", "-c", str(config), "--json", "--force"]) == 0
     assert label.stat().st_mtime_ns != before
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("olinda_a "))
-    assert row.split()[1] == "done" and float(row.split()[2]) > 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["scenes"]["olinda_a"]["this_run"] == "done"
+    assert summary["scenes"]["olinda_a"]["seconds_this_run"] > 0
+    assert summary["stages_run"] == ["stats", "train", "embed", "cluster", "export"]
 
 
 def test_cluster_fit_from_kept_samples_equals_fit_from_the_stores(base_run, tmp_path, crop_scenes):
@@ -151,7 +161,16 @@ def test_a_bad_scene_does_not_stop_the_others(tmp_path, crop_scenes, capsys):
     )
     code = main(["run", "-c", str(config), "--quiet", "--json"])
     assert code == 1
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    output = capsys.readouterr()
+    summary = json.loads(output.out.strip().splitlines()[-1])
+    # The summary lists the failures; the console gets no line per scene, the log does,
+    # as warnings inside the run's record.
+    assert "failed in" not in output.err
+    log_lines = (tmp_path / "out" / "logs" / "sitfuse.log").read_text().splitlines()
+    started = next(i for i, line in enumerate(log_lines) if "run started" in line)
+    failures = [i for i, line in enumerate(log_lines) if "failed in" in line]
+    assert len(failures) == 3 and min(failures) > started
+    assert all(" WARNING " in log_lines[i] for i in failures)
     assert summary["scenes"]["four_bands"] == summary["scenes"]["four_bands"] | {
         "status": "failed",
         "error": f"read: scene has 4 bands but 3 of the 4 scenes (e.g. olinda_a) have 6 ({four_bands})",
@@ -278,7 +297,8 @@ def test_scenes_with_bands_in_another_order_or_scale_fail(tmp_path, crop_scenes,
     config = write_config(tmp_path, [crop_scenes["olinda_a"], shifted, renamed], out="shifted")
     with caplog.at_level("WARNING"):
         assert main(["stats", "-c", str(config), "--quiet"]) == 0
-    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+    console_warnings = [r for r in caplog.records if r.levelname == "WARNING" and not hasattr(r, "log_file_only")]
+    assert [r.getMessage() for r in console_warnings] == [
         "warning: band names at other positions than in olinda_a (B1, B2, B3, B4, B5, B7): shifted (B2, B3, B4, "
         "B5, B7, B8); scenes are stacked band by band by position, so check that they hold the same bands in the "
         "same order (data.bands selects bands by name)"
@@ -686,9 +706,11 @@ def test_embeddings_saved_by_another_encoder_or_settings_are_not_reused(base_run
     np.testing.assert_array_equal(labels_of(out / "labels" / "olinda_a.tif"), streamed_labels)
     assert not np.array_equal(streamed_labels, old_labels)
 
-    # Other embed settings: a stride-2 export of stride-1 stores is recomputed, not mixed up.
+    # Other embed settings: the model fitted on stride-1 embeddings does not label stride-2
+    # ones; clustered again, the stride-1 stores are recomputed, not mixed up.
     config = write_config(tmp_path, scenes, train={"seed": 99}, embed={"stride": 2})
-    assert main(["export", "-c", str(config), "--quiet"]) == 0
+    assert main(["export", "-c", str(config), "--quiet"]) == 2
+    assert main(["cluster", "-c", str(config), "--quiet"]) == 0
     with rasterio.open(out / "labels" / "olinda_a.tif") as dst, rasterio.open(crop_scenes["olinda_a"]) as src:
         assert (dst.width, dst.height, dst.transform) == (src.width, src.height, src.transform)
 
@@ -806,6 +828,16 @@ def test_a_refused_command_leaves_the_output_folder_as_it_was(base_run, tmp_path
         assert err.startswith("error: the model was trained on 6 bands") and err.endswith("but this scene has 3 "
                                                                                          f"({crop_scenes['olinda_a']})")
         assert {name: (out / name).read_bytes() for name in kept} == before, command
+    # A resume the checkpoint cannot take is refused before the statistics pass rewrites anything.
+    one_scene = write_config(tmp_path, [crop_scenes["olinda_a"]])
+    for config_path, flags, start in (
+        (config, ["--set", "train.lr=0.5"], "error: cannot resume: train.lr was "),
+        (one_scene, [], "error: cannot resume: the scene list or data settings changed"),
+    ):
+        capsys.readouterr()
+        assert main(["train", "-c", str(config_path), "--quiet", "--resume", "--out", str(out), *flags]) == 2
+        assert capsys.readouterr().err.startswith(start)
+        assert {name: (out / name).read_bytes() for name in kept} == before, flags
     # Settings found wrong before the statistics pass: nothing written, here or in a new folder.
     refused = [["--set", "train.encoder_args={width: -3}"], ["--set", "cluster.n_clusters=20000"]]
     if not torch.cuda.is_available():
@@ -816,6 +848,30 @@ def test_a_refused_command_leaves_the_output_folder_as_it_was(base_run, tmp_path
             assert len(capsys.readouterr().err.strip().splitlines()) == 1
             assert {name: (out / name).read_bytes() for name in kept} == before, flags
             assert not (tmp_path / "new").exists(), flags
+
+
+def test_a_resume_over_rewritten_scene_files_is_refused_before_their_statistics_are_saved(
+    tmp_path, crop_scenes, capsys
+):
+    import os
+
+    scenes = [shutil.copy(crop_scenes[name], tmp_path / f"{name}.tif") for name in ("olinda_a", "olinda_b")]
+    config = write_config(tmp_path, scenes)
+    assert main(["train", "-c", str(config), "--quiet"]) == 0
+    out = tmp_path / "out"
+    # Files touched, pixels the same: the statistics come out the same, and training goes on.
+    for path in scenes:
+        os.utime(path)
+    assert main(["train", "-c", str(config), "--quiet", "--resume", "--set", "train.epochs=2"]) == 0
+    kept = {name: (out / name).read_bytes() for name in ("run.json", "stats.json", "checkpoints/last.pt")}
+    with rasterio.open(scenes[0], "r+") as dst:
+        dst.write(dst.read() // 2 + 1)
+    capsys.readouterr()
+    assert main(["train", "-c", str(config), "--quiet", "--resume", "--set", "train.epochs=3"]) == 2
+    assert capsys.readouterr().err.startswith("error: the band statistics differ from the checkpoint's")
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    last = (out / "logs" / "sitfuse.log").read_text().splitlines()[-1]
+    assert " ERROR " in last and "run stopped: the band statistics differ from the checkpoint's" in last
 
 
 def test_quicklook_bands_a_scene_lacks_stop_it_before_training(tmp_path, crop_scenes, capsys):

@@ -139,7 +139,7 @@ def test_resume_with_other_bands_is_refused(tmp_path, landsat_path):
     ("changed", "message"),
     [
         ({"optimizer": "lars"}, "train.optimizer was 'adamw' when the checkpoint was trained, now 'lars'"),
-        ({"lr": 0.05}, "train.lr was None when the checkpoint was trained, now 0.05"),
+        ({"lr": 0.05}, "train.lr was null when the checkpoint was trained, now 0.05"),
         ({"projector_hidden": 64}, "train.projector_hidden was 32"),
         ({"epochs": 1}, "the checkpoint has trained 2 epochs, more than train.epochs \\(1\\)"),
     ],
