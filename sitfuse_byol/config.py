@@ -292,7 +292,9 @@ def _check_value(dotted: str, key: Key, value: Any) -> Any:
         "scenes": isinstance(value, list | str) and bool(value),
     }[key.kind]
     if not ok:
-        raise fail(f"must be {_describe(key)}")
+        # YAML reads a folder named 2024 or a band named 865 as a number.
+        quote = f"; quote it: '{value}'" if key.kind == "str" and isinstance(value, int | float) else ""
+        raise fail(f"must be {_describe(key)}{quote}")
     if key.kind == "float":
         value = float(value)
         if math.isnan(value) and dotted == "data.nodata":

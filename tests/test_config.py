@@ -241,3 +241,11 @@ def test_a_wavelength_band_name_read_as_a_number_gets_a_hint(tmp_path):
         "number ('400.0') (got [400.0, 431.7])"
     )
     assert load_config(path, overrides=["data.bands=['400.0', '431.7']"])["data"]["bands"] == ["400.0", "431.7"]
+
+
+def test_a_folder_name_yaml_reads_as_a_number_gets_a_hint(tmp_path):
+    path = write(tmp_path, {"data": {"scenes": ["a.tif"]}, "output": {"dir": 2024}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.what == "config: output.dir: must be a string; quote it: '2024' (got 2024)"
+    assert load_config(path, overrides=["output.dir='2024'"]).output_dir == tmp_path / "2024"
