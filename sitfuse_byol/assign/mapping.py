@@ -890,20 +890,23 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _keep_previous(path: Path, *, replacement: str) -> Path | None:
+def _keep_previous(path: Path, *, replacement: str, counting: bool) -> Path | None:
     """Move a hand-edited (or applied) mapping aside before ``replacement`` takes its place,
     so that counting again never destroys a user's edits; returns where it went.
 
-    A mapping that a count wrote and nobody changed is replaced (counting again makes it
-    anew), as is one the replacement repeats word for word. An edit goes to
-    ``mapping.previous.yaml``, or, when that holds an earlier, different edit, to the
-    first free ``mapping.previous.N.yaml``: edits are never overwritten.
+    A mapping that a count wrote and nobody changed is replaced when ``counting`` again
+    makes it anew, as is one the replacement repeats word for word; a mapping applied
+    over it (``counting`` false) moves it aside, since its counts need the polygons to
+    be made again. What is kept goes to ``mapping.previous.yaml``, or, when that holds
+    an earlier, different mapping, to the first free ``mapping.previous.N.yaml``:
+    nothing kept is ever overwritten.
     """
     if not path.exists():
         return None
     text = path.read_text(encoding="utf-8", errors="replace")
     counted = path.with_name(COUNTED_DIGEST)
-    if text == replacement or (counted.exists() and counted.read_text().strip() == _digest(text)):
+    untouched_count = counted.exists() and counted.read_text().strip() == _digest(text)
+    if text == replacement or (counting and untouched_count):
         return None
     for n in itertools.count(1):
         previous = path.with_name(f"{path.stem}.previous{'' if n == 1 else f'.{n}'}{path.suffix}")
@@ -966,7 +969,7 @@ def run_assign(
         mapping_path = out_dir / "assign" / "mapping.yaml"
         if not (mapping_path.exists() and mapping_path.samefile(apply)):
             text = Path(apply).read_text(encoding="utf-8")
-            previous = _keep_previous(mapping_path, replacement=text)
+            previous = _keep_previous(mapping_path, replacement=text, counting=False)
             if previous is not None:
                 notes.append(f"kept the earlier mapping as {previous}")
             atomic_write_text(mapping_path, text)
@@ -1010,7 +1013,7 @@ def run_assign(
         mapping_path = out_dir / "assign" / "mapping.yaml"
         source = f"{polygons.path} (field {field!r}), threshold {threshold}"
         text = mapping_yaml(mapping, source=source, path=mapping_path)
-        previous = _keep_previous(mapping_path, replacement=text)
+        previous = _keep_previous(mapping_path, replacement=text, counting=True)
         if previous is not None:
             notes.append(f"kept the earlier mapping as {previous}")
         write_mapping(mapping_path, mapping, source=source)  # writes ``text``
