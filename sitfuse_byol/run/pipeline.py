@@ -21,7 +21,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +41,7 @@ from sitfuse_byol.run.cluster_client import ClusterOptions, dask_client, worker_
 from sitfuse_byol.run.interrupts import Interrupts, remove_stale_temporaries, terminate_as_interrupt
 from sitfuse_byol.run.lock import LOCK_NAME, output_folder_lock
 from sitfuse_byol.run.manifest import Manifest, scene_fingerprint
+from sitfuse_byol.run.scene_progress import PROGRESS_TOPIC, SceneShares
 from sitfuse_byol.run.tasks import (
     Paths,
     SceneReadError,
@@ -1018,7 +1019,10 @@ class Pipeline:
             futures[future] = ref
         unreported = {ref.id for ref in todo}
         try:
-            with stage_progress(name, total=len(futures), quiet=self.options.quiet) as advance:
+            with (
+                stage_progress(name, total=len(futures), quiet=self.options.quiet) as advance,
+                _block_progress(client, advance) as shares,
+            ):
                 for future in as_completed(futures):
                     Interrupts.check()
                     ref = futures[future]
@@ -1039,7 +1043,7 @@ class Pipeline:
                     finally:
                         future.release()
                     unreported.discard(ref.id)
-                    advance(1)
+                    shares.finished(future.key)
         except BaseException:
             if on_abandoned is not None:
                 for scene_id in unreported:
@@ -1270,6 +1274,18 @@ class Pipeline:
             scenes=scenes, stages=self.manifest.stages, out_dir=self.out, failed=failed,
             seconds={s: sum(t.values()) for s, t in self.scene_seconds.items() if t}, stages_run=self.stages_run,
         )
+
+
+@contextlib.contextmanager
+def _block_progress(client: Any, advance: Callable[..., None]) -> Iterator[SceneShares]:
+    """Scene tasks' progress events move the stage's bar while they run."""
+    shares = SceneShares(advance)
+    client.subscribe_topic(PROGRESS_TOPIC, shares.on_event)
+    try:
+        yield shares
+    finally:
+        with contextlib.suppress(Exception):  # a client already closing
+            client.unsubscribe_topic(PROGRESS_TOPIC)
 
 
 def _preload() -> None:

@@ -44,6 +44,7 @@ from sitfuse_byol.normalize.stats import HistogramBins, scene_histogram, scene_m
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config
 from sitfuse_byol.read.scene import first_line
 from sitfuse_byol.run.manifest import scene_fingerprint
+from sitfuse_byol.run.scene_progress import reporting_progress
 from sitfuse_byol.train.checkpoint import checkpoint_hash, load_encoder
 from sitfuse_byol.train.device import resolve_device
 
@@ -231,7 +232,8 @@ def run_scene_task(
     start = time.perf_counter()
     read_failure = None
     try:
-        result = func(config, ref, threads)
+        with reporting_progress():
+            result = func(config, ref, threads)
     except SitfuseError as err:
         result = TaskFailure(err)
     except RasterioError as err:

@@ -1,0 +1,72 @@
+"""Progress within scene tasks: from a real Dask worker's local computes to the bar."""
+
+from __future__ import annotations
+
+import time
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+from sitfuse_byol.run import scene_progress
+from sitfuse_byol.run.scene_progress import (
+    PROGRESS_TOPIC,
+    UNFINISHED_SHARE,
+    SceneShares,
+    reporting_progress,
+)
+
+
+def _blocks_computed_locally(n_blocks: int) -> float:
+    """A scene task's kind of work: a local threaded compute over many blocks."""
+
+    def slow(block: np.ndarray) -> np.ndarray:
+        time.sleep(0.01)
+        return block + 1
+
+    with reporting_progress(), dask.config.set(scheduler="threads", num_workers=1):
+        array = da.zeros((n_blocks * 4, 4), chunks=(4, 4)).map_blocks(slow)
+        return float(array.sum().compute())
+
+
+def test_a_worker_reports_the_share_of_its_blocks_done(monkeypatch):
+    from distributed import Client, LocalCluster
+
+    monkeypatch.setattr(scene_progress, "REPORT_INTERVAL_S", 0.0)
+    events: list[tuple[float, dict]] = []
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        client.subscribe_topic(PROGRESS_TOPIC, events.append)
+        future = client.submit(_blocks_computed_locally, 40, pure=False)
+        assert future.result() == 40 * 16
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (not events or events[-1][1]["share"] < 0.9):
+            time.sleep(0.05)
+    shares = [message["share"] for _, message in events]
+    assert {message["key"] for _, message in events} == {str(future.key)}
+    assert len(shares) > 10 and shares == sorted(shares)
+    assert 0 < shares[0] < 0.5 and shares[-1] == pytest.approx(1.0, abs=0.05)
+
+
+def test_outside_a_worker_nothing_is_reported():
+    assert _blocks_computed_locally(3) == 3 * 16
+
+
+def test_the_bar_moves_by_each_scenes_growing_share_and_completes_it():
+    advances: list[float] = []
+    shares = SceneShares(advances.append)
+    shares.on_event((0.0, {"key": "a", "share": 0.25}))
+    shares.on_event((0.0, {"key": "b", "share": 0.5}))
+    # A later compute of the same task adds tasks to count: its share drops, the bar does not.
+    shares.on_event((0.0, {"key": "a", "share": 0.1}))
+    shares.on_event((0.0, {"key": "a", "share": 1.0}))
+    assert advances == [0.25, 0.5, UNFINISHED_SHARE - 0.25]
+    shares.finished("a")
+    shares.finished("b")
+    shares.on_event((0.0, {"key": "a", "share": 0.5}))  # late, after the end
+    shares.finished("c")  # a task that never reported
+    assert sum(advances) == pytest.approx(3.0)
+    assert all(step > 0 for step in advances)
