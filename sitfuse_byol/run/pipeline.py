@@ -920,7 +920,7 @@ class Pipeline:
 
     def stage_train(self, client: Any) -> None:
         from sitfuse_byol.train.checkpoint import checkpoint_hash, load_checkpoint
-        from sitfuse_byol.train.loop import resume_conflict, train
+        from sitfuse_byol.train.loop import resume_conflict
 
         key = train_stage_key(self.config, self.paths.stats)
         status, state = self._checkpoint_status()
@@ -943,8 +943,21 @@ class Pipeline:
             conflict = resume_conflict(load_checkpoint(self.paths.checkpoint), self.config)
         resumable = status in ("written", "other") and conflict is None
         resume = self.options.resume or (not self.options.force and resumable and same_start)
+        if not resume and not self.options.force and status in ("written", "other"):
+            log.warning(
+                "warning: the train settings or band statistics changed since %s was trained; training afresh "
+                "(its checkpoints are replaced; `--resume` extends a training when only train.epochs changed)",
+                self.paths.checkpoint,
+            )
         self.manifest.stages["train_started"] = {"key": key}
         self.manifest.save()
+        self._train(client, resume=resume)
+        self._mark_stage("train", key, started, checkpoint=checkpoint_hash(self.paths.checkpoint))
+
+    def _train(self, client: Any, *, resume: bool) -> None:
+        """Train here, or on a GPU worker with ``--gpus-per-worker``."""
+        from sitfuse_byol.train.loop import train
+
         if self.options.cluster.gpus_per_worker:
             from distributed import Event, wait
 
@@ -978,7 +991,6 @@ class Pipeline:
                     scenes=list(self.scenes.values()),
                     progress=after_step,
                 )
-        self._mark_stage("train", key, started, checkpoint=checkpoint_hash(self.paths.checkpoint))
 
     def _scene_tasks(
         self,

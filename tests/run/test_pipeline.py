@@ -874,6 +874,29 @@ def test_a_resume_over_rewritten_scene_files_is_refused_before_their_statistics_
     assert " ERROR " in last and "run stopped: the band statistics differ from the checkpoint's" in last
 
 
+def test_training_afresh_over_a_checkpoint_is_said_and_a_refused_resume_does_not_stop_the_next_one(
+    tmp_path, crop_scenes, caplog
+):
+    config = write_config(tmp_path, [crop_scenes["olinda_a"]], train={"epochs": 3})
+    out = tmp_path / "out"
+    # Stopped after epoch 1 of 3, as a Ctrl-C would leave it (last.pt is the epoch-1 checkpoint).
+    assert main(["train", "-c", str(config), "--quiet"]) == 0
+    shutil.copy(out / "checkpoints" / "epoch_000.pt", out / "checkpoints" / "last.pt")
+    # A resume under another lr is refused, and changes nothing...
+    assert main(["train", "-c", str(config), "--quiet", "--resume", "--set", "train.lr=0.5"]) == 2
+    # ...so the next plain run still resumes: epoch 0 is not trained (written) again.
+    first_epoch = (out / "checkpoints" / "epoch_000.pt").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["train", "-c", str(config), "--quiet"]) == 0
+    assert "training afresh" not in caplog.text
+    assert (out / "checkpoints" / "epoch_000.pt").stat().st_mtime_ns == first_epoch
+    # Other train settings without --resume: trained afresh, and said so.
+    with caplog.at_level("WARNING"):
+        assert main(["train", "-c", str(config), "--quiet", "--set", "train.lr=0.002"]) == 0
+    assert "train settings or band statistics changed since" in caplog.text and "training afresh" in caplog.text
+
+
 def test_quicklook_bands_a_scene_lacks_stop_it_before_training(tmp_path, crop_scenes, capsys):
     scene = crop_scenes["olinda_a"]
     config = write_config(tmp_path, [scene], output={"rgb_bands": [99, 1, 2]})
