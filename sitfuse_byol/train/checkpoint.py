@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,10 @@ def _load_failure(err: Exception) -> str:
         return "the file is truncated or corrupt"
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
+    if isinstance(err, pickle.UnpicklingError) and "weights_only" in text.replace(" ", "_").lower():
+        # torch's own text is a page of advice (with terminal colour codes) on loading
+        # the file unsafely, which is the one thing not to do with a file of unknown origin.
+        return "it holds Python objects other than tensors, so it is not one of ours (it is not loaded unsafely)"
     return text.splitlines()[0] if text else type(err).__name__
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,6 +101,14 @@ def test_checkpoint_contents_metrics_and_curves(tmp_path, landsat_path):
     broken.write_bytes(result.checkpoint.read_bytes()[:5000])
     with pytest.raises(ModelError, match="cannot read checkpoint: the file is truncated or corrupt"):
         load_checkpoint(broken)
+    # A pickle of other Python objects: never loaded unsafely, and said in one plain line.
+    torch.save({**state, "extra": collections.OrderedDict(a=Path("x"))}, broken)
+    with pytest.raises(ModelError) as err:
+        load_checkpoint(broken)
+    assert err.value.what == (
+        "cannot read checkpoint: it holds Python objects other than tensors, so it is not one of ours "
+        "(it is not loaded unsafely)"
+    )
     torch.save({k: v for k, v in state.items() if k != "encoder"}, broken)
     with pytest.raises(ModelError, match="incomplete checkpoint: no encoder"):
         load_checkpoint(broken)
