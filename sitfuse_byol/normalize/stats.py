@@ -64,6 +64,10 @@ class BandStats:
         out[:, ~valid] = 0.0
         return out
 
+    def constant_bands(self) -> list[str]:
+        """Bands with one value over every valid pixel: nothing for the encoder to learn."""
+        return [name for name, std in zip(self.band_names, self.std, strict=True) if std == 0]
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 

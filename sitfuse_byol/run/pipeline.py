@@ -875,6 +875,16 @@ class Pipeline:
             band_names=first.band_names, scene_ids=ids, moments=moments, histogram=histogram[0], bins=bins
         )
         self._check_resumed_statistics(stats)
+        if constant := stats.constant_bands():
+            every = len(constant) == stats.n_bands
+            log.warning(
+                "warning: %s %s the same value at every valid pixel (std 0)%s (%s)",
+                "every band" if every else f"band{'s' if len(constant) > 1 else ''} {', '.join(constant)}",
+                "holds" if every or len(constant) == 1 else "hold",
+                ": there is nothing to learn from" if every else ", which tells nothing apart; leave "
+                f"{'them' if len(constant) > 1 else 'it'} out with data.bands",
+                self.paths.stats,
+            )
         stats.save(self.paths.stats)
         # Keyed by the scenes it holds, and naming those left out (corrupt pixels): the next
         # command reads them again, so each fails there too instead of reaching training.

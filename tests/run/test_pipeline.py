@@ -897,6 +897,22 @@ def test_training_afresh_over_a_checkpoint_is_said_and_a_refused_resume_does_not
     assert "train settings or band statistics changed since" in caplog.text and "training afresh" in caplog.text
 
 
+def test_constant_bands_are_warned_of(tmp_path, crop_scenes, caplog):
+    with rasterio.open(crop_scenes["olinda_a"]) as src:
+        data, profile = src.read(), src.profile
+    data[[1, 4]] = 50
+    path = tmp_path / "flat.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    config = write_config(tmp_path, [path])
+    with caplog.at_level("WARNING"):
+        assert main(["stats", "-c", str(config), "--quiet"]) == 0
+    assert (
+        "warning: bands B2, B5 hold the same value at every valid pixel (std 0), which tells nothing apart; "
+        f"leave them out with data.bands ({tmp_path / 'out' / 'stats.json'})"
+    ) in caplog.text
+
+
 def test_quicklook_bands_a_scene_lacks_stop_it_before_training(tmp_path, crop_scenes, capsys):
     scene = crop_scenes["olinda_a"]
     config = write_config(tmp_path, [scene], output={"rgb_bands": [99, 1, 2]})
