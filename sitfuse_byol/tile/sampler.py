@@ -127,6 +127,7 @@ class PatchSampler:
         self.prefetch_chunks = prefetch_chunks
         self.rank = rank
         self._warned_small = False
+        self._checked_scenes = False
         self.index = PatchIndex.from_scenes(self.scenes, patch_size=patch_size).shard(
             rank=rank, world_size=world_size
         )
@@ -136,8 +137,11 @@ class PatchSampler:
                 where=", ".join(s.id for s in self.scenes),
             )
 
-    def _chunk_patches(self, k: int, seed: np.random.SeedSequence) -> tuple[np.ndarray, np.ndarray]:
+    def _chunk_patches(self, k: int, seed: np.random.SeedSequence) -> tuple[int, np.ndarray, np.ndarray]:
         """Read chunk ``k``, normalize it and cut the chosen patches; runs in a reader thread.
+
+        Returns:
+            ``(scene position, patches, masks)``.
 
         Each chunk gets its own seed, drawn in schedule order, so results do not depend
         on which thread finishes first.
@@ -168,15 +172,15 @@ class PatchSampler:
             chosen = rng.permutation(chosen)
         rows, cols = np.divmod(chosen, n_cols)
         # Advanced indices around slices put the patch axis first: (n, C, p, p) and (n, p, p).
-        return grid[:, rows, :, cols, :], mask_grid[rows, :, cols, :]
+        return scene_pos, grid[:, rows, :, cols, :], mask_grid[rows, :, cols, :]
 
     def _pass_seed(self, epoch: int, n_pass: int) -> np.random.SeedSequence:
         return np.random.SeedSequence([self.seed, epoch, n_pass, self.rank])
 
     def _chunk_stream(
         self, epoch: int, passes: int | None
-    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """``(pass, patches, masks)`` of each chunk over passes in seeded orders.
+    ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """``(pass, scene position, patches, masks)`` of each chunk over passes in seeded orders.
 
         Chunks are read and cut ahead in threads (GDAL and numpy release the GIL), and
         read-ahead runs across pass boundaries, so even a one-chunk scene overlaps
@@ -214,19 +218,41 @@ class PatchSampler:
         pool = _Pool(capacity=self.shuffle_buffer, channels=self.stats.n_bands, patch_size=self.patch_size)
         current_pass, seen = -1, 0
         batch_rng = np.random.default_rng(self._pass_seed(epoch, 0))
-        for n_pass, patches, masks in self._chunk_stream(epoch, passes):
+        # Patches each scene gave in this stream's first pass, until checked once.
+        per_scene = None if self._checked_scenes else np.zeros(len(self.scenes), dtype=np.int64)
+        for n_pass, scene_pos, patches, masks in self._chunk_stream(epoch, passes):
             if n_pass != current_pass:
                 if current_pass >= 0:
                     yield from self._end_pass(pool, batch_rng, seen)
+                    self._warn_of_scenes_without_patches(per_scene)
+                    per_scene = None
                 current_pass, seen = n_pass, 0
                 batch_rng = np.random.default_rng(self._pass_seed(epoch, n_pass))
             seen += len(patches)
+            if per_scene is not None:
+                per_scene[scene_pos] += len(patches)
             start = 0
             while start < len(patches):
                 start += pool.add(patches[start:], masks[start:])
                 while pool.size == pool.capacity:
                     yield self._batch(pool, batch_rng)
         yield from self._end_pass(pool, batch_rng, seen)
+        self._warn_of_scenes_without_patches(per_scene)
+
+    def _warn_of_scenes_without_patches(self, per_scene: np.ndarray | None) -> None:
+        """Once: the scenes of this shard that a whole pass cut no patch from (too small,
+        or too little valid at once), which training would otherwise leave out unsaid."""
+        if per_scene is None or self._checked_scenes:
+            return
+        self._checked_scenes = True
+        in_shard = np.unique(self.index.chunks[:, SCENE])
+        empty = [self.scenes[int(i)].id for i in in_shard if per_scene[int(i)] == 0]
+        if empty and len(empty) < len(in_shard):
+            log.warning(
+                "warning: a pass over the scenes cut no patch with at least %.0f%% valid pixels from %s; "
+                "training learns from the others (tiling.min_valid_fraction, tiling.patch_size)",
+                100 * self.min_valid_fraction, ", ".join(empty),
+            )
 
     def _end_pass(self, pool: _Pool, rng: np.random.Generator, seen: int) -> Iterator[PatchBatch]:
         """The full batches left at the end of a pass of ``seen`` patches.
@@ -239,7 +265,8 @@ class PatchSampler:
             raise InputError(
                 f"no patch has at least {self.min_valid_fraction:.0%} valid pixels "
                 "(tiling.min_valid_fraction)",
-                where=", ".join(s.id for s in self.scenes),
+                # This shard's scenes: under DDP another rank may have patches from others.
+                where=", ".join(self.scenes[int(i)].id for i in np.unique(self.index.chunks[:, SCENE])),
             )
         if seen < self.batch_size and not self._warned_small:
             self._warned_small = True

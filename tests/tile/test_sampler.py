@@ -124,3 +124,21 @@ def test_a_pass_with_fewer_patches_than_a_batch_still_gives_batches_and_says_so(
     assert len(warnings) == 1 and f"gives {per_pass} patches" in warnings[0] and "fewer than a batch of 64" in warnings[0]
     # A single pass (epoch) has no full batch to give.
     assert list(sampler.epoch(0)) == []
+
+
+def test_scenes_a_pass_cuts_no_patch_from_are_named_once(coded_scene, tmp_path, caplog):
+    data = np.zeros((3, 64, 64), np.float32)
+    data[:, :4, :4] = 5  # valid pixels, never a valid patch
+    holes = open_scene(write_tif(tmp_path / "holes.tif", data, nodata=0), patch_size=16)
+    sampler = sampler_for([coded_scene, holes], min_valid_fraction=0.5)
+    with caplog.at_level("WARNING"):
+        assert list(sampler.epoch(0)) and list(sampler.epoch(1))
+    warnings = [r.getMessage() for r in caplog.records if "cut no patch" in r.getMessage()]
+    assert warnings == [
+        "warning: a pass over the scenes cut no patch with at least 50% valid pixels from holes; training learns "
+        "from the others (tiling.min_valid_fraction, tiling.patch_size)"
+    ]
+    # Alone, the scene is refused, by name.
+    with pytest.raises(InputError) as err:
+        list(sampler_for([holes], min_valid_fraction=0.5).epoch(0))
+    assert err.value.where == "holes"
