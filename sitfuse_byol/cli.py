@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -24,6 +24,7 @@ from sitfuse_byol.errors import (
     ConfigError,
     InputError,
     ModelError,
+    ShardError,
     SitfuseError,
 )
 from sitfuse_byol.run.lock import output_folder_lock
@@ -164,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if os.environ.get("RANK") == "0":  # the one rank that writes (without RANK, train refuses)
             config.output_dir.mkdir(parents=True, exist_ok=True)
             hold.enter_context(output_folder_lock(config.output_dir, command="sitfuse train --ddp"))
-        with train_progress(config["train"], quiet=args.quiet) as on_step:
+        with train_progress(config["train"], quiet=args.quiet) as on_step, _peer_failure_as_error():
             train(
                 config,
                 device_name=args.device,
@@ -182,6 +183,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             atomic_write_text(config.output_dir / "config.resolved.yaml", config.to_yaml())
             print(_training_report(config))
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _peer_failure_as_error() -> Iterator[None]:
+    """A rank whose peer stopped (its own error said by it) stops with one line, not gloo's
+    traceback about a closed connection."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except RuntimeError as err:
+        lost = isinstance(err, dist.DistBackendError) or "closed by peer" in str(err) or "reset by peer" in str(err)
+        if not lost:
+            raise
+        raise SitfuseError(
+            "another training process stopped (its error is printed above)",
+            where=f"rank {os.environ.get('RANK', '?')}",
+        ) from err
 
 
 def _run_stages(args: argparse.Namespace) -> int:
@@ -419,9 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SitfuseError as err:
         if args.debug:
             raise
-        # Under torchrun every rank meets the same error; one says it.
-        if os.environ.get("RANK", "0") == "0":
+        # Under torchrun every rank meets the same error and one says it, but for what a
+        # rank's own share of the data met: that rank says it.
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
             print(f"error: {err}", file=sys.stderr)
+        elif isinstance(err, ShardError):
+            print(f"error: {err} [rank {rank}]", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         # The reader went away (`sitfuse config reference | head`): nothing wrong with the input.

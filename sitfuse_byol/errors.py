@@ -28,6 +28,11 @@ class InputError(SitfuseError):
     """A scene, band, scene list or label file cannot be used."""
 
 
+class ShardError(InputError):
+    """What one rank's own share of the data cannot give (under torchrun each rank reads its
+    own shard): said by the rank that meets it, which may not be rank 0."""
+
+
 class EmptySceneError(InputError):
     """A scene without a valid pixel to sample: a property of its data, not a passing failure."""
 

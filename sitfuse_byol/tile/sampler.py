@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sitfuse_byol.errors import InputError
+from sitfuse_byol.errors import InputError, ShardError
 from sitfuse_byol.normalize import BandStats
 from sitfuse_byol.read import Scene, reading
 from sitfuse_byol.tile.index import BLOCK_X, BLOCK_Y, SCENE, PatchIndex
@@ -262,7 +262,7 @@ class PatchSampler:
         stream that never yields.
         """
         if seen == 0:
-            raise InputError(
+            raise ShardError(
                 f"no patch has at least {self.min_valid_fraction:.0%} valid pixels "
                 "(tiling.min_valid_fraction)",
                 # This shard's scenes: under DDP another rank may have patches from others.

@@ -214,3 +214,41 @@ def test_an_unexpected_error_on_rank_zero_stops_every_rank(tmp_path):
         "rank 0: OSError: [Errno 28] No space left on device",
         "rank 1: SitfuseError: rank 0 failed: OSError: [Errno 28] No space left on device (rank 1)",
     ], proc.stdout + proc.stderr[-3000:]
+
+
+def test_an_error_of_one_ranks_share_is_said_by_that_rank(tmp_path, landsat_path):
+    """Chunks are dealt out: rank 1 gets the scene that gives no valid patch, rank 0 the
+    good one; rank 1 says why, rank 0 that its peer stopped, neither with a traceback."""
+    import os
+
+    import rasterio
+
+    with rasterio.open(landsat_path) as src:
+        profile = src.profile | {"width": 64, "height": 64, "nodata": 0, "blockxsize": 64, "blockysize": 64}
+        good = src.read(window=((0, 64), (0, 64)))
+    holes = good.copy()
+    holes[:, 4:, :] = 0
+    for name, data in (("a_good.tif", good), ("b_holes.tif", holes)):
+        with rasterio.open(tmp_path / name, "w", **profile) as dst:
+            dst.write(data)
+    raw = {
+        "data": {"scenes": [str(tmp_path / "a_good.tif"), str(tmp_path / "b_holes.tif")], "nodata": 0},
+        **TINY, "output": {"dir": str(tmp_path / "out")},
+    }
+    raw["train"] = {**TINY["train"], "epochs": 1, "steps_per_epoch": 3}
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "sitfuse_byol.cli", "train", "-c", str(config_path), "--ddp", "--quiet",
+        ],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert sorted(errors) == [
+        "error: another training process stopped (its error is printed above) (rank 0)",
+        "error: no patch has at least 90% valid pixels (tiling.min_valid_fraction) (b_holes) [rank 1]",
+    ], proc.stderr[-3000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
