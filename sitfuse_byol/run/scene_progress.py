@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import dask.threaded
 from dask.callbacks import Callback
 
 #: The Dask event topic of scene-task progress.
@@ -54,6 +55,21 @@ class _BlockCounter(Callback):
         self._report(share)
 
 
+# The counter of the scene task this thread runs. Dask's global callbacks (``with
+# Callback():``) are swapped out and back by every local compute, so two scene tasks
+# computing at once in one worker would count each other's blocks and lose one counter.
+_current = threading.local()
+
+
+def counted_threads_get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """Dask's threaded scheduler, its tasks counted for the scene task this thread runs
+    (as :func:`sitfuse_byol.run.tasks.local_compute` sets it)."""
+    counter = getattr(_current, "counter", None)
+    if counter is not None and kwargs.get("callbacks") is None:
+        kwargs["callbacks"] = [counter._callback]
+    return dask.threaded.get(dsk, keys, **kwargs)
+
+
 @contextlib.contextmanager
 def reporting_progress() -> Iterator[None]:
     """While a scene task runs on a Dask worker, publish its share done under its task key;
@@ -71,8 +87,11 @@ def reporting_progress() -> Iterator[None]:
         with contextlib.suppress(Exception):  # progress is never worth failing a scene for
             worker.log_event(PROGRESS_TOPIC, {"key": str(key), "share": share})
 
-    with _BlockCounter(report):
+    _current.counter = _BlockCounter(report)
+    try:
         yield
+    finally:
+        _current.counter = None
 
 
 class SceneShares:

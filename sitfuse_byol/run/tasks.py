@@ -44,7 +44,7 @@ from sitfuse_byol.normalize.stats import HistogramBins, scene_histogram, scene_m
 from sitfuse_byol.read import Scene, SceneRef, open_scene_from_config
 from sitfuse_byol.read.scene import first_line
 from sitfuse_byol.run.manifest import scene_fingerprint
-from sitfuse_byol.run.scene_progress import reporting_progress
+from sitfuse_byol.run.scene_progress import counted_threads_get, reporting_progress
 from sitfuse_byol.train.checkpoint import checkpoint_hash, load_encoder
 from sitfuse_byol.train.device import resolve_device
 
@@ -113,7 +113,8 @@ def local_compute(threads: int) -> Iterator[None]:
     with (
         _one_torch_thread(),
         threadpool_limits(limits=1),
-        dask.config.set(scheduler="threads", num_workers=max(1, threads)),
+        # The threaded scheduler, counting blocks for the scene task's progress bar.
+        dask.config.set(scheduler=counted_threads_get, num_workers=max(1, threads)),
     ):
         yield
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
-import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -16,16 +16,23 @@ from sitfuse_byol.run.scene_progress import (
     SceneShares,
     reporting_progress,
 )
+from sitfuse_byol.run.tasks import local_compute
+
+# Two tasks' blocks meet here in turn (an in-process worker shares this module).
+BARRIER = threading.Barrier(2)
 
 
-def _blocks_computed_locally(n_blocks: int) -> float:
-    """A scene task's kind of work: a local threaded compute over many blocks."""
+def _blocks_computed_locally(n_blocks: int, together: bool = False) -> float:
+    """A scene task's kind of work: a local threaded compute over many blocks. ``together``:
+    each block waits for another task's, so two tasks compute at once."""
 
     def slow(block: np.ndarray) -> np.ndarray:
+        if together:
+            BARRIER.wait(timeout=30)
         time.sleep(0.01)
         return block + 1
 
-    with reporting_progress(), dask.config.set(scheduler="threads", num_workers=1):
+    with reporting_progress(), local_compute(1):
         array = da.zeros((n_blocks * 4, 4), chunks=(4, 4)).map_blocks(slow)
         return float(array.sum().compute())
 
@@ -49,6 +56,29 @@ def test_a_worker_reports_the_share_of_its_blocks_done(monkeypatch):
     assert {message["key"] for _, message in events} == {str(future.key)}
     assert len(shares) > 10 and shares == sorted(shares)
     assert 0 < shares[0] < 0.5 and shares[-1] == pytest.approx(1.0, abs=0.05)
+
+
+def test_two_scene_tasks_at_once_in_one_worker_count_their_own_blocks(monkeypatch):
+    from dask.callbacks import Callback
+    from distributed import Client, LocalCluster
+
+    monkeypatch.setattr(scene_progress, "REPORT_INTERVAL_S", 0.0)
+    events: list[tuple[float, dict]] = []
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        client.subscribe_topic(PROGRESS_TOPIC, events.append)
+        futures = [client.submit(_blocks_computed_locally, 40, True, pure=False) for _ in range(2)]
+        assert [f.result() for f in futures] == [40 * 16, 40 * 16]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len({m["key"] for _, m in events if m["share"] > 0.9}) < 2:
+            time.sleep(0.05)
+    for future in futures:
+        shares = [m["share"] for _, m in events if m["key"] == str(future.key)]
+        # Each counted only its own blocks: its share rises steadily to 1, never past it.
+        assert shares == sorted(shares) and shares[-1] == pytest.approx(1.0, abs=0.05), shares
+    assert not Callback.active  # no counter left behind
 
 
 def test_outside_a_worker_nothing_is_reported():
