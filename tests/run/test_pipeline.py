@@ -1030,6 +1030,10 @@ def test_a_run_over_some_scenes_warns_of_the_others_labels_from_another_clusteri
         assert main(["run", "-c", str(config), "--quiet"]) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [
+        # One scene of three: other statistics, so the encoder is trained again.
+        f"warning: the train settings or band statistics changed since {out / 'checkpoints' / 'last.pt'} was "
+        "trained; training afresh (its checkpoints are replaced; `--resume` extends a training when only "
+        "train.epochs changed)",
         "warning: the labels of olinda_b, olinda_c (not in this run's scene list) come from another clustering "
         "model; their cluster numbers mean something else (`sitfuse assign` refuses the mix)"
     ]
