@@ -299,6 +299,8 @@ class Pipeline:
         # Each scene's task seconds in this run, by stage, for its run.json entry.
         self.scene_seconds: dict[str, dict[str, float]] = {}
         self.stages_run: list[str] = []
+        # config.resolved.yaml as this run found it, put back if a --resume is refused late.
+        self.resolved_before: str | None = None
         # Until the run-wide checks pass, nothing is written: a refused command (exit 2)
         # leaves the output folder as it was, its run.json included.
         self.checked = False
@@ -645,16 +647,16 @@ class Pipeline:
         where = str(self.paths.checkpoint)
         if conflict := resume_conflict(state, self.config):
             raise ModelError(f"cannot resume: {conflict}", where=where)
-        stats_key = self.manifest.stages.get("stats", {}).get("key", "")
-        if stats_key and stats_key.split("|")[1:2] != [self.config.digest("data")]:
-            raise ModelError(
-                "cannot resume: the scene list or data settings changed since the checkpoint's statistics were "
-                "made, so the rest of the training would see differently normalised pixels; train afresh "
-                "without --resume",
-                where=where,
-            )
-        if self.paths.stats.exists() and not same_normalization(state["stats"], BandStats.load(self.paths.stats)):
-            raise ModelError(STATS_DIFFER, where=where)
+        # Statistics the stats stage keeps (nothing changed) are compared now; those it
+        # makes anew, before they are saved (see _check_resumed_statistics).
+        key = stats_stage_key(self.config, (self.fingerprints[s] for s in self.scenes))
+        if self._stage_done("stats", key, self.paths.stats):
+            try:
+                saved = BandStats.load(self.paths.stats)
+            except (OSError, ValueError, KeyError, TypeError):
+                return  # made again by the stats stage, and compared then
+            if not same_normalization(state["stats"], saved):
+                raise ModelError(STATS_DIFFER, where=where)
 
     def _check_cluster_count(self, stages: tuple[str, ...]) -> None:
         """More clusters than samples can ever be drawn is known before training."""
@@ -713,7 +715,9 @@ class Pipeline:
         self._prepare_output_dirs(stages)
         remove_stale_temporaries(self.out)
         self.checked = True
-        atomic_write_text(self.out / "config.resolved.yaml", self.config.to_yaml())
+        resolved = self.out / "config.resolved.yaml"
+        self.resolved_before = resolved.read_text() if resolved.exists() else None
+        atomic_write_text(resolved, self.config.to_yaml())
         if self.log is not None:
             self.log.write_to(self.out / "logs" / "sitfuse.log")
         log.info(
@@ -903,6 +907,12 @@ class Pipeline:
         if "train" not in self.options.stages or not self.options.resume or not self.paths.checkpoint.exists():
             return
         if not same_normalization(load_checkpoint(self.paths.checkpoint)["stats"], stats):
+            # Refused as at the start: the resolved config goes back to what the outputs hold.
+            resolved = self.out / "config.resolved.yaml"
+            if self.resolved_before is None:
+                remove_path(resolved)
+            else:
+                atomic_write_text(resolved, self.resolved_before)
             raise ModelError(STATS_DIFFER, where=str(self.paths.checkpoint))
 
     def _stats_stand_without_failed_scenes(self, client: Any) -> bool:

@@ -572,9 +572,13 @@ STATS_DIFFER = (
 
 def same_normalization(saved: dict, stats: BandStats) -> bool:
     """Whether a checkpoint's statistics normalise as ``stats`` do (recomputing the same
-    pixels may differ in the last bits)."""
+    pixels may differ in the last bits); other bands never do."""
+    if list(saved.get("band_names", stats.band_names)) != list(stats.band_names):
+        return False
     return all(
-        np.allclose(saved[key], getattr(stats, key), rtol=1e-9, atol=0) for key in ("mean", "std")
+        np.shape(saved[key]) == np.shape(getattr(stats, key))
+        and np.allclose(saved[key], getattr(stats, key), rtol=1e-9, atol=0)
+        for key in ("mean", "std")
     )
 
 

@@ -308,3 +308,23 @@ def test_a_null_lr_takes_the_optimizers_default_for_the_global_batch(tmp_path, l
     model, _ = build_model(config, in_channels=6, device=torch.device("cpu"))
     built, _ = build_optimizer(model, train_config=config["train"], total_steps=10, world_size=2)
     assert [group["initial_lr"] for group in built.param_groups] == pytest.approx([expected] * len(built.param_groups))
+
+
+def test_statistics_of_other_bands_never_normalise_the_same():
+    from dataclasses import asdict
+
+    from sitfuse_byol.normalize.stats import BandStats
+    from sitfuse_byol.train.loop import same_normalization
+
+    def stats(names):
+        n = len(names)
+        return BandStats(
+            band_names=tuple(names), count=(10,) * n, mean=(1.0,) * n, std=(2.0,) * n, p2=(0.0,) * n,
+            p98=(3.0,) * n, min=(0.0,) * n, max=(4.0,) * n, scenes=("a",),
+        )
+
+    saved = asdict(stats(["B1", "B2"]))
+    assert same_normalization(saved, stats(["B1", "B2"]))
+    # One more band (a regenerated file): no comparison of unequal arrays, just "other".
+    assert not same_normalization(saved, stats(["B1", "B2", "B3"]))
+    assert not same_normalization(saved, stats(["B2", "B1"]))
