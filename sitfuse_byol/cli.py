@@ -197,8 +197,9 @@ def _peer_failure_as_error() -> Iterator[None]:
         lost = isinstance(err, dist.DistBackendError) or "closed by peer" in str(err) or "reset by peer" in str(err)
         if not lost:
             raise
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise SitfuseError(
-            "another training process stopped (its error is printed above)",
+            f"another training process stopped (its error is printed above; here: {first[:100]})",
             where=f"rank {os.environ.get('RANK', '?')}",
         ) from err
 

@@ -66,7 +66,8 @@ class BandStats:
 
     def constant_bands(self) -> list[str]:
         """Bands with one value over every valid pixel: nothing for the encoder to learn."""
-        return [name for name, std in zip(self.band_names, self.std, strict=True) if std == 0]
+        # min == max, not std == 0: a float band's computed std is a rounding error away from 0.
+        return [name for name, low, high in zip(self.band_names, self.min, self.max, strict=True) if low == high]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -257,7 +258,7 @@ def merged_moments(parts: Iterable[np.ndarray], *, scenes: Sequence[Scene]) -> n
         named = [name for name in scenes[0].band_names if name in empty]
         why = (
             f"band{'s' if len(named) > 1 else ''} {', '.join(named)} {'have' if len(named) > 1 else 'has'} no valid "
-            "pixel in any scene; leave them out with data.bands"
+            f"pixel in any scene; leave {'them' if len(named) > 1 else 'it'} out with data.bands"
             if 0 < len(named) < scenes[0].n_bands
             else "every pixel is nodata, not finite or outside data.valid_range"
         )

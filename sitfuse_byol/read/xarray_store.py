@@ -94,7 +94,11 @@ def _squeezed(array: xr.DataArray) -> xr.DataArray:
     time series, ``(time=1, y, x)`` bands or a ``(time=1, band, y, x)`` cube."""
     spatial = next(((y, x) for y, x in SPATIAL_DIMS if y in array.dims and x in array.dims), ())
     extra = [d for d in array.dims if d not in spatial]
-    drop = [d for d in extra if array.sizes[d] == 1 and (len(extra) > 1 or _is_time(array, d))]
+    # A time series (time > 1) is never turned into bands by dropping its band axis.
+    series = any(_is_time(array, d) and array.sizes[d] > 1 for d in extra)
+    drop = [
+        d for d in extra if array.sizes[d] == 1 and (_is_time(array, d) or (len(extra) > 1 and not series))
+    ]
     return array.squeeze(drop) if drop else array
 
 
@@ -135,6 +139,20 @@ def _invalid_to_nodata(array: xr.DataArray, nodata: float | None, *, own: bool) 
         above = data > high if high is not None else False
         data = da.where(below | above, np.array(nodata, dtype=data.dtype), data)
     return array.copy(data=data)
+
+
+def _outside_valid_range(array: xr.DataArray) -> float | None:
+    """A nodata for an integer variable with a CF valid range and no fill value: the
+    type's largest (or smallest) value, when it lies outside the range."""
+    low, high = _cf_valid_range(array)
+    if np.issubdtype(array.dtype, np.floating) or (low is None and high is None):
+        return None
+    info = np.iinfo(array.dtype)
+    if high is not None and info.max > high:
+        return float(info.max)
+    if low is not None and info.min < low:
+        return float(info.min)
+    return None
 
 
 def _cf_valid_range(array: xr.DataArray) -> tuple[float | None, float | None]:
@@ -195,6 +213,8 @@ def _select_array(
         y, x = _spatial_dims(array, where=where)
         band_dim = next(d for d in array.dims if d not in (y, x))
         fill = _fill_value(array)
+        if fill is None:
+            fill = _outside_valid_range(array)
         array = _invalid_to_nodata(array, nodata if nodata is not None else fill, own=nodata is None)
         return array.transpose(band_dim, y, x), fill, [array] * array.sizes[band_dim]
     # Several 2-D variables on one grid are taken as bands, named after the variables.
@@ -209,7 +229,7 @@ def _select_array(
             "set data.variable (inspect: --variable) to read one",
             where=where,
         )
-    own = [_fill_value(v) for v in spatial]
+    own = [fill if (fill := _fill_value(v)) is not None else _outside_valid_range(v) for v in spatial]
     dtype = np.result_type(*(v.dtype for v in spatial))
     shared = nodata if nodata is not None else shared_nodata(own, first=0, dtype=dtype, uncovered=False)
     # In the type the stack has anyway, which can hold the shared value.
@@ -307,6 +327,8 @@ def _to_crs_units(array: xr.DataArray, *, y: Hashable, x: Hashable, crs: CRS | N
         return 1.0
     if not all(in_km):
         raise InputError(f"the {y} and {x} coordinates are in different units ({units[0]!r}, {units[1]!r})", where=where)
+    if str(crs.linear_units).lower() in KILOMETRES:
+        return 1.0
     if str(crs.linear_units).lower() not in METRES:
         raise InputError(
             f"the {y}/{x} coordinates are in km but the CRS is in {crs.linear_units}; convert them first", where=where

@@ -538,8 +538,13 @@ class Pipeline:
                 "or fit it again with `sitfuse cluster`",
                 where=str(self.paths.cluster_model),
             )
-        if model.metadata.get("config_hash") not in (None, self.config.digest("cluster", "embed")):
-            settings = "cluster settings" if fitted_on is not None else "cluster or embed settings"
+        # Newer models record the cluster settings alone; older ones only with the embed ones.
+        if "cluster_hash" in model.metadata:
+            other, settings = model.metadata["cluster_hash"] != self.config.digest("cluster"), "cluster settings"
+        else:
+            other = model.metadata.get("config_hash") not in (None, self.config.digest("cluster", "embed"))
+            settings = "cluster or embed settings"
+        if other:
             log.warning(
                 "warning: the clustering model was fitted with other %s than this config's; it labels the "
                 "scenes with its %d clusters (`sitfuse cluster` fits it again) (%s)",
@@ -1038,7 +1043,8 @@ class Pipeline:
         todo = [ref for ref in self.refs if ref.id in self.scenes and ref.id in keys]
         if not todo:
             return
-        self._ran(name)
+        if name in ("embed", "export"):  # the other stages say so when they save
+            self._ran(name)
         futures = {}
         for ref in todo:
             future = client.submit(
@@ -1159,6 +1165,7 @@ class Pipeline:
                 "band_names": list(trained.band_names),
                 "config_hash": self.config.digest("cluster", "embed"),
                 "embedding_settings": self._embedding_settings(),
+                "cluster_hash": self.config.digest("cluster"),
                 "scenes": list(self.scenes),
             }
         )
@@ -1231,6 +1238,9 @@ class Pipeline:
             except SitfuseError as err:
                 # The console gets the error as the command's one line; the log keeps it too.
                 log.error("run stopped: %s", err, extra=FOR_LOG_FILE)
+                raise
+            except Exception as err:
+                log.error("run stopped: %s", _error_text(err), extra=FOR_LOG_FILE)
                 raise
             finally:
                 # Scene records not yet written (see Manifest), interrupted or not.

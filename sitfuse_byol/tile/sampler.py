@@ -126,6 +126,7 @@ class PatchSampler:
         self.patches_per_chunk = patches_per_chunk
         self.prefetch_chunks = prefetch_chunks
         self.rank = rank
+        self.world_size = world_size
         self._warned_small = False
         self._checked_scenes = False
         self.index = PatchIndex.from_scenes(self.scenes, patch_size=patch_size).shard(
@@ -149,8 +150,12 @@ class PatchSampler:
         rng = np.random.default_rng(seed)
         scene_pos, block_y, block_x = (int(v) for v in self.index.chunks[k, [SCENE, BLOCK_Y, BLOCK_X]])
         scene = self.scenes[scene_pos]
-        with reading(scene.source):
-            raw = scene.data.blocks[:, block_y, block_x].compute(scheduler="sync")
+        try:
+            with reading(scene.source):
+                raw = scene.data.blocks[:, block_y, block_x].compute(scheduler="sync")
+        except InputError as err:
+            # Met in this rank's share of the chunks: under torchrun this rank says it.
+            raise ShardError(err.what, where=err.where) from err
         # The mask comes from the pixels in hand; computing scene.valid would decode again.
         valid = scene.valid_of(raw)
         block = self.stats.normalize(raw, valid)
@@ -245,6 +250,8 @@ class PatchSampler:
         if per_scene is None or self._checked_scenes:
             return
         self._checked_scenes = True
+        if self.world_size > 1:
+            return  # a scene's chunks are dealt out: another rank may cut patches from it
         in_shard = np.unique(self.index.chunks[:, SCENE])
         empty = [self.scenes[int(i)].id for i in in_shard if per_scene[int(i)] == 0]
         if empty and len(empty) < len(in_shard):

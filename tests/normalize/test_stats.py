@@ -167,3 +167,9 @@ def test_each_chunk_is_read_once_per_pass():
     stats = compute_stats([scene])
     assert reads.count((3, 32, 32)) == 2 * 4  # two passes over four chunks
     assert stats.count == (int((pixels != 5).all(axis=0).sum()),) * 3
+
+
+def test_a_float_band_of_one_value_counts_as_constant(tmp_path):
+    data = np.stack([np.full((20, 20), 273.15, np.float32), np.arange(400, dtype=np.float32).reshape(20, 20)])
+    stats = compute_stats([open_scene(write_tif(tmp_path / "t.tif", data))])
+    assert stats.constant_bands() == ["B1"]

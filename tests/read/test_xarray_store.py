@@ -312,3 +312,37 @@ def test_a_crs_without_a_transform_is_warned_of(tmp_path):
     assert georeferencing_warning(scene).startswith("warning: scene has a CRS but no geotransform or x/y coordinates")
     _utm_cube(np.ones((2, 6, 5), np.float32)).to_dataset().to_netcdf(tmp_path / "ok.nc", engine="h5netcdf")
     assert georeferencing_warning(open_scene(tmp_path / "ok.nc")) is None
+
+
+def test_an_integer_valid_range_without_a_fill_value_gets_a_nodata_outside_it(tmp_path):
+    data = np.full((2, 6, 5), 500, np.uint16)
+    data[:, 0, 0] = 65000
+    cube = _utm_cube(data)
+    cube.attrs["valid_range"] = np.array([0, 10000], np.uint16)
+    cube.to_dataset().to_netcdf(tmp_path / "refl.nc", engine="h5netcdf")
+    scene = open_scene(tmp_path / "refl.nc")
+    assert scene.nodata == 65535
+    valid = scene.valid.compute()
+    assert not valid[0, 0] and valid.sum() == 6 * 5 - 1
+
+
+def test_a_time_series_is_not_read_as_bands(tmp_path):
+    cube = _utm_cube(np.ones((1, 6, 5), np.float32)).expand_dims(
+        time=np.array(["2020-06-01", "2020-07-01", "2020-08-01"], dtype="datetime64[ns]")
+    )
+    err = _refusal(cube.to_dataset(), tmp_path / "series.nc")
+    assert err.what.startswith("no 2-D or 3-D data variable (refl has dimensions time, band, y, x)")
+
+
+def test_kilometre_coordinates_on_a_crs_in_kilometres_are_kept(tmp_path):
+    from pyproj import CRS as ProjCRS
+
+    lcc_km = ProjCRS.from_proj4("+proj=lcc +lat_1=25 +lat_2=60 +lat_0=42.5 +lon_0=-100 +ellps=WGS84 +units=km")
+    ds = xr.Dataset(
+        {"tmax": (("band", "y", "x"), np.ones((2, 30, 40), np.float32), {"grid_mapping": "lcc"})},
+        coords={"x": ("x", 1000 + np.arange(40) + 0.5, {"units": "km"}), "y": ("y", 500 - np.arange(30) - 0.5, {"units": "km"})},
+    )
+    ds["lcc"] = xr.DataArray(0, attrs=lcc_km.to_cf())
+    ds.to_netcdf(tmp_path / "km.nc", engine="h5netcdf")
+    transform = open_scene(tmp_path / "km.nc").grid.transform
+    assert (transform.a, transform.c) == pytest.approx((1, 1000))

@@ -1067,9 +1067,12 @@ def test_export_with_other_cluster_settings_warns_and_with_other_embed_settings_
             f"(this config: {embed[key]}); set them back, or fit it again with `sitfuse cluster` ({out / 'cluster'})"
         )
     assert {p.name: p.read_bytes() for p in (out / "labels").glob("*.tif")} == labels
-    # The block size changes no embedding value.
+    # The block size changes no embedding value, nor is it a cluster setting.
     config = write_config(tmp_path, crop_scenes.values(), embed={"block_size": 64})
-    assert main(["export", "-c", str(config), "--quiet"]) == 0
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["export", "-c", str(config), "--quiet"]) == 0
+    assert "fitted with other" not in caplog.text
 
 
 def test_export_labels_a_new_scene_with_the_trained_models_and_leaves_them_alone(base_run, tmp_path, crop_scenes):
