@@ -216,6 +216,7 @@ def test_an_unexpected_error_on_rank_zero_stops_every_rank(tmp_path):
     ], proc.stdout + proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # two torchrun processes for one message; the suite keeps under 10 minutes
 def test_an_error_of_one_ranks_share_is_said_by_that_rank(tmp_path, landsat_path):
     """Chunks are dealt out: rank 1 gets the scene that gives no valid patch, rank 0 the
     good one; rank 1 says why, rank 0 that its peer stopped, neither with a traceback."""
