@@ -37,45 +37,38 @@ def _blocks_computed_locally(n_blocks: int, together: bool = False) -> float:
         return float(array.sum().compute())
 
 
-def test_a_worker_reports_the_share_of_its_blocks_done(monkeypatch):
+def _shares_by_task(*, tasks: int, together: bool) -> list[list[float]]:
+    """Run ``tasks`` scene-like tasks on a real in-process worker with as many threads;
+    the shares each one reported, in order, once every task has reported near its end."""
     from distributed import Client, LocalCluster
 
-    monkeypatch.setattr(scene_progress, "REPORT_INTERVAL_S", 0.0)
     events: list[tuple[float, dict]] = []
     with (
-        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster,
+        LocalCluster(n_workers=1, threads_per_worker=tasks, processes=False, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         client.subscribe_topic(PROGRESS_TOPIC, events.append)
-        future = client.submit(_blocks_computed_locally, 40, pure=False)
-        assert future.result() == 40 * 16
+        futures = [client.submit(_blocks_computed_locally, 40, together, pure=False) for _ in range(tasks)]
+        assert [f.result() for f in futures] == [40 * 16] * tasks
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (not events or events[-1][1]["share"] < 0.9):
+        while time.monotonic() < deadline and len({m["key"] for _, m in events if m["share"] > 0.9}) < tasks:
             time.sleep(0.05)
-    shares = [message["share"] for _, message in events]
-    assert {message["key"] for _, message in events} == {str(future.key)}
+    assert {m["key"] for _, m in events} == {str(f.key) for f in futures}
+    return [[m["share"] for _, m in events if m["key"] == str(f.key)] for f in futures]
+
+
+def test_a_worker_reports_the_share_of_its_blocks_done(monkeypatch):
+    monkeypatch.setattr(scene_progress, "REPORT_INTERVAL_S", 0.0)
+    (shares,) = _shares_by_task(tasks=1, together=False)
     assert len(shares) > 10 and shares == sorted(shares)
     assert 0 < shares[0] < 0.5 and shares[-1] == pytest.approx(1.0, abs=0.05)
 
 
 def test_two_scene_tasks_at_once_in_one_worker_count_their_own_blocks(monkeypatch):
     from dask.callbacks import Callback
-    from distributed import Client, LocalCluster
 
     monkeypatch.setattr(scene_progress, "REPORT_INTERVAL_S", 0.0)
-    events: list[tuple[float, dict]] = []
-    with (
-        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster,
-        Client(cluster) as client,
-    ):
-        client.subscribe_topic(PROGRESS_TOPIC, events.append)
-        futures = [client.submit(_blocks_computed_locally, 40, True, pure=False) for _ in range(2)]
-        assert [f.result() for f in futures] == [40 * 16, 40 * 16]
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len({m["key"] for _, m in events if m["share"] > 0.9}) < 2:
-            time.sleep(0.05)
-    for future in futures:
-        shares = [m["share"] for _, m in events if m["key"] == str(future.key)]
+    for shares in _shares_by_task(tasks=2, together=True):
         # Each counted only its own blocks: its share rises steadily to 1, never past it.
         assert shares == sorted(shares) and shares[-1] == pytest.approx(1.0, abs=0.05), shares
     assert not Callback.active  # no counter left behind
