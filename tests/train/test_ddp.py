@@ -121,6 +121,7 @@ def test_a_run_goes_on_from_a_torchrun_training_instead_of_training_again(tmp_pa
     assert (tmp_path / "out" / "labels" / "landsat7_olinda.tif").exists()
 
 
+@pytest.mark.slow  # three torchrun launches (about 50 s)
 def test_torchrun_makes_statistics_again_for_other_data_settings_and_every_rank_fails_alike(
     tmp_path, landsat_path
 ):
