@@ -62,20 +62,25 @@ def _spatial_dims(array: xr.DataArray, *, where: str) -> tuple[str, str]:
     raise InputError(f"no spatial dimensions (y, x) among {list(array.dims)}", where=where)
 
 
+#: The attributes that name a variable's missing-data values, the first found being its nodata.
+FILL_KEYS = ("_FillValue", "nodata", "missing_value")
+
+
+def _attribute(array: xr.DataArray, key: str) -> object:
+    """An attribute, or the encoding entry xarray moved it to."""
+    return array.attrs.get(key, array.encoding.get(key))
+
+
 def _fill_value(array: xr.DataArray) -> float | None:
     """A variable's nodata: its ``_FillValue``, ``nodata`` or ``missing_value``."""
-    for key in ("_FillValue", "nodata", "missing_value"):
-        value = array.attrs.get(key, array.encoding.get(key))
-        if value is not None:
-            return float(np.asarray(value).ravel()[0])
-    return None
+    return next((values[0] for key in FILL_KEYS if (values := _numbers(_attribute(array, key)))), None)
 
 
 def _packing(array: xr.DataArray) -> tuple[float, float]:
     """A variable's CF ``scale_factor`` and ``add_offset`` (kept as attributes: the
     store is opened without mask_and_scale)."""
-    scale, offset = (array.attrs.get(k, array.encoding.get(k, d)) for k, d in (("scale_factor", 1.0), ("add_offset", 0.0)))
-    return float(np.asarray(scale).ravel()[0]), float(np.asarray(offset).ravel()[0])
+    scale, offset = (_numbers(_attribute(array, key)) or [default] for key, default in (("scale_factor", 1.0), ("add_offset", 0.0)))
+    return scale[0], offset[0]
 
 
 def _has_spatial_dims(array: xr.DataArray) -> bool:
@@ -129,9 +134,8 @@ def _invalid_to_nodata(array: xr.DataArray, nodata: float | None, *, own: bool) 
         nodata = float("nan")
     data = array.data
     if own:
-        for key in ("_FillValue", "missing_value", "nodata"):
-            raw = array.attrs.get(key, array.encoding.get(key))
-            for value in _numbers(raw):
+        for key in FILL_KEYS:
+            for value in _numbers(_attribute(array, key)):
                 data = fill_as(data, own=value, nodata=nodata)
     low, high = _cf_valid_range(array)
     if low is not None or high is not None:

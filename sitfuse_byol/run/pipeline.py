@@ -301,6 +301,8 @@ class Pipeline:
         self.stages_run: list[str] = []
         # config.resolved.yaml as this run found it, put back if a --resume is refused late.
         self.resolved_before: str | None = None
+        # The statistics of the checkpoint a `--resume` continues (None: no resume).
+        self.resumed_stats: dict | None = None
         # Until the run-wide checks pass, nothing is written: a refused command (exit 2)
         # leaves the output folder as it was, its run.json included.
         self.checked = False
@@ -649,6 +651,7 @@ class Pipeline:
         if not self.options.resume or not self.paths.checkpoint.exists():
             return
         state = load_checkpoint(self.paths.checkpoint)
+        self.resumed_stats = state["stats"]
         where = str(self.paths.checkpoint)
         if conflict := resume_conflict(state, self.config):
             raise ModelError(f"cannot resume: {conflict}", where=where)
@@ -906,12 +909,11 @@ class Pipeline:
         """Statistics made anew (the same scenes, their files touched) must be the
         checkpoint's for ``--resume``: refused before they replace the saved ones."""
         from sitfuse_byol.errors import ModelError
-        from sitfuse_byol.train.checkpoint import load_checkpoint
         from sitfuse_byol.train.loop import STATS_DIFFER, same_normalization
 
-        if "train" not in self.options.stages or not self.options.resume or not self.paths.checkpoint.exists():
+        if self.resumed_stats is None:
             return
-        if not same_normalization(load_checkpoint(self.paths.checkpoint)["stats"], stats):
+        if not same_normalization(self.resumed_stats, stats):
             # Refused as at the start: the resolved config goes back to what the outputs hold.
             resolved = self.out / "config.resolved.yaml"
             if self.resolved_before is None:
